@@ -1,0 +1,76 @@
+"""``ap-erase``: the command line.
+
+    ap-erase train --erase "garbage truck" --steps 20          # the built-in tiny model
+    ap-erase train --model /path/to/stable-diffusion-v1-4 --erase "garbage truck" --output out/
+    ap-erase env                                               # versions and devices
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import add_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="ap-erase",
+        description="Erase concepts from Stable Diffusion with Adversarial Preservation.")
+    parser.add_argument("--version", action="version", version=f"ap_erase_fast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = sub.add_parser(
+        "train", help="erase concepts from a model (fine-tunes its UNet)",
+        description="Erase concepts from a Stable Diffusion UNet with Adversarial Preservation. "
+                    "Every option can also be given as a key of --config FILE.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(train)
+    sub.add_parser("env", help="print versions, devices and optional backends")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import config_from_args
+
+    cfg = config_from_args(args)
+    from .api import erase
+
+    result = erase(cfg)
+    if not cfg.quiet:
+        info = result.run_info
+        calls = info["unet_calls_per_outer_step"]
+        print(f"erased {', '.join(repr(c) for c in cfg.erase)} from {info['model']['id']} in "
+              f"{info['outer_steps']} outer steps ({info['timings']['train_s']:.1f} s, "
+              f"{sum(calls.values()):.0f} UNet evaluations per step)")
+        if info["model"]["random_weights"]:
+            print("note: " + info["notice"])
+        print(f"output: {result.output_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "env":
+            from .env_report import main as env_main
+
+            env_main()
+            return 0
+        parser.print_help()
+        return 2
+    except UserError as exc:
+        msg = " ".join(str(exc).split())
+        print(f"error: {msg}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

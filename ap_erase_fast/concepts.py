@@ -1,0 +1,155 @@
+"""Text embeddings and the preservation set R of each erased concept (ALGORITHM.md §2).
+
+R is chosen the way the authors choose it: embed every vocabulary word with the text encoder
+(the full last hidden state, [77, D]), score each by minus its L2 distance to the erased
+concept's embedding, keep words made of a–z only, take the k closest, run a 1-D k-means on those
+k scores and keep, for each centre, the word whose score is nearest. R is therefore spread over
+the range of distances, not just the nearest words.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+_AZ = re.compile(r"^[a-z]+$")
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def check_concept_has_tokens(tokenizer, concept: str) -> None:
+    ids = tokenizer(concept, truncation=True).input_ids
+    if len(ids) <= 2:  # only the start and end tokens
+        raise UserError(f"the concept {concept!r} tokenizes to nothing; give a concept with words")
+
+
+@torch.no_grad()
+def encode_prompts(text_encoder, tokenizer, prompts: list[str], batch_size: int = 64,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """Text-encoder last hidden states [N, L, D] (fp32, on ``device``), batched."""
+    device = device or next(text_encoder.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        ids = tokenize(tokenizer, prompts[start:start + batch_size]).to(device)
+        out.append(text_encoder(ids)[0].float())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def default_cache_root() -> Path:
+    if os.environ.get("AP_ERASE_CACHE"):
+        return Path(os.environ["AP_ERASE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ap_erase_fast"
+
+
+def embedding_cache_key(text_encoder_hash: str, tokenizer, words: list[str]) -> str:
+    h = hashlib.sha256()
+    h.update(b"ap_erase_fast.vocab_embeddings.v1\0")
+    h.update(text_encoder_hash.encode())
+    h.update(f"\0{tokenizer.model_max_length}\0{len(tokenizer)}\0".encode())
+    h.update("\n".join(words).encode("utf-8"))
+    return h.hexdigest()[:32]
+
+
+def vocabulary_embeddings(text_encoder, tokenizer, words: list[str], text_encoder_hash: str,
+                          cache_dir: str | os.PathLike | None) -> tuple[torch.Tensor, bool]:
+    """Embeddings of ``words`` [N, L, D] fp32 on CPU, read from or written to the cache.
+
+    Returns (embeddings, cache_hit). ``cache_dir`` None disables the cache.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = None
+    if cache_dir is not None:
+        key = embedding_cache_key(text_encoder_hash, tokenizer, words)
+        path = Path(cache_dir) / f"vocab-{key}.safetensors"
+        if path.is_file():
+            try:
+                emb = load_file(str(path))["embeddings"]
+                if emb.shape[0] == len(words):
+                    return emb, True
+            except Exception:  # noqa: BLE001 - a broken cache file is recomputed
+                pass
+    emb = encode_prompts(text_encoder, tokenizer, words).cpu().contiguous()
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            save_file({"embeddings": emb}, str(tmp), metadata={"num_words": str(len(words))})
+            os.replace(tmp, path)
+        except OSError as exc:
+            warnings.warn(f"could not write the embedding cache {path}: {exc}", stacklevel=2)
+    return emb, False
+
+
+def l2_distances(query: torch.Tensor, table: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """||table[i] − query||₂ over all elements, fp32 [N] (chunked to bound memory)."""
+    q = query.reshape(1, -1).float()
+    flat = table.reshape(table.shape[0], -1)
+    out = [torch.linalg.vector_norm(flat[i:i + chunk].float() - q, dim=1)
+           for i in range(0, flat.shape[0], chunk)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@dataclass
+class PreservationSet:
+    concept: str
+    words: list[str]
+    distances: list[float]  # L2 distance of each word of R to the concept
+    indices: list[int]  # rows of the vocabulary table
+    candidates: int  # words that passed the a–z filter
+
+
+def select_preservation_set(concept: str, concept_embedding: torch.Tensor, words: list[str],
+                            table: torch.Tensor, k_closest: int, num_centers: int,
+                            exclude_erased: bool = False) -> PreservationSet:
+    """The authors' R: L2 top-k, then one representative per 1-D k-means centre."""
+    from sklearn.cluster import KMeans
+
+    dist = l2_distances(concept_embedding, table).numpy().astype(np.float64)
+    order = np.argsort(dist, kind="stable")  # closest first == score (−dist) descending
+    banned = set()
+    if exclude_erased:
+        banned = {concept.lower().strip()} | set(re.findall(r"[a-z]+", concept.lower()))
+    keep = [int(i) for i in order if _AZ.match(words[i]) and words[i] not in banned]
+    if not keep:
+        raise UserError("no vocabulary word is made of the letters a-z only; R would be empty "
+                        "(check --vocab)")
+    if len(keep) < num_centers:
+        raise UserError(f"the vocabulary has {len(keep)} usable words (a-z only), fewer than "
+                        f"--num-centers {num_centers}; lower --num-centers or pass a larger --vocab")
+    top = keep[:k_closest]
+    scores = -dist[top]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # duplicate scores make k-means warn; dedupe handles it
+        km = KMeans(n_clusters=num_centers, random_state=0, n_init=10).fit(scores[:, None])
+    chosen: list[int] = []
+    for centre in km.cluster_centers_[:, 0]:
+        j = int(np.argmin(np.abs(scores - centre)))
+        if top[j] not in chosen:
+            chosen.append(top[j])
+    chosen.sort(key=lambda i: (dist[i], i))
+    return PreservationSet(concept=concept, words=[words[i] for i in chosen],
+                           distances=[float(dist[i]) for i in chosen], indices=chosen,
+                           candidates=len(keep))
+
+
+def describe_sets(sets: list[PreservationSet]) -> dict:
+    return {s.concept: {"words": s.words, "distances": [round(d, 6) for d in s.distances],
+                        "candidates": s.candidates} for s in sets}
+
+
+def dumps(sets: list[PreservationSet]) -> str:
+    return json.dumps(describe_sets(sets), indent=2)

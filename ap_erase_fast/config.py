@@ -1,0 +1,309 @@
+"""One configuration for every entry point: command-line flags, YAML/JSON files and Python.
+
+Every field of :class:`EraseConfig` is a command-line flag (``train_method`` → ``--train-method``)
+and a key of a ``--config`` file (``train_method`` or ``train-method``). Flags override the file;
+an unknown key in a file is an error that names it. Validation happens up front, before any model
+is loaded, so a typo costs a second, not a model load.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+TRAIN_METHODS = ("xattn", "noxattn", "full", "selfattn", "xattn_kv")
+SCHEDULES = ("faithful",)
+PROFILES = ("reference",)
+GUMBEL_MODES = ("hard", "soft", "topk")
+LOSS_SPACES = ("x0", "eps")
+
+
+def _opt(help: str, group: str, **kw: Any) -> Any:
+    """A dataclass field with the metadata the argument parser is generated from."""
+    default = kw.pop("default", None)
+    meta = {"help": help, "group": group, **kw}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class EraseConfig:
+    # --- model -----------------------------------------------------------------------------
+    model: str = _opt(
+        "The model to erase from: 'tiny' (built-in demo model with random weights), a diffusers "
+        "pipeline folder, a Hugging Face hub id (needs network or a filled cache), or a single "
+        "CompVis-layout .safetensors/.ckpt file.", "model", default="tiny")
+    single_file_weights: str = _opt(
+        "Which UNet weights to take from a single-file checkpoint that holds both: 'non-ema' (the "
+        "authors' choice) or 'ema'.", "model", default="non-ema", choices=("non-ema", "ema"))
+    resolution: int | None = _opt(
+        "Image resolution in pixels (a multiple of 8 times the VAE factor); default: the model's "
+        "native size (512 for SD1.x, 32 for tiny).", "model")
+    device: str = _opt("Device: 'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'.", "model",
+                       default="auto")
+    # --- what to erase -------------------------------------------------------------------------
+    erase: list[str] = _opt(
+        "Concept(s) to erase: one concept, a comma-separated list (\"a, b, c\"), or a text file with "
+        "one concept per line.", "erase", default=[])
+    train_method: str = _opt(
+        "Which UNet parameters are fine-tuned: xattn (cross-attention; objects, artists), noxattn "
+        "(all but cross-attention, time embedding and output layers; nudity), full, selfattn, "
+        "xattn_kv.", "erase", default="xattn", choices=TRAIN_METHODS)
+    negative_guidance: float = _opt(
+        "η: strength of the negative-guidance target ε(\"\") − η·(ε(c_e) − ε(\"\")).", "erase",
+        default=1.0)
+    preserve_weight: float = _opt("λ: weight of the preservation term.", "erase", default=1.0)
+    loss_space: str = _opt(
+        "Where the losses are measured: x0 (the authors' choice; weights noisy timesteps up) or "
+        "eps (plain ε-space MSE, as ESD).", "erase", default="x0", choices=LOSS_SPACES)
+    # --- adversarial search --------------------------------------------------------------------
+    vocab: str | None = _opt(
+        "Word list the preservation set R is chosen from: a .txt (one word per line) or .csv with "
+        "a 'word' column. Default: the built-in list of common English words.", "search")
+    k_closest: int = _opt("Keep the k vocabulary words closest (L2 in text-embedding space) to "
+                          "each erased concept.", "search", default=1000)
+    num_centers: int = _opt("1-D k-means centres over those k scores: |R| ≤ num_centers.",
+                            "search", default=100)
+    exclude_erased: bool = _opt(
+        "Drop the erased concept's own words from R (the authors keep them).", "search",
+        default=False)
+    tau: float = _opt("Gumbel-Softmax temperature τ.", "search", default=2.0)
+    gumbel_mode: str = _opt(
+        "Draw of the adversarial concept: hard (one real word, straight-through gradient; the "
+        "paper), soft (a mixture), topk (mixture of the --gumbel-topk most likely).", "search",
+        default="hard", choices=GUMBEL_MODES)
+    gumbel_topk: int = _opt("k for --gumbel-mode topk.", "search", default=5)
+    search_lr: float = _opt("Adam learning rate of the search logits π.", "search", default=1e-2)
+    embedding_cache: str | None = _opt(
+        "Folder for cached vocabulary text embeddings (default: ~/.cache/ap_erase_fast/"
+        "embeddings; 'none' disables the cache).", "search")
+    # --- schedule ---------------------------------------------------------------------------
+    steps: int = _opt("Outer steps (updates of the fine-tuned UNet; the authors' 'iterations').",
+                      "schedule", default=1000)
+    pgd_steps: int = _opt(
+        "P: loop iterations per outer step; P − 1 of them are search (π) steps.", "schedule",
+        default=2)
+    schedule: str = _opt(
+        "Loop schedule: faithful (the authors' alternation, fresh samples every iteration).",
+        "schedule", default="faithful", choices=SCHEDULES)
+    profile: str = _opt(
+        "Execution profile: reference (fp32, classic attention, separate calls, everything "
+        "recomputed: the authors' cost structure; the oracle for faster profiles).", "schedule",
+        default="reference", choices=PROFILES)
+    ddim_steps: int = _opt("DDIM steps of the sampling schedule the trajectories follow.",
+                           "schedule", default=50)
+    start_guidance: float = _opt("Classifier-free guidance scale of the sampled trajectories.",
+                                 "schedule", default=3.0)
+    seed: int = _opt("Seed of every random draw; same seed and settings give identical results "
+                     "on the same machine.", "schedule", default=0)
+    # --- optimisation -----------------------------------------------------------------------
+    lr: float = _opt("Adam learning rate of the fine-tuned UNet parameters.", "optim",
+                     default=1e-5)
+    # --- output -----------------------------------------------------------------------------
+    output: str | None = _opt(
+        "Output folder (must be empty or absent unless --overwrite). Default: "
+        "outputs/<concepts>-<model>-seed<seed>.", "output")
+    overwrite: bool = _opt("Replace a non-empty output folder.", "output", default=False)
+    checkpoint_every: int = _opt(
+        "Write a resumable checkpoint every N outer steps into <output>.checkpoints/ (0: never).",
+        "output", default=0)
+    resume: str | None = _opt(
+        "Resume from a checkpoint folder (a step-NNNNNN folder, or the .checkpoints folder for "
+        "its latest).", "output")
+    quiet: bool = _opt("No progress bar and no summary, only errors.", "output", default=False)
+
+    # -------------------------------------------------------------------------------------------
+    def validate(self) -> "EraseConfig":
+        """Check every value that can be checked without loading a model."""
+        if not self.erase or not any(c.strip() for c in self.erase):
+            raise UserError("nothing to erase: pass --erase \"concept\" (or a comma-separated "
+                            "list, or a file with one concept per line)")
+        for name in ("steps", "pgd_steps", "k_closest", "num_centers", "ddim_steps",
+                     "gumbel_topk"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{_flag(name)} must be at least 1 (got {getattr(self, name)})")
+        if self.pgd_steps < 2:
+            raise UserError(f"--pgd-steps must be at least 2 (one outer step plus at least one "
+                            f"search step; got {self.pgd_steps})")
+        if self.k_closest < self.num_centers:
+            raise UserError(f"--k-closest ({self.k_closest}) must be at least --num-centers "
+                            f"({self.num_centers}): the k-means runs on the k closest words")
+        if self.checkpoint_every < 0:
+            raise UserError("--checkpoint-every must be 0 (off) or a positive number of steps")
+        if not self.tau > 0:
+            raise UserError(f"--tau must be positive (got {self.tau})")
+        if self.resolution is not None and self.resolution <= 0:
+            raise UserError(f"--resolution must be positive (got {self.resolution})")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise UserError(f"unknown --{_flag(f.name)} {getattr(self, f.name)!r}; choose one "
+                                f"of: {', '.join(choices)}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "EraseConfig":
+        cfg = cls()
+        apply_mapping(cfg, data, source)
+        return cfg
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(EraseConfig)]
+
+
+def parse_concepts(value: str | list[str]) -> list[str]:
+    """``"a, b"`` → ``["a", "b"]``; an existing file → one concept per non-empty line."""
+    items = value if isinstance(value, list) else [value]
+    out: list[str] = []
+    for item in items:
+        item = str(item)
+        if os.path.isfile(item):
+            lines = Path(item).read_text(encoding="utf-8").splitlines()
+            out += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        else:
+            out += [part.strip() for part in item.split(",") if part.strip()]
+    return out
+
+
+def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
+    name = f.name
+    default = EraseConfig.__dataclass_fields__[name].default
+    if name == "erase":
+        return parse_concepts(value)
+    if value is None:
+        return None
+    kind = type(default) if default is not None and default is not dataclasses.MISSING else None
+    if name in ("resolution",):
+        kind = int
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if isinstance(value, (bool, int)):
+                return bool(value)
+            raise ValueError(value)
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{source}: key '{name}' has value {value!r}, expected "
+                        f"{kind.__name__ if kind else 'a string'}") from None
+
+
+def apply_mapping(cfg: EraseConfig, data: dict[str, Any], source: str) -> None:
+    known = {f.name: f for f in fields(EraseConfig)}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key == "config":
+            continue
+        if key not in known:
+            raise UserError(f"{source}: unknown key '{raw_key}' (known keys: see "
+                            f"'ap-erase train --help' or docs/CONFIG.md)")
+        setattr(cfg, key, _coerce(known[key], value, source))
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path} does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"config file {path} does not parse: {first}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# argparse generated from the dataclass
+# ----------------------------------------------------------------------------------------------
+_GROUP_TITLES = {
+    "model": "model", "erase": "erasure", "search": "adversarial search (preservation set R, π)",
+    "schedule": "schedule and sampling", "optim": "optimisation", "output": "output and runs",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML or JSON file with any of these options as keys "
+                             "(train_method or train-method); flags override the file.")
+    groups = {k: parser.add_argument_group(v) for k, v in _GROUP_TITLES.items()}
+    for f in fields(EraseConfig):
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = "--" + _flag(f.name)
+        help_text = meta["help"]
+        group = groups[meta["group"]]
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text
+                               + f" (default: {default})", **kw)
+            continue
+        if default not in (None, []):
+            help_text += f" (default: {default})"
+        if meta.get("choices"):
+            kw["choices"] = meta["choices"]
+        if isinstance(default, int):
+            kw["type"] = int
+        elif isinstance(default, float):
+            kw["type"] = float
+        elif f.name == "resolution":
+            kw["type"] = int
+        if f.name == "erase":
+            kw["metavar"] = "CONCEPTS"
+        group.add_argument(flag, help=help_text, **kw)
+
+
+def config_from_args(args: argparse.Namespace) -> EraseConfig:
+    """File first, then flags; returns a validated config."""
+    cfg = EraseConfig()
+    if getattr(args, "config", None):
+        apply_mapping(cfg, load_config_file(args.config), f"config file {args.config}")
+    flags = {k: v for k, v in vars(args).items() if k in EraseConfig.__dataclass_fields__}
+    apply_mapping(cfg, flags, "command line")
+    return cfg.validate()
+
+
+def default_output_dir(cfg: EraseConfig) -> str:
+    import re
+
+    slug = "-".join(re.sub(r"[^a-z0-9]+", "_", c.lower()).strip("_") for c in cfg.erase)[:60]
+    model = Path(cfg.model).stem if cfg.model != "tiny" else "tiny"
+    model = re.sub(r"[^A-Za-z0-9_.-]+", "_", model)[:40]
+    return os.path.join("outputs", f"{slug or 'erase'}-{model}-seed{cfg.seed}")

@@ -1,0 +1,86 @@
+"""Run outputs: written into a temporary sibling folder and renamed into place at the end, so a
+failed or interrupted run never leaves a half-written output folder.
+
+Layout of an output folder:
+
+* ``unet/`` — a diffusers UNet folder (``UNet2DConditionModel.from_pretrained``), the fine-tuned θ';
+* ``trained.safetensors`` — only the trained tensors, with provenance in the header metadata;
+* ``run.json`` — resolved config, R per concept, final π, timings, UNet calls per outer step;
+* ``log.jsonl`` — one line per loop iteration.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .errors import UserError
+
+TRAINED_FORMAT = "ap_erase_fast.trained/v1"
+
+
+class OutputDir:
+    """Claims an output folder up front and publishes it atomically on :meth:`commit`."""
+
+    def __init__(self, path: str, overwrite: bool = False):
+        self.path = Path(path).absolute()
+        self.overwrite = overwrite
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"output {self.path} exists and is not a folder")
+        if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
+            raise UserError(f"output folder {self.path} is not empty; choose another --output "
+                            f"or pass --overwrite")
+        self.tmp = self.path.parent / f".{self.path.name}.tmp{os.getpid()}"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir()
+        except OSError as exc:
+            raise UserError(f"cannot write the output folder {self.path}: "
+                            f"{exc.strerror or exc}") from None
+
+    @property
+    def checkpoint_root(self) -> str:
+        return str(self.path.parent / f"{self.path.name}.checkpoints")
+
+    def commit(self) -> str:
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        os.replace(self.tmp, self.path)
+        return str(self.path)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def trained_metadata(info: dict) -> dict[str, str]:
+    """safetensors header metadata (string values only) describing where the tensors came from."""
+    cfg = info["config"]
+    return {
+        "format": TRAINED_FORMAT,
+        "library_version": info["library_version"],
+        "base_model": str(info["model"]["id"]),
+        "base_model_sha256": str(info["model"]["sha256"]),
+        "base_model_source": json.dumps(info["model"]["source"], sort_keys=True),
+        "random_weights": json.dumps(bool(info["model"]["random_weights"])),
+        "erased_concepts": json.dumps(cfg["erase"]),
+        "train_method": cfg["train_method"],
+        "schedule": cfg["schedule"],
+        "profile": cfg["profile"],
+        "seed": str(cfg["seed"]),
+        "steps": str(info["outer_steps"]),
+        "settings": json.dumps(cfg, sort_keys=True),
+    }
+
+
+def write_outputs(folder: Path, unet, trained: dict, info: dict, log: list[dict]) -> None:
+    from safetensors.torch import save_file
+
+    unet.save_pretrained(str(folder / "unet"), safe_serialization=True)
+    save_file(trained, str(folder / "trained.safetensors"), metadata=trained_metadata(info))
+    (folder / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    with open(folder / "log.jsonl", "w") as fh:
+        fh.writelines(json.dumps(rec) + "\n" for rec in log)
+    if info["model"]["random_weights"]:
+        (folder / "RANDOM_WEIGHTS.txt").write_text(info["notice"] + "\n")
