@@ -1,0 +1,335 @@
+"""``load_components``: one entry point for the built-in tiny model, diffusers folders, hub ids
+and single-file CompVis checkpoints. Every bad input raises :class:`ModelLoadError`."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import shipped
+from .errors import ModelLoadError
+
+SINGLE_FILE_EXTENSIONS = (".safetensors", ".ckpt")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Scheduler settings taken from a model's own scheduler config; the DDIM-specific rest comes
+# from the SD defaults (a PNDM config has no clip_sample/set_alpha_to_one of DDIM's meaning).
+_SCHEDULER_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "steps_offset",
+    "timestep_spacing",
+    "rescale_betas_zero_snr",
+)
+
+
+@dataclass
+class SDComponents:
+    """The parts of a Stable Diffusion model the library works with, plus where they came from."""
+
+    unet: Any  # diffusers.UNet2DConditionModel
+    text_encoder: Any  # transformers.CLIPTextModel
+    tokenizer: Any  # transformers.CLIPTokenizer
+    scheduler: Any  # diffusers.DDIMScheduler
+    vae: Any | None  # diffusers.AutoencoderKL or None
+    model_id: str
+    content_hash: str  # module_content_hash(unet) of the UNet as returned (dtype included)
+    random_weights: bool
+    source: dict = field(default_factory=dict)
+    pipeline_path: str | None = None
+    default_resolution: int = 512
+
+    @property
+    def sd_version(self) -> str | None:
+        return self.source.get("sd_version")
+
+    def to_pipeline(self):
+        """A ``StableDiffusionPipeline`` sharing these modules (needs a VAE; safety checker off)."""
+        if self.vae is None:
+            raise ModelLoadError(f"model {self.model_id!r} has no VAE; cannot build an image pipeline")
+        from .tiny import assemble_pipeline
+
+        return assemble_pipeline(self.unet, self.text_encoder, self.tokenizer, self.scheduler, self.vae)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+def ddim_scheduler(config: dict | None = None):
+    """A ``DDIMScheduler``: SD defaults overlaid with a model's own noise-schedule settings."""
+    from diffusers import DDIMScheduler
+
+    base = shipped.load_config("sd1", "scheduler")
+    if config:
+        if config.get("_class_name") == "DDIMScheduler":
+            base.update({k: v for k, v in config.items() if not k.startswith("_")})
+        else:
+            base.update({k: config[k] for k in _SCHEDULER_KEYS if k in config})
+    return DDIMScheduler.from_config(base)
+
+
+def sd_version_of(unet_config) -> str:
+    """``"1.x"`` (context dim 768), ``"2.x"`` (1024), else ``"custom"``."""
+    dim = unet_config.get("cross_attention_dim") if hasattr(unet_config, "get") else None
+    return {768: "1.x", 1024: "2.x"}.get(dim, "custom")
+
+
+def vae_scale_factor(vae) -> int:
+    if vae is None:
+        return 8
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _finish(
+    unet, text_encoder, tokenizer, scheduler, vae, *, model_id, random_weights, source, pipeline_path, torch_dtype, device
+) -> SDComponents:
+    from .hashing import module_content_hash
+
+    for m in (unet, text_encoder, vae):
+        if m is not None:
+            m.to(device)
+            if m.dtype != torch_dtype:  # skip no-op casts: diffusers warns on every .to(dtype)
+                m.to(dtype=torch_dtype)
+            m.eval()
+    res = int(unet.config.sample_size) * vae_scale_factor(vae)
+    return SDComponents(
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        vae=vae,
+        model_id=model_id,
+        content_hash=module_content_hash(unet),
+        random_weights=random_weights,
+        source=source,
+        pipeline_path=pipeline_path,
+        default_resolution=res,
+    )
+
+
+def load_components(
+    model: str = "tiny",
+    *,
+    single_file_weights: str = "non-ema",
+    torch_dtype=None,
+    device="cpu",
+    prediction_type: str | None = None,
+) -> SDComponents:
+    """Load the UNet, text encoder, tokenizer, DDIM scheduler and VAE of ``model``.
+
+    ``model``: ``"tiny"`` (built-in demo model, random weights), a local diffusers pipeline
+    folder, a Hugging Face hub id (only from the local cache when ``HF_HUB_OFFLINE=1``), or a
+    single-file CompVis checkpoint (``.safetensors`` / ``.ckpt``). ``single_file_weights``
+    (``"non-ema"`` or ``"ema"``) picks the UNet copy of a single file. ``prediction_type``
+    (``"epsilon"`` / ``"v_prediction"``) overrides the scheduler's (for single files whose
+    parameterisation the heuristic gets wrong). ``torch_dtype`` defaults to float32.
+    """
+    import torch
+
+    torch_dtype = torch.float32 if torch_dtype is None else torch_dtype
+    if prediction_type not in (None, "epsilon", "v_prediction", "sample"):
+        raise ModelLoadError(f"unknown prediction type {prediction_type!r}; choose epsilon or v_prediction")
+    if single_file_weights not in ("ema", "non-ema"):
+        raise ModelLoadError(f"single_file_weights must be 'ema' or 'non-ema', got {single_file_weights!r}")
+    if not isinstance(model, (str, os.PathLike)) or not str(model).strip():
+        raise ModelLoadError(f"model must be 'tiny', a folder, a hub id or a .safetensors/.ckpt file, got {model!r}")
+    model = os.fspath(model)
+    common = dict(torch_dtype=torch_dtype, device=device)
+
+    if model == "tiny":
+        parts, path = _load_tiny()
+        comps = _finish(
+            *parts,
+            model_id=model,
+            random_weights=True,
+            source={"format": "builtin", "path": None, "weights": None, "sd_version": "tiny"},
+            pipeline_path=path,
+            **common,
+        )
+    else:
+        expanded = os.path.expanduser(model)
+        if os.path.isdir(expanded):
+            comps = _load_diffusers_folder(expanded, model_id=model, fmt="diffusers", **common)
+        elif os.path.isfile(expanded):
+            comps = _load_file(expanded, model_id=model, weights=single_file_weights, **common)
+        elif expanded.lower().endswith(SINGLE_FILE_EXTENSIONS):
+            raise ModelLoadError(f"model file {model!r} does not exist")
+        elif _HUB_ID.match(model):
+            folder = _hub_snapshot(model)
+            comps = _load_diffusers_folder(folder, model_id=model, fmt="hub", **common)
+        else:
+            raise ModelLoadError(
+                f"model {model!r} does not exist; pass 'tiny', a local diffusers folder, a hub id "
+                "(org/name) or a .safetensors/.ckpt file"
+            )
+    if prediction_type is not None and comps.scheduler.config.prediction_type != prediction_type:
+        comps.scheduler = ddim_scheduler({**dict(comps.scheduler.config), "prediction_type": prediction_type})
+        comps.source["prediction_type_override"] = prediction_type
+    comps.source.setdefault("prediction_type", comps.scheduler.config.prediction_type)
+    return comps
+
+
+def _load_tiny():
+    from .tiny import build_tiny_modules, ensure_tiny_pipeline_folder
+
+    parts = build_tiny_modules()
+    return parts, ensure_tiny_pipeline_folder(parts)
+
+
+def _load_file(path, *, model_id, weights, torch_dtype, device) -> SDComponents:
+    if not path.lower().endswith(SINGLE_FILE_EXTENSIONS):
+        raise ModelLoadError(
+            f"unsupported model file {model_id!r}: expected a .safetensors or .ckpt checkpoint or a diffusers folder"
+        )
+    from .single_file import load_single_file
+
+    parts, source = load_single_file(path, weights=weights)
+    return _finish(
+        *parts,
+        model_id=model_id,
+        random_weights=False,
+        source=source,
+        pipeline_path=None,
+        torch_dtype=torch_dtype,
+        device=device,
+    )
+
+
+def _hub_offline() -> bool:
+    flag = os.environ.get("HF_HUB_OFFLINE", "")
+    if flag.strip().lower() in ("1", "on", "yes", "true"):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except Exception:  # pragma: no cover
+        return False
+
+
+_HUB_PATTERNS = [
+    "model_index.json",
+    "*/config.json",
+    "scheduler/*.json",
+    "tokenizer/*",
+    "unet/diffusion_pytorch_model.safetensors",
+    "text_encoder/model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+]
+
+
+def _hub_snapshot(repo_id: str) -> str:
+    """Local folder of a hub pipeline: from the HF cache when offline, else downloaded."""
+    offline = _hub_offline()
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=offline)
+    except Exception as exc:
+        if offline:
+            raise ModelLoadError(
+                f"model {repo_id!r} is not a local path and is not in the Hugging Face cache (HF_HUB_OFFLINE=1); "
+                "pass a local diffusers folder or a .safetensors/.ckpt file"
+            ) from None
+        raise ModelLoadError(f"cannot get model {repo_id!r} from the Hugging Face hub: {_first_line(exc)}") from None
+    if not os.path.isfile(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")):
+        raise ModelLoadError(
+            f"hub model {repo_id!r} has no safetensors UNet weights (unet/diffusion_pytorch_model.safetensors); "
+            "convert it to a local diffusers folder first"
+        )
+    return folder
+
+
+_REQUIRED_SUBFOLDERS = ("unet", "text_encoder", "scheduler")
+
+
+def _load_diffusers_folder(folder, *, model_id, fmt, torch_dtype, device) -> SDComponents:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            hint = " (it looks like a single model folder; pass the pipeline folder above it)"
+        else:
+            hint = ""
+        raise ModelLoadError(f"folder {model_id!r} is not a diffusers pipeline folder: no model_index.json{hint}")
+    missing = [s for s in _REQUIRED_SUBFOLDERS if not os.path.isdir(os.path.join(folder, s))]
+    if missing:
+        raise ModelLoadError(f"diffusers folder {model_id!r} lacks the subfolder(s) {', '.join(missing)}")
+    import json
+
+    try:
+        with open(os.path.join(folder, "unet", "config.json"), encoding="utf-8") as fh:
+            unet_cfg = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {model_id}/unet/config.json: {_first_line(exc)}") from None
+    if unet_cfg.get("addition_embed_type") == "text_time":
+        raise ModelLoadError(f"model {model_id!r} is SDXL, which is not supported yet (SD1.x and SD2.x are)")
+    sd_version = sd_version_of(unet_cfg)
+    step = "unet"
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
+        step = "text_encoder"
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
+        step = "tokenizer"
+        if os.path.isdir(os.path.join(folder, "tokenizer")):
+            tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+            tokenizer_source = "folder"
+        else:
+            from .tokenizer import build_clip_tokenizer
+
+            tokenizer = build_clip_tokenizer("!" if sd_version == "2.x" else "<|endoftext|>")
+            tokenizer_source = "vendored"
+        step = "scheduler"
+        sched_cfg = _read_scheduler_config(os.path.join(folder, "scheduler"))
+        scheduler = ddim_scheduler(sched_cfg)
+        step = "vae"
+        vae = None
+        if os.path.isdir(os.path.join(folder, "vae")):
+            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, EnvironmentError) as exc:
+        raise ModelLoadError(f"cannot load the {step} of {model_id!r}: {_first_line(exc)}") from None
+    if getattr(text_encoder.config, "hidden_size", None) != unet.config.cross_attention_dim:
+        raise ModelLoadError(
+            f"model {model_id!r}: text encoder width {text_encoder.config.hidden_size} does not match the UNet's "
+            f"cross-attention dim {unet.config.cross_attention_dim}"
+        )
+    source = {
+        "format": fmt,
+        "path": os.path.abspath(folder),
+        "weights": None,
+        "sd_version": sd_version,
+        "tokenizer": tokenizer_source,
+    }
+    return _finish(
+        unet,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        vae,
+        model_id=model_id,
+        random_weights=False,
+        source=source,
+        pipeline_path=os.path.abspath(folder) if vae is not None else None,
+        torch_dtype=torch_dtype,
+        device=device,
+    )
+
+
+def _read_scheduler_config(sub: str) -> dict | None:
+    import json
+
+    for name in ("scheduler_config.json", "config.json"):
+        path = os.path.join(sub, name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                return json.load(fh)
+    return None

@@ -1,0 +1,111 @@
+"""Which UNet parameters are fine-tuned: the authors' (ESD) ``train_method`` rules, in diffusers names.
+
+ESD selects parameters by CompVis module name; the diffusers equivalents are:
+
+* ``xattn``    every parameter of a cross-attention layer: names containing ``attn2``
+               (43,962,560 in SD1.4);
+* ``noxattn``  everything except ``attn2``, the time embedding and the output layers.
+               CompVis: skip names starting with ``out.`` or containing ``attn2`` / ``time_embed``;
+               diffusers: skip ``attn2``, ``time_embedding.*``, ``conv_norm_out.*`` and
+               ``conv_out.*`` (813,495,680 in SD1.4). The per-resnet timestep projections
+               (CompVis ``emb_layers``, diffusers ``time_emb_proj``) ARE trained, as in ESD;
+* ``selfattn`` the self-attention layers: names containing ``attn1``;
+* ``xattn_kv`` only the key and value projection weights of the cross-attention layers
+               (``attn2.to_k.weight`` and ``attn2.to_v.weight``; SD has no bias there);
+* ``full``     all parameters (859,520,964 in SD1.4).
+"""
+from __future__ import annotations
+
+from .errors import ModelLoadError
+
+TRAIN_METHODS = ("xattn", "noxattn", "full", "selfattn", "xattn_kv")
+
+_NOXATTN_EXCLUDED_PREFIXES = ("time_embedding.", "conv_norm_out.", "conv_out.")
+
+
+def _is_xattn_kv(name: str) -> bool:
+    return ".attn2.to_k.weight" in name or ".attn2.to_v.weight" in name or name.startswith(
+        ("attn2.to_k.weight", "attn2.to_v.weight")
+    )
+
+
+def parameter_is_trained(name: str, method: str) -> bool:
+    """Whether the UNet parameter called ``name`` (diffusers naming) is trained under ``method``."""
+    if method == "xattn":
+        return "attn2" in name
+    if method == "noxattn":
+        return "attn2" not in name and not name.startswith(_NOXATTN_EXCLUDED_PREFIXES)
+    if method == "selfattn":
+        return "attn1" in name
+    if method == "xattn_kv":
+        return _is_xattn_kv(name)
+    if method == "full":
+        return True
+    check_train_method(method)  # raises: the method is unknown
+    raise AssertionError(method)
+
+
+def check_train_method(method) -> str:
+    """Return ``method`` if it is one of :data:`TRAIN_METHODS`, else raise a one-line error."""
+    if method not in TRAIN_METHODS:
+        raise ModelLoadError(f"unknown train method {method!r}; choose one of {', '.join(TRAIN_METHODS)}")
+    return method
+
+
+def select_trainable(unet, method: str) -> list:
+    """Set ``requires_grad`` on the parameters ``method`` trains and clear it on all others.
+
+    Returns ``[(name, parameter), …]`` of the trained parameters in module order
+    (``unet.named_parameters()`` order). Raises if the selection is empty (e.g. a UNet without
+    cross-attention asked for ``xattn``).
+    """
+    check_train_method(method)
+    selected = []
+    for name, param in unet.named_parameters():
+        trained = parameter_is_trained(name, method)
+        param.requires_grad_(trained)
+        if trained:
+            selected.append((name, param))
+    if not selected:
+        raise ModelLoadError(f"train method {method!r} selects no parameter of this UNet")
+    return selected
+
+
+def count_trainable(unet_config_or_unet, method: str) -> int:
+    """Number of parameters ``method`` trains, for a UNet or a UNet config (dict or path).
+
+    A config is instantiated on the meta device, so counting the full SD1.4 UNet costs no
+    memory and well under a second. ``"sd1"`` / ``"sd2"`` / ``"tiny"`` name the shipped configs.
+    Does not touch ``requires_grad``.
+    """
+    import torch
+
+    check_train_method(method)
+    unet = unet_config_or_unet
+    if not isinstance(unet, torch.nn.Module):
+        unet = _meta_unet(unet)
+    return sum(p.numel() for name, p in unet.named_parameters() if parameter_is_trained(name, method))
+
+
+def _meta_unet(config):
+    import json
+    import os
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from . import shipped
+
+    if isinstance(config, str):
+        if config in shipped.VARIANTS:
+            config = shipped.load_config(config, "unet")
+        else:
+            path = os.path.join(config, "config.json") if os.path.isdir(config) else config
+            with open(path, encoding="utf-8") as fh:
+                config = json.load(fh)
+    elif hasattr(config, "items"):
+        config = dict(config)
+    else:
+        raise TypeError(f"expected a UNet, a config dict or a config path, got {type(config).__name__}")
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
