@@ -9,7 +9,6 @@ the range of distances, not just the nearest words.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import warnings
@@ -45,13 +44,6 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str], batch_size: int 
         ids = tokenize(tokenizer, prompts[start:start + batch_size]).to(device)
         out.append(text_encoder(ids)[0].float())
     return torch.cat(out) if out else torch.empty(0)
-
-
-def default_cache_root() -> Path:
-    if os.environ.get("AP_ERASE_CACHE"):
-        return Path(os.environ["AP_ERASE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ap_erase_fast"
 
 
 def embedding_cache_key(text_encoder_hash: str, tokenizer, words: list[str]) -> str:
@@ -150,6 +142,3 @@ def describe_sets(sets: list[PreservationSet]) -> dict:
     return {s.concept: {"words": s.words, "distances": [round(d, 6) for d in s.distances],
                         "candidates": s.candidates} for s in sets}
 
-
-def dumps(sets: list[PreservationSet]) -> str:
-    return json.dumps(describe_sets(sets), indent=2)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import shutil
 import time
@@ -23,9 +22,8 @@ from typing import Any, Callable
 import torch
 
 from . import __version__
-from .concepts import (PreservationSet, check_concept_has_tokens, default_cache_root,
-                       describe_sets, encode_prompts, select_preservation_set,
-                       vocabulary_embeddings)
+from .concepts import (PreservationSet, check_concept_has_tokens, describe_sets, encode_prompts,
+                       select_preservation_set, vocabulary_embeddings)
 from .config import EraseConfig
 from .errors import UserError
 from .objective import erasure_loss, preservation_loss
@@ -145,11 +143,11 @@ class Eraser:
         self.emb_concepts = [self.encode(c) for c in cfg.erase]
 
         # Preservation sets R, one per erased concept, as text-embedding tables on the device.
-        from .models import module_content_hash
+        from .models import cache_root, module_content_hash
 
         cache = None
         if (cfg.embedding_cache or "").lower() != "none":
-            cache = cfg.embedding_cache or str(default_cache_root() / "embeddings")
+            cache = cfg.embedding_cache or os.path.join(cache_root(), "embeddings")
         te_hash = module_content_hash(text_encoder)
         vocab_emb, self.cache_hit = vocabulary_embeddings(text_encoder, comp.tokenizer,
                                                           vocab_words, te_hash, cache)
@@ -259,7 +257,7 @@ class Eraser:
             "iter": i, "step": i // cfg.pgd_steps, "kind": "outer" if outer else "inner",
             "concept": cfg.erase[c], "t_enc": d.t_enc, "t_ddpm": d.t_ddpm,
             "adv_index": adv_index, "adv_word": self.sets[c].words[adv_index],
-            "loss": float(loss), "loss_erase": float(l_erase), "loss_preserve": float(l_pres),
+            "loss": loss.item(), "loss_erase": l_erase.item(), "loss_preserve": l_pres.item(),
         }
         self.log.append(record)
         self.iteration += 1
@@ -414,6 +412,3 @@ def resolve_checkpoint(path: str) -> Path:
     raise UserError(f"--resume {path}: not a checkpoint folder (expected a step-NNNNNN folder "
                     f"with checkpoint.json, or a folder that holds them)")
 
-
-def is_finite_number(x: float) -> bool:
-    return math.isfinite(x)
