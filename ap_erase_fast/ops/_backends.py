@@ -59,10 +59,11 @@ def why_unavailable(name: str, device_type: str, explicit: bool = True) -> str |
             return "TRITON_INTERPRET=1 is set, so triton cannot launch on CUDA tensors"
         if device_type not in ("cpu", "cuda"):
             return f"triton backend does not support device type {device_type!r}"
-        from . import triton_gumbel_mix  # noqa: F401  (import error = the reason)
-
-        err = triton_gumbel_mix.import_error()
-        return None if err is None else f"triton is not usable: {err}"
+        try:
+            from . import triton_gumbel_mix  # noqa: F401
+        except Exception as exc:  # ImportError, or a broken triton install
+            return f"triton is not usable: {type(exc).__name__}: {exc}"
+        return None
     if name in ("cpp", "cuda"):
         want = "cpu" if name == "cpp" else "cuda"
         if device_type != want:
