@@ -157,7 +157,9 @@ def load_components(
         if os.path.isdir(expanded):
             comps = _load_diffusers_folder(expanded, model_id=model, fmt="diffusers", **common)
         elif os.path.isfile(expanded):
-            comps = _load_file(expanded, model_id=model, weights=single_file_weights, **common)
+            comps = _load_file(
+                expanded, model_id=model, weights=single_file_weights, prediction_type=prediction_type, **common
+            )
         elif expanded.lower().endswith(SINGLE_FILE_EXTENSIONS):
             raise ModelLoadError(f"model file {model!r} does not exist")
         elif _HUB_ID.match(model):
@@ -182,14 +184,14 @@ def _load_tiny():
     return parts, ensure_tiny_pipeline_folder(parts)
 
 
-def _load_file(path, *, model_id, weights, torch_dtype, device) -> SDComponents:
+def _load_file(path, *, model_id, weights, prediction_type, torch_dtype, device) -> SDComponents:
     if not path.lower().endswith(SINGLE_FILE_EXTENSIONS):
         raise ModelLoadError(
             f"unsupported model file {model_id!r}: expected a .safetensors or .ckpt checkpoint or a diffusers folder"
         )
     from .single_file import load_single_file
 
-    parts, source = load_single_file(path, weights=weights)
+    parts, source = load_single_file(path, weights=weights, prediction_type=prediction_type)
     return _finish(
         *parts,
         model_id=model_id,
