@@ -1,0 +1,53 @@
+"""Word lists for the preservation-set search (one word or short phrase per prompt)."""
+from __future__ import annotations
+
+import csv
+import os
+
+from ap_erase_fast.errors import UserError
+
+BUILTIN_VOCABULARY = "vocab_en.txt"
+
+
+def builtin_vocabulary_path() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(here, "data", BUILTIN_VOCABULARY)
+
+
+def load_vocabulary(path: str | None = None) -> list[str]:
+    """The words of a vocabulary file, in file order, duplicates removed (first kept).
+
+    ``None`` → the built-in list (3000 common English words, ``ap_erase_fast/data/vocab_en.txt``).
+    ``.csv`` → the ``word`` column (header required). Anything else is read as text: one entry
+    per line, surrounding whitespace stripped, blank lines and lines starting with ``#`` ignored.
+    Entries are kept as written (no lower-casing): the engine filters to a–z as the authors do.
+    """
+    source = builtin_vocabulary_path() if path is None else os.path.expanduser(os.fspath(path))
+    if not os.path.isfile(source):
+        what = "built-in vocabulary" if path is None else "vocabulary file"
+        raise UserError(f"{what} {source!r} does not exist")
+    try:
+        with open(source, encoding="utf-8-sig", newline="") as fh:
+            if source.lower().endswith(".csv"):
+                reader = csv.DictReader(fh)
+                fields = [f.strip().lower() for f in (reader.fieldnames or [])]
+                if "word" not in fields:
+                    raise UserError(f"vocabulary file {source!r} has no 'word' column (columns: {', '.join(fields) or 'none'})")
+                column = (reader.fieldnames or [])[fields.index("word")]
+                raw = [(row.get(column) or "") for row in reader]
+            else:
+                raw = [line for line in fh.read().splitlines() if not line.lstrip().startswith("#")]
+    except UnicodeDecodeError:
+        raise UserError(f"vocabulary file {source!r} is not UTF-8 text") from None
+    except csv.Error as exc:
+        raise UserError(f"vocabulary file {source!r} is not valid CSV: {exc}") from None
+    words: list[str] = []
+    seen: set[str] = set()
+    for entry in raw:
+        word = entry.strip()
+        if word and word not in seen:
+            seen.add(word)
+            words.append(word)
+    if not words:
+        raise UserError(f"vocabulary {source} has no words")
+    return words
