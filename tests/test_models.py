@@ -405,3 +405,135 @@ def test_offline_hub_miss_fails_fast(monkeypatch):
     msg = _one_line(info)
     assert "not in the Hugging Face cache" in msg and "HF_HUB_OFFLINE=1" in msg
     assert elapsed < 2.0
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+PROMPTS = [
+    "a photo of a cat",
+    "Van Gogh, starry night!!",
+    "nudity",
+    "garbage truck on a street, 4k, highly detailed",
+    "it's the dog's toy; we'll see 1234",
+    "café crème brûlée naïve",
+    "a " * 150 + "end",
+    "",
+]
+
+
+def _open_clip_tokenizer():
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("open_clip is not installed")
+    path = os.path.join(spec.submodule_search_locations[0], "tokenizer.py")
+    if not os.path.isfile(path):
+        pytest.skip("open_clip/tokenizer.py not found")
+    pytest.importorskip("ftfy")
+    pytest.importorskip("regex")
+    mod_spec = importlib.util.spec_from_file_location("_open_clip_tokenizer_ref", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except ImportError as exc:
+        pytest.skip(f"open_clip tokenizer not importable: {exc}")
+    from ap_erase_fast.models.tokenizer import bpe_path
+
+    return module.SimpleTokenizer(bpe_path=bpe_path())
+
+
+def test_tokenizer_matches_open_clip(tiny):
+    ref = _open_clip_tokenizer()
+    tok = tiny.tokenizer
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.model_max_length) == (49406, 49407, 49407, 77)
+    assert tok.vocab_size == 49408
+    for prompt in PROMPTS:
+        ours = tok(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+        body = ref.encode(prompt)[:75]
+        theirs = [49406, *body, 49407] + [49407] * (75 - len(body))
+        assert ours == theirs, prompt
+
+
+def test_sd2_tokenizer_pads_with_bang():
+    from ap_erase_fast.models.tokenizer import build_clip_tokenizer
+
+    tok = build_clip_tokenizer("!")
+    ids = tok("a cat", padding="max_length", max_length=77).input_ids
+    assert tok.pad_token_id == 0 and ids[:4] == [49406, 320, 2368, 49407] and ids[4:] == [0] * 73
+
+
+# --------------------------------------------------------------------------- SD2.x (OpenCLIP) files
+
+_OPENCLIP_RENAMES = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
+                     ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj")]
+
+
+def _openclip_state_dict(text_encoder, extra_layer: bool = True) -> dict:
+    """transformers CLIP text weights → OpenCLIP (SD2.x ``cond_stage_model.model.*``) layout."""
+    sd = {(k[len("text_model."):] if k.startswith("text_model.") else k): v for k, v in text_encoder.state_dict().items()}
+    out = {"token_embedding.weight": sd["embeddings.token_embedding.weight"],
+           "positional_embedding": sd["embeddings.position_embedding.weight"],
+           "ln_final.weight": sd["final_layer_norm.weight"], "ln_final.bias": sd["final_layer_norm.bias"]}
+    n = text_encoder.config.num_hidden_layers
+    width = text_encoder.config.hidden_size
+    for i in range(n + (1 if extra_layer else 0)):  # SD2 keeps one more layer than it uses
+        src = min(i, n - 1)
+        pre = f"encoder.layers.{src}."
+        for suffix in ("weight", "bias"):
+            out[f"transformer.resblocks.{i}.attn.in_proj_{suffix}"] = torch.cat(
+                [sd[pre + f"self_attn.{x}_proj.{suffix}"] for x in "qkv"])
+        for k, v in sd.items():
+            if k.startswith(pre) and ".self_attn." not in k or k.startswith(pre + "self_attn.out_proj"):
+                name = k[len(pre):]
+                for a, b in _OPENCLIP_RENAMES:
+                    name = name.replace(a, b)
+                out[f"transformer.resblocks.{i}.{name}"] = v
+    out["text_projection"] = torch.eye(width)
+    out["logit_scale"] = torch.tensor(4.6)
+    return {"cond_stage_model.model." + k: v.clone() for k, v in out.items()}
+
+
+@pytest.fixture()
+def sd2_configs_are_tiny(monkeypatch):
+    """Let the tiny model stand in for SD2.x: the shipped SD2 configs are full size."""
+    from ap_erase_fast.models import shipped
+
+    real = shipped.load_config
+
+    def fake(variant, component):
+        if variant in ("sd2", "sd2-v") and component in ("unet", "vae", "text_encoder"):
+            return real("tiny", component)
+        return real(variant, component)
+
+    monkeypatch.setattr(shipped, "load_config", fake)
+
+
+def test_sd2_single_file_openclip_and_v_prediction(tiny, tmp_path, sd2_configs_are_tiny):
+    from safetensors.torch import save_file
+
+    state = {k: v for k, v in compvis_state_dict(tiny).items() if not k.startswith("cond_stage_model.")}
+    state.update(_openclip_state_dict(tiny.text_encoder))
+    path = tmp_path / "sd2.safetensors"
+    save_file(state, str(path))
+    comps = load_components(str(path))
+    assert comps.content_hash == tiny.content_hash
+    _assert_same_modules(comps.text_encoder, tiny.text_encoder)
+    assert comps.source["sd_version"] == "2.x" and comps.source["config"] == "sd2-v"
+    assert comps.scheduler.config.prediction_type == "v_prediction"
+    assert comps.tokenizer.pad_token_id == 0  # OpenCLIP pads with "!"
+    eps = load_components(str(path), prediction_type="epsilon")
+    assert eps.scheduler.config.prediction_type == "epsilon" and eps.source["config"] == "sd2"
+    ckpt = tmp_path / "sd2-base.ckpt"
+    torch.save({"state_dict": state, "global_step": 875000}, str(ckpt))
+    base = load_components(str(ckpt))
+    assert base.scheduler.config.prediction_type == "epsilon" and base.source["config"] == "sd2"
+
+
+def test_prediction_type_override_on_tiny():
+    comps = load_components("tiny", prediction_type="v_prediction")
+    assert comps.scheduler.config.prediction_type == "v_prediction"
+    assert comps.scheduler.config.beta_schedule == "scaled_linear"
+    assert comps.source["prediction_type_override"] == "v_prediction"
+    with pytest.raises(ModelLoadError, match="prediction type"):
+        load_components("tiny", prediction_type="x0")
