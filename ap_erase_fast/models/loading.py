@@ -297,7 +297,7 @@ def _load_diffusers_folder(folder, *, model_id, fmt, torch_dtype, device) -> SDC
             vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
     except ModelLoadError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError, EnvironmentError) as exc:
+    except Exception as exc:  # corrupted weights, bad configs, safetensors errors, …
         raise ModelLoadError(f"cannot load the {step} of {model_id!r}: {_first_line(exc)}") from None
     if getattr(text_encoder.config, "hidden_size", None) != unet.config.cross_attention_dim:
         raise ModelLoadError(
