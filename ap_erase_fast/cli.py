@@ -13,14 +13,21 @@ from . import __version__
 from .errors import UserError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad command line as one line and exit code 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import add_arguments
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ap-erase",
         description="Erase concepts from Stable Diffusion with Adversarial Preservation.")
     parser.add_argument("--version", action="version", version=f"ap_erase_fast {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     train = sub.add_parser(
         "train", help="erase concepts from a model (fine-tunes its UNet)",
         description="Erase concepts from a Stable Diffusion UNet with Adversarial Preservation. "
@@ -31,10 +38,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Keep third-party log chatter (dtype notes, optional-kernel probes) off the terminal, so
+    the user sees the progress bar, the summary and, on failure, one error line."""
+    import logging
+    import os
+    import warnings
+
+    if os.environ.get("AP_ERASE_VERBOSE") == "1":
+        return
+    for name in ("bitsandbytes", "DeepSpeed", "deepspeed", "accelerate", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def _train(args: argparse.Namespace) -> int:
     from .config import config_from_args
 
     cfg = config_from_args(args)
+    quiet_libraries()
     from .api import erase
 
     result = erase(cfg)
@@ -52,7 +80,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a bad command line (already reported)
+        return int(exc.code or 0)
     try:
         if args.command == "train":
             return _train(args)

@@ -44,8 +44,9 @@ class EraseConfig:
         "Which UNet weights to take from a single-file checkpoint that holds both: 'non-ema' (the "
         "authors' choice) or 'ema'.", "model", default="non-ema", choices=("non-ema", "ema"))
     resolution: int | None = _opt(
-        "Image resolution in pixels (a multiple of 8 times the VAE factor); default: the model's "
-        "native size (512 for SD1.x, 32 for tiny).", "model")
+        "Image resolution in pixels of the sampled trajectories (a multiple of 64 for SD: VAE "
+        "factor 8 times the UNet's downsampling 8); default: the model's native size (512 for "
+        "SD1.x, 768 for SD2.x-v, 32 for tiny).", "model")
     device: str = _opt("Device: 'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'.", "model",
                        default="auto")
     # --- what to erase -------------------------------------------------------------------------
@@ -109,7 +110,7 @@ class EraseConfig:
     # --- output -----------------------------------------------------------------------------
     output: str | None = _opt(
         "Output folder (must be empty or absent unless --overwrite). Default: "
-        "outputs/<concepts>-<model>-seed<seed>.", "output")
+        "outputs/<concepts>-<model>-seed<seed>-<date-time>.", "output")
     overwrite: bool = _opt("Replace a non-empty output folder.", "output", default=False)
     checkpoint_every: int = _opt(
         "Write a resumable checkpoint every N outer steps into <output>.checkpoints/ (0: never).",
@@ -302,8 +303,10 @@ def config_from_args(args: argparse.Namespace) -> EraseConfig:
 
 def default_output_dir(cfg: EraseConfig) -> str:
     import re
+    import time
 
     slug = "-".join(re.sub(r"[^a-z0-9]+", "_", c.lower()).strip("_") for c in cfg.erase)[:60]
     model = Path(cfg.model).stem if cfg.model != "tiny" else "tiny"
     model = re.sub(r"[^A-Za-z0-9_.-]+", "_", model)[:40]
-    return os.path.join("outputs", f"{slug or 'erase'}-{model}-seed{cfg.seed}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return os.path.join("outputs", f"{slug or 'erase'}-{model}-seed{cfg.seed}-{stamp}")

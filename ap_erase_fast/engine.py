@@ -182,8 +182,10 @@ class Eraser:
     def _latent_shape(comp, resolution: int | None) -> tuple[int, int, int, int]:
         factor = (2 ** (len(comp.vae.config.block_out_channels) - 1)) if comp.vae is not None else 8
         res = resolution or comp.default_resolution
-        if res % factor:
-            raise UserError(f"--resolution {res} is not a multiple of the VAE factor {factor}")
+        multiple = factor * 2 ** (len(comp.unet.config.down_block_types) - 1)
+        if res % multiple:
+            raise UserError(f"--resolution {res} is not a multiple of {multiple} (VAE factor "
+                            f"{factor} times the UNet's downsampling)")
         return (1, comp.unet.config.in_channels, res // factor, res // factor)
 
     @torch.no_grad()
@@ -268,7 +270,7 @@ class Eraser:
             return
         where = (f"the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint else
                  "no checkpoint was written (use --checkpoint-every N)")
-        raise NonFiniteLoss(f"the loss became {float(loss)} at iteration {i} (outer step "
+        raise NonFiniteLoss(f"the loss became {loss.item()} at iteration {i} (outer step "
                             f"{i // self.cfg.pgd_steps}); stopped, {where}; try a lower --lr")
 
     # -- the loop -----------------------------------------------------------------------------

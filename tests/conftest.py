@@ -15,3 +15,37 @@ if "TRITON_INTERPRET" not in os.environ and not _has_nvidia_device():
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Model and embedding caches of the test run stay inside the checkout (ignored by git).
+os.environ.setdefault("AP_ERASE_CACHE", os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), ".cache", "pytest-ap_erase"))
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def small_vocab(tmp_path_factory):
+    """A 300-word a-z vocabulary file: R selection stays fast and deterministic."""
+    rng = random.Random(1234)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = set()
+    while len(words) < 300:
+        words.add("".join(rng.choice(letters) for _ in range(rng.randint(3, 9))))
+    path = tmp_path_factory.mktemp("vocab") / "words.txt"
+    path.write_text("\n".join(sorted(words)) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def tiny_cfg(small_vocab):
+    """Settings for a quick AP run on the built-in tiny model."""
+    from ap_erase_fast import EraseConfig
+
+    def make(**overrides):
+        base = dict(model="tiny", erase=["garbage truck"], steps=2, seed=0, vocab=small_vocab,
+                    k_closest=60, num_centers=12, ddim_steps=10, quiet=True, device="cpu")
+        base.update(overrides)
+        return EraseConfig(**base)
+
+    return make
