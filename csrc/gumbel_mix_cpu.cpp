@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <cmath>
 #include <numeric>
 #include <vector>
@@ -21,7 +22,8 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kColBlock = 1024;  // columns per accumulator tile (G * 4 KiB of fp32)
+constexpr int64_t kColBlock = 1024;  // columns per backward tile (L1-resident)
+constexpr int64_t kFwdColBlock = 8192;  // columns per forward accumulator tile (G * 32 KiB, L2)
 constexpr int kLanes = 16;           // independent partial sums: vectorisable, fixed order
 
 // AP_ERASE_POISON=1 (tests): outputs start as NaN (-1 for indices) so unwritten elements show.
@@ -54,6 +56,84 @@ void check_weights(const Tensor& w, int64_t n, const char* op, const char* name)
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous(), op, ": ", name,
               " must be contiguous float32");
 }
+
+
+// ---------------------------------------------------------------- vectorisable hot loops
+// Compiled once per ISA level (AVX-512, AVX2+FMA+F16C, baseline) and picked at load time, so a
+// portable build still streams the table at full width. Conversions to float are written as bit
+// operations (bf16) or _Float16 casts (fp16) so the vectoriser can handle them.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define AP_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define AP_MULTIVERSION
+#endif
+
+inline __attribute__((always_inline)) float load_f(const float* p, int64_t j) { return p[j]; }
+inline __attribute__((always_inline)) double load_f(const double* p, int64_t j) { return p[j]; }
+inline __attribute__((always_inline)) float load_f(const c10::BFloat16* p, int64_t j) {
+  uint16_t b;
+  std::memcpy(&b, p + j, 2);
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+#if defined(__FLT16_MAX__)
+inline __attribute__((always_inline)) float load_f(const c10::Half* p, int64_t j) {
+  return static_cast<float>(reinterpret_cast<const _Float16*>(p)[j]);
+}
+#else
+inline __attribute__((always_inline)) float load_f(const c10::Half* p, int64_t j) { return static_cast<float>(p[j]); }
+#endif
+
+template <typename T, typename A>
+inline __attribute__((always_inline)) void axpy_body(A* __restrict__ acc, A w, const T* __restrict__ row, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) acc[j] += w * static_cast<A>(load_f(row, j));
+}
+
+template <typename T, typename A>
+inline __attribute__((always_inline)) void dot_lanes_body(A* __restrict__ lanes, const T* __restrict__ a,
+                                                          const T* __restrict__ b, int64_t len) {
+  const int64_t body = len - len % kLanes;
+  for (int64_t j = 0; j < body; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) lanes[k] += static_cast<A>(load_f(a, j + k)) * static_cast<A>(load_f(b, j + k));
+  for (int64_t j = body; j < len; ++j) lanes[j - body] += static_cast<A>(load_f(a, j)) * static_cast<A>(load_f(b, j));
+}
+
+template <typename T>
+inline __attribute__((always_inline)) float sqdist_body(const T* __restrict__ row, const float* __restrict__ q, int64_t D) {
+  float l[kLanes] = {0};
+  const int64_t body = D - D % kLanes;
+  for (int64_t j = 0; j < body; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) {
+      const float d = load_f(row, j + k) - q[j + k];
+      l[k] += d * d;
+    }
+  for (int64_t j = body; j < D; ++j) {
+    const float d = load_f(row, j) - q[j];
+    l[j - body] += d * d;
+  }
+  float s = 0.f;
+  for (int k = 0; k < kLanes; ++k) s += l[k];
+  return s;
+}
+
+#define AP_DEFINE_HOT(T, A)                                                                          \
+  AP_MULTIVERSION void axpy(A* __restrict__ acc, A w, const T* __restrict__ row, int64_t len) {     \
+    axpy_body<T, A>(acc, w, row, len);                                                               \
+  }                                                                                                  \
+  AP_MULTIVERSION void dot_lanes(A* __restrict__ lanes, const T* __restrict__ a, const T* __restrict__ b, \
+                                 int64_t len) {                                                      \
+    dot_lanes_body<T, A>(lanes, a, b, len);                                                          \
+  }                                                                                                  \
+  AP_MULTIVERSION float sqdist(const T* __restrict__ row, const float* __restrict__ q, int64_t D) {   \
+    return sqdist_body<T>(row, q, D);                                                                \
+  }
+AP_DEFINE_HOT(float, float)
+AP_DEFINE_HOT(c10::BFloat16, float)
+AP_DEFINE_HOT(c10::Half, float)
+AP_DEFINE_HOT(double, double)
+#undef AP_DEFINE_HOT
 
 // ---------------------------------------------------------------- weights (noise + softmax)
 std::tuple<Tensor, Tensor> gumbel_weights_cpu(const Tensor& logits,
@@ -128,17 +208,16 @@ void mix_forward_kernel(const scalar_t* T, int64_t row_stride, const float* w, s
                         int64_t G, int64_t N, int64_t D) {
   using acc_t = at::opmath_type<scalar_t>;
   // Split columns across threads: each output element's sum over n runs in one thread, in order.
-  at::parallel_for(0, D, kColBlock, [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> acc(G * kColBlock);
-    for (int64_t d0 = c0; d0 < c1; d0 += kColBlock) {
-      const int64_t len = std::min(kColBlock, c1 - d0);
+  at::parallel_for(0, D, kFwdColBlock, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> acc(G * kFwdColBlock);
+    for (int64_t d0 = c0; d0 < c1; d0 += kFwdColBlock) {
+      const int64_t len = std::min(kFwdColBlock, c1 - d0);
       std::fill(acc.begin(), acc.begin() + G * len, acc_t(0));
       for (int64_t n = 0; n < N; ++n) {
         const scalar_t* row = T + n * row_stride + d0;
         for (int64_t g = 0; g < G; ++g) {
           const acc_t wv = static_cast<acc_t>(w[g * N + n]);
-          acc_t* a = acc.data() + g * len;
-          for (int64_t j = 0; j < len; ++j) a[j] += wv * static_cast<acc_t>(row[j]);
+          axpy(acc.data() + g * len, wv, row, len);
         }
       }
       for (int64_t g = 0; g < G; ++g)
@@ -176,17 +255,8 @@ void mix_backward_kernel(const scalar_t* T, int64_t row_stride, const scalar_t* 
         std::fill(lanes.begin(), lanes.end(), acc_t(0));
         for (int64_t d0 = 0; d0 < D; d0 += kColBlock) {
           const int64_t len = std::min(kColBlock, D - d0);
-          const int64_t body = len - len % kLanes;
-          for (int64_t g = 0; g < G; ++g) {
-            const scalar_t* gr = go + g * D + d0;
-            const scalar_t* tr = row + d0;
-            acc_t* l = lanes.data() + g * kLanes;
-            for (int64_t j = 0; j < body; j += kLanes)
-              for (int k = 0; k < kLanes; ++k)
-                l[k] += static_cast<acc_t>(tr[j + k]) * static_cast<acc_t>(gr[j + k]);
-            for (int64_t j = body; j < len; ++j)
-              l[j - body] += static_cast<acc_t>(tr[j]) * static_cast<acc_t>(gr[j]);
-          }
+          for (int64_t g = 0; g < G; ++g)
+            dot_lanes(lanes.data() + g * kLanes, row + d0, go + g * D + d0, len);
         }
         for (int64_t g = 0; g < G; ++g) {
           acc_t s = 0;
@@ -254,23 +324,7 @@ void l2_kernel(const scalar_t* T, int64_t row_stride, const float* q, float* out
                int64_t D) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const scalar_t* row = T + n * row_stride;
-      float l[kLanes] = {0};
-      const int64_t body = D - D % kLanes;
-      for (int64_t j = 0; j < body; j += kLanes)
-        for (int k = 0; k < kLanes; ++k) {
-          const float d = static_cast<float>(row[j + k]) - q[j + k];
-          l[k] += d * d;
-        }
-      for (int64_t j = body; j < D; ++j) {
-        const float d = static_cast<float>(row[j]) - q[j];
-        l[j - body] += d * d;
-      }
-      float s = 0.f;
-      for (int k = 0; k < kLanes; ++k) s += l[k];
-      out[n] = std::sqrt(s);
-    }
+    for (int64_t n = n0; n < n1; ++n) out[n] = std::sqrt(sqdist(T + n * row_stride, q, D));
   });
 }
 
