@@ -537,3 +537,52 @@ def test_prediction_type_override_on_tiny():
     assert comps.source["prediction_type_override"] == "v_prediction"
     with pytest.raises(ModelLoadError, match="prediction type"):
         load_components("tiny", prediction_type="x0")
+
+
+@pytest.mark.parametrize("variant", ["sd1", "sd2"])
+def test_full_size_compvis_layout_converts_exactly_on_meta(variant):
+    """Full-size SD1.x/SD2.x CompVis key sets convert onto the shipped configs (names and shapes)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    from ap_erase_fast.models import shipped
+    from ap_erase_fast.models.single_file import _shape_mismatch
+
+    ucfg, vcfg = shipped.load_config(variant, "unet"), shipped.load_config(variant, "vae")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(ucfg)
+        vae = AutoencoderKL.from_config(vcfg)
+    ldm = {"model.diffusion_model." + _unet_to_ldm(k, unet.config): v for k, v in unet.state_dict().items()}
+    assert _shape_mismatch(convert_ldm_unet_checkpoint(ldm, ucfg), unet) is None
+    n = len(vcfg["block_out_channels"])
+    vldm = {}
+    for k, v in vae.state_dict().items():
+        key = "first_stage_model." + _vae_to_ldm(k, n)
+        vldm[key] = v[:, :, None, None] if ".mid.attn_1." in key and v.dim() == 2 else v
+    converted = convert_ldm_vae_checkpoint(vldm, vcfg)
+    expected = vae.state_dict()
+    assert set(converted) == set(expected)
+    assert all(tuple(converted[k].shape) == tuple(expected[k].shape) for k in expected)
+
+
+@pytest.mark.parametrize("variant", ["sd1", "sd2"])
+def test_full_size_text_encoder_layout_on_meta(variant):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ap_erase_fast.models import shipped
+    from ap_erase_fast.models.single_file import _text_encoder
+
+    cfg = CLIPTextConfig(**shipped.model_kwargs(shipped.load_config(variant, "text_encoder")))
+    with torch.device("meta"):
+        ref = CLIPTextModel(cfg)
+    if variant == "sd1":
+        state = {"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v
+                 for k, v in ref.state_dict().items()}
+        family = "clip"
+    else:
+        assert cfg.num_hidden_layers == 23  # SD2 uses the penultimate of OpenCLIP's 24 layers
+        state = _openclip_state_dict(ref, extra_layer=True)
+        family = "openclip"
+    model = _text_encoder(state, family, variant, "x")
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in ref.state_dict().items()}
