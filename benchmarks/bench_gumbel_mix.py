@@ -68,7 +68,7 @@ def run_case(backend, N, G, dtype, mode, device, table, copy_gbs, reps):
         row.update(fwd_ms=float("nan"), bwd_ms=float("nan"), total_ms=float("nan"),
                    status=f"failed: {type(exc).__name__}: {str(exc)[:80]}")
         return row
-    bwd_ms = max(tot_ms - fwd_ms, 1e-6)
+    bwd_ms = tot_ms - fwd_ms if tot_ms > fwd_ms else float("nan")  # nan: below timing noise
     fwd_bytes = (2 * G * D if hard else N * D + G * D) * elem
     bwd_bytes = (N * D + G * D) * elem
     fwd_gbs = fwd_bytes / (fwd_ms * 1e-3) / 1e9
