@@ -1,14 +1,26 @@
 """The AP training loop (ALGORITHM.md §5), its randomness plan, checkpoints and exact resume.
 
 Read top to bottom: :class:`RandomnessPlan` draws everything random; :class:`Eraser` sets up the
-models, R and π, then runs ``pgd_steps × steps`` loop iterations. Iteration i is an outer (θ')
-step when i % P == 0 and a search (π) step otherwise. The "reference" profile computes what the
-authors' script computes, the way it computes it: fp32, the classic attention processor, separate
-batch-1/batch-2 UNet calls, both trajectories and all five UNet queries in every iteration, and
-gradients for every UNet parameter. It is the oracle that faster profiles are tested against.
+models, R and π, then runs ``steps`` outer steps of ``pgd_steps`` (P) loop iterations each; the
+iteration strategies themselves live in :mod:`ap_erase_fast.steps`.
+
+Profiles (how it is computed):
+
+* "reference" computes what the authors' script computes, the way it computes it: fp32, the
+  classic attention processor, separate batch-1/batch-2 UNet calls, both trajectories and all five
+  UNet queries in every iteration, prompts re-encoded every iteration, gradients for every UNet
+  parameter, and a second full UNet for θ. It is the oracle and the benchmark baseline.
+* "fast" computes the same thing without the waste: one UNet serves θ' and θ (θ is θ' with the
+  original values of the trained tensors swapped in through ``torch.func.functional_call``),
+  trajectories and queries batched, mixed precision, SDPA attention, π-only backward in search
+  steps, no gradients for untrained parameters.
+
+Schedules (what is computed): "faithful" (the authors' loop) and "shared" (one sampled batch per
+outer step serves both updates; see :func:`ap_erase_fast.steps.shared_outer_step`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -64,13 +76,17 @@ class RandomnessPlan:
     def draw(self, set_sizes: list[int], tables: DDIMTables, latent_shape: tuple[int, ...]) -> Draws:
         g = self.generator
         concept = int(torch.randint(len(set_sizes), (1,), generator=g))
-        u = torch.rand(set_sizes[concept], generator=g, dtype=torch.float32)
-        gumbel = -torch.log(-torch.log(u + 1e-10) + 1e-10)
+        gumbel = self.draw_gumbel(set_sizes[concept])
         t_enc = int(torch.randint(tables.ddim_steps, (1,), generator=g))
         lo, hi = tables.t_ddpm_range(t_enc)
         t_ddpm = int(torch.randint(lo, hi, (1,), generator=g))
         x_T = torch.randn(latent_shape, generator=g, dtype=torch.float32)
         return Draws(concept, gumbel, t_enc, t_ddpm, x_T)
+
+    def draw_gumbel(self, size: int) -> torch.Tensor:
+        """Extra Gumbel noise (search steps of the shared schedule with P > 2)."""
+        u = torch.rand(size, generator=self.generator, dtype=torch.float32)
+        return -torch.log(-torch.log(u + 1e-10) + 1e-10)
 
     def get_state(self) -> torch.Tensor:
         return self.generator.get_state()
@@ -158,17 +174,40 @@ class Eraser:
         self.r_tables = [vocab_emb[s.indices].to(self.device) for s in self.sets]
         del vocab_emb
 
-        # θ' (trained) and θ (frozen copy of the original weights).
+        # θ' (trained) and θ (the original weights).
         self.unet = comp.unet.to(self.device).train()
-        self.frozen = copy.deepcopy(self.unet).eval().requires_grad_(False)
-        for model in (self.unet, self.frozen):
-            set_attention_backend(model, "classic")
         self.trained = select_trainable(self.unet, cfg.train_method)
         self.trained_names = [n for n, _ in self.trained]
-        # The authors' cost structure: every parameter of θ' gets a gradient, only the selected
-        # ones are in the optimizer.
-        self.unet.requires_grad_(True)
-        self.optimizer = torch.optim.Adam([p for _, p in self.trained], lr=cfg.lr)
+        params = [p for _, p in self.trained]
+        if cfg.profile == "reference":
+            # The authors' cost structure: a second full UNet for θ, classic attention, and a
+            # gradient for every parameter of θ' (only the selected ones are optimised).
+            self.frozen = copy.deepcopy(self.unet).eval().requires_grad_(False)
+            for model in (self.unet, self.frozen):
+                set_attention_backend(model, "classic")
+            self.unet.requires_grad_(True)
+            self.optimizer = torch.optim.Adam(params, lr=cfg.lr)
+            self.compute_dtype = None
+        else:
+            self.compute_dtype = _compute_dtype(cfg.mixed_precision, self.device)
+            if cfg.allow_tf32 and self.device.type == "cuda":
+                torch.backends.cuda.matmul.allow_tf32 = True
+                torch.backends.cudnn.allow_tf32 = True
+            set_attention_backend(self.unet, cfg.attention)
+            if self.compute_dtype is not None:  # frozen weights are only ever read in it
+                trained_ids = {id(p) for p in params}
+                for p in self.unet.parameters():
+                    if id(p) not in trained_ids:
+                        p.data = p.data.to(self.compute_dtype)
+            # θ = θ' with the original values of the trained tensors: no second UNet.
+            keep = self.compute_dtype or torch.float32
+            self.frozen_tensors = {n: p.detach().to(keep, copy=True) for n, p in self.trained}
+            if cfg.gradient_checkpointing:
+                self.unet.enable_gradient_checkpointing()
+            self.optimizer = make_optimizer(cfg, params)
+            # the text encoder's work is done once: "" and c_e embeddings are cached
+            self.text_encoder = None
+            comp.text_encoder = None
 
         # π: one logits vector per erased concept, uniform 1/|R|, one Adam for all of them.
         self.pi = [torch.nn.Parameter(torch.full((len(s.words),), 1.0 / len(s.words),
@@ -192,18 +231,55 @@ class Eraser:
     def encode(self, prompt: str) -> torch.Tensor:
         return encode_prompts(self.text_encoder, self.tokenizer, [prompt], device=self.device)
 
+    def prompt_embeddings(self, concept: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """("" , c_e) text embeddings; the reference re-encodes them every iteration as the
+        authors do, the fast profile reuses the ones computed at set-up (same values)."""
+        if self.cfg.profile == "reference":
+            return self.encode(""), self.encode(self.cfg.erase[concept])
+        return self.emb_null, self.emb_concepts[concept]
+
     # -- model calls --------------------------------------------------------------------------
-    def _unet_fn(self, model: torch.nn.Module, kind: str) -> Callable:
+    def autocast(self):
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def unet_fn(self, which: str, kind: str) -> Callable:
+        """UNet output for (x, t, text) from θ' (``which="trained"``) or θ (``"frozen"``),
+        counting sample-evaluations under ``kind``. Outputs are fp32."""
+        unet = self.unet
+        if which == "trained":
+            forward = unet
+        elif self.cfg.profile == "reference":
+            forward = self.frozen
+        else:
+            def forward(x, t, encoder_hidden_states, return_dict):
+                return torch.func.functional_call(
+                    unet, self.frozen_tensors, (x, t),
+                    {"encoder_hidden_states": encoder_hidden_states, "return_dict": return_dict},
+                    strict=False)
+
         def call(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
             self.calls[kind] += x.shape[0]
-            return model(x, t, encoder_hidden_states=text, return_dict=False)[0]
+            with self.autocast():
+                return forward(x, t, encoder_hidden_states=text, return_dict=False)[0].float()
         return call
 
-    def _query(self, model, kind: str, z: torch.Tensor, t_ddpm: int, text: torch.Tensor) -> torch.Tensor:
+    def query(self, which: str, kind: str, z: torch.Tensor, t_ddpm: int,
+              text: torch.Tensor) -> torch.Tensor:
+        """ε-prediction of θ/θ' for latents z at DDPM timestep t_ddpm."""
         t = torch.full((z.shape[0],), t_ddpm, dtype=torch.long, device=z.device)
-        out = self._unet_fn(model, kind)(z, t, text)
+        out = self.unet_fn(which, kind)(z, t, text)
         return output_to_eps(out, z, float(self.tables.alphas_cumprod[t_ddpm]),
                              self.tables.prediction_type)
+
+    def sample(self, x_T: torch.Tensor, cond: torch.Tensor, t_enc: int) -> torch.Tensor:
+        """Truncated trajectories with θ' for a batch of conditions (one UNet call per step)."""
+        b = cond.shape[0]
+        x = x_T.expand(b, *x_T.shape[1:]) if x_T.shape[0] != b else x_T
+        uncond = self.emb_null.expand(b, *self.emb_null.shape[1:])
+        return sample_until(self.unet_fn("trained", "sampling"), x, cond, uncond, self.tables,
+                            t_enc, self.cfg.start_guidance)
 
     def draw_adversarial(self, concept: int, gumbel: torch.Tensor) -> tuple[torch.Tensor, int]:
         """c_a from π[c_e]: [1, L, D] (differentiable in π) and the index of the drawn word."""
@@ -213,61 +289,79 @@ class Eraser:
         out, index = gumbel_mix(self.pi[concept][None], self.r_tables[concept], tau=cfg.tau,
                                 hard=cfg.gumbel_mode == "hard",
                                 topk=cfg.gumbel_topk if cfg.gumbel_mode == "topk" else None,
-                                gumbel=gumbel[None].to(self.device), backend="torch",
+                                gumbel=gumbel[None].to(self.device),
+                                backend="torch" if cfg.profile == "reference" else "auto",
                                 return_index=True)
         return out, int(index[0])
 
-    # -- one loop iteration -------------------------------------------------------------------
+    # -- loop iterations ----------------------------------------------------------------------
+    def draw(self) -> Draws:
+        return self.plan.draw([len(s.words) for s in self.sets], self.tables, self.latent_shape)
+
     def run_iteration(self) -> dict:
-        cfg, tables = self.cfg, self.tables
-        i = self.iteration
-        outer = i % cfg.pgd_steps == 0
-        d = self.plan.draw([len(s.words) for s in self.sets], tables, self.latent_shape)
-        c = d.concept
-        emb_null = self.encode("")  # the authors re-encode the prompts every iteration
-        emb_e = self.encode(cfg.erase[c])
-        c_a, adv_index = self.draw_adversarial(c, d.gumbel)
-        x_T = d.x_T.to(self.device)
+        """One faithful loop iteration (outer when iteration % P == 0, else a search step)."""
+        from .steps import fast_iteration, reference_iteration
 
-        with torch.no_grad():
-            sampler = self._unet_fn(self.unet, "sampling")
-            z = sample_until(sampler, x_T, emb_e, emb_null, tables, d.t_enc, cfg.start_guidance)
-            z_r = sample_until(sampler, x_T, c_a.detach(), emb_null, tables, d.t_enc,
-                               cfg.start_guidance)
-            e_null = self._query(self.frozen, "frozen", z, d.t_ddpm, emb_null)
-            e_concept = self._query(self.frozen, "frozen", z, d.t_ddpm, emb_e)
-            e_ref = self._query(self.frozen, "frozen", z_r, d.t_ddpm, c_a.detach())
-        e_erased = self._query(self.unet, "grad", z, d.t_ddpm, emb_e)
-        e_adv = self._query(self.unet, "grad", z_r, d.t_ddpm, c_a)
+        step = reference_iteration if self.cfg.profile == "reference" else fast_iteration
+        records = [step(self)]
+        self._finish_records(records)
+        return records[0]
 
-        alpha = tables.x0_alpha(d.t_enc)
-        l_pres = preservation_loss(e_adv, e_ref, z_r, alpha, cfg.loss_space)
-        l_erase = erasure_loss(e_erased, e_null, e_concept, z, alpha, cfg.negative_guidance,
-                               cfg.loss_space)
-        if outer:
-            loss = l_erase + cfg.preserve_weight * l_pres
-        else:
-            loss = -l_pres
-        self._check_finite(loss, i)
+    def run_outer_step(self) -> list[dict]:
+        """One outer step: P faithful iterations, or the shared schedule's joint update."""
+        from .steps import shared_outer_step
+
+        if self.cfg.schedule == "shared":
+            records = shared_outer_step(self)
+            self._finish_records(records)
+            # an outer step spans P iterations whatever the schedule computes inside it
+            self.iteration += self.cfg.pgd_steps - len(records)
+            return records
+        return [self.run_iteration() for _ in range(self.cfg.pgd_steps)]
+
+    def _finish_records(self, records: list[dict]) -> None:
+        for rec in records:
+            rec["iter"] = self.iteration
+            rec["step"] = self.iteration // self.cfg.pgd_steps
+            self.log.append(rec)
+            self.iteration += 1
+
+    @contextlib.contextmanager
+    def trained_tensors_frozen(self):
+        """θ' forwards inside build no graph into the trained tensors (π-only backward)."""
+        for _, p in self.trained:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for _, p in self.trained:
+                p.requires_grad_(True)
+
+    def step_optimizer(self, loss: torch.Tensor) -> None:
+        """Descent step of θ' on ``loss``."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.pi_optimizer.zero_grad(set_to_none=True)
-        self.unet.zero_grad(set_to_none=True)
         loss.backward()
-        (self.optimizer if outer else self.pi_optimizer).step()
+        self.optimizer.step()
 
-        record = {
-            "iter": i, "step": i // cfg.pgd_steps, "kind": "outer" if outer else "inner",
-            "concept": cfg.erase[c], "t_enc": d.t_enc, "t_ddpm": d.t_ddpm,
-            "adv_index": adv_index, "adv_word": self.sets[c].words[adv_index],
-            "loss": loss.item(), "loss_erase": l_erase.item(), "loss_preserve": l_pres.item(),
-        }
-        self.log.append(record)
-        self.iteration += 1
-        return record
+    def step_pi(self, concept: int, grad: torch.Tensor) -> None:
+        """Step π[concept] along ``grad`` (the gradient of the loss to minimise)."""
+        self.pi_optimizer.zero_grad(set_to_none=True)
+        self.pi[concept].grad = grad
+        self.pi_optimizer.step()
 
-    def _check_finite(self, loss: torch.Tensor, i: int) -> None:
+    def record(self, d: Draws, kind: str, adv_index: int, loss: torch.Tensor,
+               l_erase: torch.Tensor | None, l_pres: torch.Tensor) -> dict:
+        self.check_finite(loss)
+        return {"kind": kind, "concept": self.cfg.erase[d.concept], "t_enc": d.t_enc,
+                "t_ddpm": d.t_ddpm, "adv_index": adv_index,
+                "adv_word": self.sets[d.concept].words[adv_index], "loss": loss.item(),
+                "loss_erase": None if l_erase is None else l_erase.item(),
+                "loss_preserve": l_pres.item()}
+
+    def check_finite(self, loss: torch.Tensor) -> None:
         if torch.isfinite(loss).item():
             return
+        i = self.iteration
         where = (f"the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint else
                  "no checkpoint was written (use --checkpoint-every N)")
         raise NonFiniteLoss(f"the loss became {loss.item()} at iteration {i} (outer step "
@@ -284,17 +378,15 @@ class Eraser:
         t0 = time.perf_counter()
         try:
             while self.iteration < total_iters:
-                rec = self.run_iteration()
-                if (self.iteration % cfg.pgd_steps) == 0:  # an outer step is complete
-                    step = self.iteration // cfg.pgd_steps
-                    outer_rec = self.log[-cfg.pgd_steps]
-                    bar.set_postfix(loss=f"{outer_rec['loss']:.4g}", adv=rec["adv_word"],
-                                    refresh=False)
-                    bar.update(1)
-                    if checkpoint_root and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                        self.timings["train_s"] += time.perf_counter() - t0
-                        t0 = time.perf_counter()
-                        self.save_checkpoint(checkpoint_root)
+                records = self.run_outer_step()
+                step = self.iteration // cfg.pgd_steps
+                bar.set_postfix(loss=f"{records[0]['loss']:.4g}", adv=records[-1]["adv_word"],
+                                refresh=False)
+                bar.update(1)
+                if checkpoint_root and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    self.timings["train_s"] += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    self.save_checkpoint(checkpoint_root)
         finally:
             self.timings["train_s"] += time.perf_counter() - t0
             bar.close()
@@ -401,6 +493,31 @@ class Eraser:
         if comp.random_weights:
             info["notice"] = RANDOM_WEIGHTS_NOTICE
         return info
+
+
+def _compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def make_optimizer(cfg: EraseConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:  # noqa: BLE001 - missing or broken install
+        raise UserError(f"--optimizer {cfg.optimizer} needs bitsandbytes ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}); install it with "
+                        f"pip install 'ap_erase_fast[bnb]' or use --optimizer adam") from None
+    cls = bnb.optim.AdamW8bit if cfg.optimizer == "adamw8bit" else bnb.optim.PagedAdamW8bit
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "paged optimizers are not supported on CPU"
+        return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def resolve_checkpoint(path: str) -> Path:
