@@ -34,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "Every option can also be given as a key of --config FILE.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(train)
+    ev = sub.add_parser(
+        "eval", help="measure erasure and preservation of a trained run (or the base model)",
+        description="Measure how much a run erased and what else it changed: epsilon-space "
+                    "measures on any model, image-level detectors from local weight files.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from .eval.cli import add_arguments as add_eval_arguments
+
+    add_eval_arguments(ev)
     sub.add_parser("env", help="print versions, devices and optional backends")
     return parser
 
@@ -87,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "eval":
+            quiet_libraries()
+            from .eval.cli import run as run_eval
+
+            return run_eval(args)
         if args.command == "env":
             from .env_report import main as env_main
 

@@ -1,0 +1,1 @@
+"""Evaluation of erasure and preservation (``ap-erase eval``)."""
