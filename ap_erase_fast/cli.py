@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.cli import add_arguments as add_eval_arguments
 
     add_eval_arguments(ev)
+    bench = sub.add_parser("bench", help="benchmarks: 'ap-erase bench step --help'",
+                           add_help=False)
+    bench.add_argument("what", choices=("step",), help="step: outer steps/s and peak memory")
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
     sub.add_parser("env", help="print versions, devices and optional backends")
     return parser
 
@@ -100,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             from .eval.cli import run as run_eval
 
             return run_eval(args)
+        if args.command == "bench":
+            from .bench import main as bench_main
+
+            return bench_main(args.rest)
         if args.command == "env":
             from .env_report import main as env_main
 

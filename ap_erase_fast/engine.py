@@ -126,8 +126,11 @@ def resolve_device(name: str) -> torch.device:
 class Eraser:
     """Sets up one AP erasure and runs it. Use :func:`ap_erase_fast.erase` for the whole job."""
 
-    def __init__(self, cfg: EraseConfig, progress: bool | None = None):
+    def __init__(self, cfg: EraseConfig, progress: bool | None = None, components=None):
+        """``components``: an already loaded :class:`~ap_erase_fast.models.SDComponents` to use
+        instead of loading ``cfg.model`` (it is modified in place: its UNet becomes θ')."""
         self.cfg = cfg.validate()
+        self.components = components
         self.progress = (not cfg.quiet) if progress is None else progress
         self.device = resolve_device(cfg.device)
         self.calls: Counter = Counter()  # UNet sample-evaluations (batch entries) by kind
@@ -144,8 +147,9 @@ class Eraser:
         t0 = time.perf_counter()
         cfg = self.cfg
         vocab_words = load_vocabulary(cfg.vocab)
-        comp = load_components(cfg.model, single_file_weights=cfg.single_file_weights,
-                               torch_dtype=torch.float32, device=self.device)
+        comp = self.components or load_components(
+            cfg.model, single_file_weights=cfg.single_file_weights, torch_dtype=torch.float32,
+            device=self.device)
         self.components = comp
         for concept in cfg.erase:
             check_concept_has_tokens(comp.tokenizer, concept)

@@ -1,8 +1,8 @@
 """``python -m ap_erase_fast.env_report``: versions and devices, for bug reports."""
 from __future__ import annotations
 
-import importlib
 import platform
+from importlib import metadata
 
 
 def collect() -> dict[str, str]:
@@ -22,13 +22,14 @@ def collect() -> dict[str, str]:
         info["cuda devices"] = ", ".join(torch.cuda.get_device_name(i)
                                          for i in range(torch.cuda.device_count()))
         info["cuda (torch build)"] = str(torch.version.cuda)
+    # versions from package metadata: importing deepspeed or bitsandbytes just to read a
+    # version string would print their start-up chatter
     for pkg in ("diffusers", "transformers", "safetensors", "accelerate", "triton",
-                "bitsandbytes", "deepspeed", "xformers", "numpy", "sklearn"):
+                "bitsandbytes", "deepspeed", "xformers", "numpy", "scikit-learn", "nudenet"):
         try:
-            mod = importlib.import_module(pkg)
-            info[pkg] = getattr(mod, "__version__", "installed")
-        except Exception as exc:  # noqa: BLE001 - report, never fail
-            info[pkg] = "not installed" if isinstance(exc, ImportError) else f"broken ({exc})"
+            info[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            info[pkg] = "not installed"
     try:
         from .ops import available_backends
 

@@ -89,14 +89,23 @@ def fast_iteration(er) -> dict:
     with torch.no_grad():
         z_r = er.sample(x_T, c_a.detach(), d.t_enc)
         e_ref = er.query("frozen", "frozen", z_r, d.t_ddpm, c_a.detach())
-    with er.trained_tensors_frozen():  # the graph reaches π only, through c_a
-        e_adv = er.query("trained", "grad", z_r, d.t_ddpm, c_a)
-    _, l_pres = _losses(er, cfg, None, None, None, None, e_adv, e_ref, z_r, alpha)
-    loss = -l_pres
+    loss, l_pres, grad = _search_gradient(er, z_r, d.t_ddpm, c_a, e_ref, alpha, d.concept)
     rec = er.record(d, "inner", adv_index, loss, None, l_pres)
-    (grad,) = torch.autograd.grad(loss, er.pi[d.concept])
     er.step_pi(d.concept, grad)
     return rec
+
+
+def _search_gradient(er, z_r, t_ddpm, c_a, e_ref, alpha, concept):
+    """−L_pres and its gradient in π alone: θ' runs with its trained tensors marked as not
+    requiring grad, so the graph (and its recomputation under gradient checkpointing) reaches
+    π only, through c_a."""
+    with er.trained_tensors_frozen():
+        e_adv = er.query("trained", "grad", z_r, t_ddpm, c_a)
+        _, l_pres = _losses(er, er.cfg, None, None, None, None, e_adv, e_ref, z_r, alpha)
+        loss = -l_pres
+        er.check_finite(loss)
+        (grad,) = torch.autograd.grad(loss, er.pi[concept])
+    return loss, l_pres, grad
 
 
 def shared_outer_step(er) -> list[dict]:
@@ -140,11 +149,7 @@ def shared_outer_step(er) -> list[dict]:
         c_a, adv_index = er.draw_adversarial(d.concept, gumbel)
         with torch.no_grad():
             e_ref = er.query("frozen", "frozen", z_r, d.t_ddpm, c_a.detach())
-        with er.trained_tensors_frozen():
-            e_adv = er.query("trained", "grad", z_r, d.t_ddpm, c_a)
-        _, l_pres = _losses(er, cfg, None, None, None, None, e_adv, e_ref, z_r, alpha)
-        loss = -l_pres
+        loss, l_pres, grad = _search_gradient(er, z_r, d.t_ddpm, c_a, e_ref, alpha, d.concept)
         records.append(er.record(d, "inner", adv_index, loss, None, l_pres))
-        (grad,) = torch.autograd.grad(loss, pi)
         er.step_pi(d.concept, grad)
     return records

@@ -1,0 +1,261 @@
+"""``ap-erase bench step`` (also ``benchmarks/bench_step.py``): outer steps per second and peak
+memory of the AP loop, reference vs fast, faithful vs shared, per train method and option.
+
+Presets:
+
+* ``tiny`` — the built-in tiny model (CPU friendly);
+* ``sd14`` — the SD1.4 UNet and CLIP ViT-L/14 text-encoder architectures with random weights
+  (speed and memory do not depend on weight values), 512 px; meant for a GPU.
+
+Each configuration runs in its own process (clean peak-memory numbers): one warm-up outer step,
+then ``--steps`` timed outer steps. The trajectory length varies with the drawn t_enc, so besides
+the measured outer steps/s the table gives UNet sample-evaluations per second and the outer
+steps/s they imply at the mean trajectory length of the cost model (ALGORITHM.md §7): the
+comparable number across configurations. Results go to ``benchmarks/results/`` as CSV and
+markdown with machine, versions and commit; ``--json`` prints the rows.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name: overrides of EraseConfig. The first entry of each preset is the baseline.
+CONFIGS: dict[str, dict] = {
+    "reference/faithful/xattn": dict(profile="reference", train_method="xattn"),
+    "fast/faithful/xattn": dict(profile="fast", train_method="xattn"),
+    "fast/shared/xattn": dict(profile="fast", schedule="shared", train_method="xattn"),
+    "reference/faithful/noxattn": dict(profile="reference", train_method="noxattn"),
+    "fast/faithful/noxattn": dict(profile="fast", train_method="noxattn"),
+    "fast/shared/noxattn": dict(profile="fast", schedule="shared", train_method="noxattn"),
+    "fast/faithful/noxattn+adamw8bit+ckpt": dict(
+        profile="fast", train_method="noxattn", optimizer="adamw8bit",
+        gradient_checkpointing=True),
+    "fast/faithful/xattn+classic-attn": dict(profile="fast", train_method="xattn",
+                                              attention="classic"),
+}
+DEFAULT_SETS = {
+    "tiny": ["reference/faithful/xattn", "fast/faithful/xattn", "fast/shared/xattn",
+             "reference/faithful/noxattn", "fast/faithful/noxattn", "fast/shared/noxattn"],
+    "sd14": list(CONFIGS),
+}
+
+
+def expected_evals_per_step(profile: str, schedule: str, pgd_steps: int, ddim_steps: int) -> float:
+    """UNet sample-evaluations per outer step at the mean trajectory length (cost model)."""
+    m = ((ddim_steps - 1) + sum(ddim_steps - t for t in range(1, ddim_steps))) / ddim_steps
+    if profile == "reference":
+        return pgd_steps * (2 * 2 * m + 3 + 2)
+    if schedule == "shared":
+        return (4 * m + 3 + 2) + (pgd_steps - 2) * 2
+    return (4 * m + 3 + 2) + (pgd_steps - 1) * (2 * m + 1 + 1)
+
+
+def sd14_components(device):
+    """SD1.4-shaped UNet + CLIP ViT-L/14 text encoder with random weights (no VAE: 512 px)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .models import SDComponents, build_clip_tokenizer, ddim_scheduler
+    from .models import shipped
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(shipped.load_config("sd1", "unet"))
+    text_cfg = CLIPTextConfig(**{k: v for k, v in shipped.load_config("sd1", "text_encoder").items()
+                                 if not k.startswith("_")})
+    text = CLIPTextModel(text_cfg)
+    return SDComponents(unet=unet.to(device), text_encoder=text.to(device).eval(),
+                        tokenizer=build_clip_tokenizer(), scheduler=ddim_scheduler(), vae=None,
+                        model_id="sd14-architecture-random", content_hash="random",
+                        random_weights=True, source={"format": "benchmark"},
+                        default_resolution=512)
+
+
+def _run_one(args) -> dict:
+    """Child process: one configuration."""
+    import torch
+
+    from .cli import quiet_libraries
+    from .config import EraseConfig
+    from .engine import Eraser
+
+    quiet_libraries()
+    overrides = json.loads(args.overrides)
+    device = torch.device(args.device)
+    if device.type == "cuda" and args.memory_cap_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
+    cfg = EraseConfig(model="tiny", erase=["garbage truck"], steps=args.steps + 1, seed=0,
+                      quiet=True, device=args.device, **overrides)
+    if args.preset == "sd14":
+        cfg.embedding_cache = "none"
+    components = sd14_components(device) if args.preset == "sd14" else None
+    eraser = Eraser(cfg, progress=False, components=components).setup()
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    eraser.run_outer_step()  # warm-up (allocator, kernels selection, lazy inits)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    calls0 = sum(eraser.calls.values())
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        eraser.run_outer_step()
+    sync()
+    elapsed = time.perf_counter() - t0
+    evals = sum(eraser.calls.values()) - calls0
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        peak_kind = "cuda max allocated"
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        peak_kind = "peak RSS"
+    expected = expected_evals_per_step(cfg.profile, cfg.schedule, cfg.pgd_steps, cfg.ddim_steps)
+    return {
+        "outer_steps": args.steps, "seconds": round(elapsed, 3),
+        "outer_steps_per_s": round(args.steps / elapsed, 4),
+        "evals_per_outer_step": round(evals / args.steps, 1),
+        "evals_per_s": round(evals / elapsed, 2),
+        "expected_evals_per_step": round(expected, 1),
+        "outer_steps_per_s_at_mean_length": round(evals / elapsed / expected, 4),
+        "peak_gib": round(peak, 3), "peak_kind": peak_kind,
+        "trained_params": sum(p.numel() for _, p in eraser.trained),
+        "mixed_precision": str(eraser.compute_dtype).replace("torch.", "") if cfg.profile == "fast"
+        else "fp32",
+    }
+
+
+def _environment(device: str) -> dict:
+    from .env_report import collect
+
+    info = collect()
+    commit = "unknown"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).resolve().parents[1],
+                                check=True).stdout.strip()
+    except Exception:  # noqa: BLE001 - not a checkout
+        pass
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    keep = ("ap_erase_fast", "python", "torch", "diffusers", "transformers", "bitsandbytes",
+            "cuda devices", "cuda (torch build)")
+    env = {k: v for k, v in info.items() if k in keep}
+    env.update({"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "commit": commit, "cpu": cpu, "cpu cores": str(os.cpu_count()),
+                "device": device})
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="ap-erase bench step", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=("tiny", "sd14"), default="tiny")
+    ap.add_argument("--configs", default=None,
+                    help=f"comma-separated names (default: the preset's set). Known: "
+                         f"{', '.join(CONFIGS)}")
+    ap.add_argument("--steps", type=int, default=None, help="timed outer steps per config")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--memory-cap-gib", type=float, default=None,
+                    help="emulate a smaller card: torch.cuda.set_per_process_memory_fraction")
+    ap.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
+    ap.add_argument("--tag", default="", help="suffix of the result file names")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON to stdout")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
+    ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.steps is None:
+        args.steps = 4 if args.preset == "tiny" else 2
+    if args._child:
+        print("RESULT " + json.dumps(_run_one(args)), flush=True)
+        return 0
+
+    names = args.configs.split(",") if args.configs else DEFAULT_SETS[args.preset]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        print(f"error: unknown config(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}",
+              file=sys.stderr)
+        return 2
+    rows = []
+    for name in names:
+        cmd = [sys.executable, "-m", "ap_erase_fast.bench", "--_child", "--preset", args.preset,
+               "--steps", str(args.steps), "--device", args.device,
+               "--overrides", json.dumps(CONFIGS[name])]
+        if args.memory_cap_gib:
+            cmd += ["--memory-cap-gib", str(args.memory_cap_gib)]
+        row = {"preset": args.preset, "config": name, "memory_cap_gib": args.memory_cap_gib or ""}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            result = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode == 0 and result:
+                row.update(json.loads(result[-1][7:]), status="ok")
+            else:
+                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                row.update(status=f"failed: {tail[:200]}")
+        except subprocess.TimeoutExpired:
+            row.update(status=f"timeout after {args.timeout:.0f} s")
+        rows.append(row)
+        print(f"{name:<42} {row.get('outer_steps_per_s_at_mean_length', 'nan')!s:>10} steps/s "
+              f"(mean length)  peak {row.get('peak_gib', 'nan')} GiB  {row['status']}",
+              file=sys.stderr, flush=True)
+    base = next((r for r in rows if r.get("status") == "ok"), None)
+    for r in rows:
+        ok = base is not None and r.get("status") == "ok"
+        r["speedup_vs_first"] = (round(r["outer_steps_per_s_at_mean_length"]
+                                       / base["outer_steps_per_s_at_mean_length"], 2)
+                                 if ok else "nan")
+    env = _environment(args.device)
+    write_results(rows, env, args)
+    if args.json:
+        print(json.dumps({"environment": env, "rows": rows}, indent=2))
+    return 0
+
+
+COLUMNS = ["config", "status", "outer_steps_per_s", "outer_steps_per_s_at_mean_length",
+           "speedup_vs_first", "evals_per_outer_step", "expected_evals_per_step", "evals_per_s",
+           "peak_gib", "peak_kind", "mixed_precision", "trained_params", "memory_cap_gib",
+           "outer_steps", "seconds"]
+
+
+def write_results(rows: list[dict], env: dict, args) -> None:
+    out = Path(args.out or Path(__file__).resolve().parents[1] / "benchmarks" / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    device = env["device"] if env["device"] == "cpu" else env.get("cuda devices", "cuda")
+    slug = "".join(c if c.isalnum() else "_" for c in device.lower()).strip("_")
+    stem = out / f"step_{args.preset}_{slug}{('_' + args.tag) if args.tag else ''}"
+    with open(stem.with_suffix(".csv"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow([f"# {k}: {v}" for k, v in env.items()])
+        w.writerow(COLUMNS)
+        for r in rows:
+            w.writerow([r.get(c, "") for c in COLUMNS])
+    lines = [f"# AP outer-step benchmark: preset {args.preset}, {device}", ""]
+    lines += [f"* {k}: {v}" for k, v in env.items()]
+    lines += ["", f"{args.steps} timed outer steps after one warm-up step, seed 0, one process per "
+              "row. `steps/s @ mean length` = UNet sample-evaluations per second ÷ the cost "
+              "model's evaluations per outer step at the mean trajectory length (the comparable "
+              "number: measured steps/s depends on the drawn t_enc). Speed-up is relative to the "
+              "first row.", "",
+              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {stem}.csv and {stem}.md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
