@@ -202,7 +202,7 @@ def test_ner_counting():
 
 
 def test_nudenet_bundled_detector_runs():
-    nudenet = pytest.importorskip("nudenet")  # noqa: F841
+    pytest.importorskip("nudenet")
     import numpy as np
 
     from ap_erase_fast.eval.detectors.nudenet import NudeNetDetector

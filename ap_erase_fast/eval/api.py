@@ -21,7 +21,7 @@ from pathlib import Path
 from ..errors import UserError
 from .detectors import DETECTORS
 from .eps import EpsSettings
-from .generate import SCHEDULERS, GenSettings
+from .generate import SCHEDULERS
 from .inputs import RunInfo, default_prompts, load_concepts, load_run, read_prompt_csv
 
 REPORT_FORMAT = "ap_erase_fast.eval/v1"
@@ -151,7 +151,6 @@ def evaluate(config: EvalConfig | None = None, **overrides) -> dict:
     run = load_run(cfg.run) if cfg.run else RunInfo(path=None, info={"config": {}}, run_json_sha256=None)
     erased = list(cfg.erase) if cfg.erase else run.erased
     model_id = cfg.model or run.model
-    run_cfg = run.config
     heldout, concepts_info = load_concepts(cfg.concepts, exclude=erased)
     if cfg.prompts:
         rows, prompts_info = read_prompt_csv(cfg.prompts, erased)
@@ -218,8 +217,6 @@ def _load_models(cfg, run, model_id, device):
 
 def _evaluate(cfg, run, erased, model_id, heldout, concepts_info, rows, prompts_info, detectors,
               device, wdir, folder: Path, t_start) -> dict:
-    import torch
-
     from ..concepts import encode_prompts
     from ..models.loading import vae_scale_factor
     from . import report as rep
