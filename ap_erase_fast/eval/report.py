@@ -207,13 +207,14 @@ def markdown(report: dict) -> str:
                     lines.append(f"| {key} | " + " | ".join(f"{100 * res[key]['ner'][t]:.2f} %" for t in ts) + " |")
                 lines.append(f"\nclasses ({det['settings']['class_set']}): {', '.join(det['settings']['classes'])}")
             elif name == "lpips":
-                for g, v in res.items():
-                    lines.append(f"* {g}: LPIPS(base, erased) = {_f(v['lpips'])} over {v['images']} images")
+                lines += ["| prompt group | images | LPIPS(base, erased) |", "|---|---|---|"]
+                lines += [f"| {g} | {v['images']} | {_f(v['lpips'])} |" for g, v in res.items()]
             else:
+                lines += ["| model | prompt group | images | values |", "|---|---|---|---|"]
                 for key in ("base", "erased"):
                     for g, v in res[key].items():
                         vals = ", ".join(f"{k} {_f(x)}" for k, x in v.items() if k != "images")
-                        lines.append(f"* {key}, {g} ({v['images']} images): {vals}")
+                        lines.append(f"| {key} | {g} | {v['images']} | {vals} |")
             lines.append("")
         for group, g in report["files"]["grids"].items():
             lines.append(f"![{group}: base (top) vs erased (bottom)]({g['file']})")
