@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .config import EraseConfig, default_output_dir
 from .engine import EraseResult, Eraser
-from .export import OutputDir, write_outputs
+from .export import OutputDir, checkpoint_root_for, write_outputs
 
 
 def erase(config: EraseConfig | None = None, write: bool = True, **overrides) -> EraseResult:
@@ -22,23 +22,29 @@ def erase(config: EraseConfig | None = None, write: bool = True, **overrides) ->
 
         cfg.erase = parse_concepts(cfg.erase)
     cfg.validate()
-    out = None
     if write:
         cfg.output = cfg.output or default_output_dir(cfg)
-        out = OutputDir(cfg.output, overwrite=cfg.overwrite)
+    eraser = Eraser(cfg)  # under --deepspeed this joins the process group
+    if write:  # every rank uses rank 0's (possibly time-stamped) output path
+        cfg.output = eraser.dist.gather(cfg.output)[0]
+    out = None
+    ok = False
     try:
-        eraser = Eraser(cfg).setup()
+        if write and eraser.dist.is_main:
+            out = OutputDir(cfg.output, overwrite=cfg.overwrite)
+        eraser.setup()
         if cfg.resume:
             eraser.load_checkpoint(cfg.resume)
-        eraser.train(checkpoint_root=out.checkpoint_root if out else None)
+        eraser.train(checkpoint_root=checkpoint_root_for(cfg.output) if write else None)
         info = eraser.run_info()
         trained = eraser.trained_state()
-        if out is None:
-            return EraseResult(None, info, eraser.log, trained)
-        write_outputs(Path(out.tmp), eraser.unet, trained, info, eraser.log)
-        path = out.commit()
-    except BaseException:
+        path = None
         if out is not None:
+            write_outputs(Path(out.tmp), eraser.unet, trained, info, eraser.log)
+            path = out.commit()
+        ok = True
+        return EraseResult(path if write else None, info, eraser.log, trained)
+    finally:
+        if out is not None and not ok:
             out.abort()
-        raise
-    return EraseResult(path, info, eraser.log, trained)
+        eraser.dist.shutdown(clean=ok)

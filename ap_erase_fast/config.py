@@ -105,6 +105,10 @@ class EraseConfig:
         "classic attention, separate calls, everything recomputed: the authors' cost structure; "
         "the oracle and baseline for the fast profile).", "schedule", default="fast",
         choices=PROFILES)
+    batch_size: int = _opt(
+        "Samples per outer step on each process (the authors: 1). Each sample draws its own "
+        "concept, Gumbel noise and x_T; t_enc is shared. Set by DeepSpeed's "
+        "train_micro_batch_size_per_gpu when --deepspeed is used.", "schedule", default=1)
     ddim_steps: int = _opt("DDIM steps of the sampling schedule the trajectories follow.",
                            "schedule", default=50)
     start_guidance: float = _opt("Classifier-free guidance scale of the sampled trajectories.",
@@ -133,6 +137,11 @@ class EraseConfig:
     gradient_checkpointing: bool = _opt(
         "Recompute UNet activations in the backward pass (less memory, ~30% more time).",
         "optim", default=False)
+    # --- distributed ------------------------------------------------------------------------
+    deepspeed: str | None = _opt(
+        "DeepSpeed config (JSON) for data-parallel training: run under the deepspeed launcher "
+        "or torchrun for several processes. An 'ap_erase' section in it may hold any of these "
+        "settings. ZeRO stages 0-2, fp32 or bf16.", "distributed")
     # --- output -----------------------------------------------------------------------------
     output: str | None = _opt(
         "Output folder (must be empty or absent unless --overwrite). Default: "
@@ -153,7 +162,7 @@ class EraseConfig:
             raise UserError("nothing to erase: pass --erase \"concept\" (or a comma-separated "
                             "list, or a file with one concept per line)")
         for name in ("steps", "pgd_steps", "k_closest", "num_centers", "ddim_steps",
-                     "gumbel_topk"):
+                     "gumbel_topk", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{_flag(name)} must be at least 1 (got {getattr(self, name)})")
         if self.pgd_steps < 2:
@@ -165,6 +174,8 @@ class EraseConfig:
         if self.profile == "reference" and self.schedule != "faithful":
             raise UserError("--profile reference runs the authors' loop; it supports only "
                             "--schedule faithful (use --profile fast for --schedule shared)")
+        if self.deepspeed and self.profile != "fast":
+            raise UserError("--deepspeed runs the fast profile; drop --profile reference")
         if self.checkpoint_every < 0:
             raise UserError("--checkpoint-every must be 0 (off) or a positive number of steps")
         if not self.tau > 0:
@@ -285,7 +296,8 @@ def load_config_file(path: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 _GROUP_TITLES = {
     "model": "model", "erase": "erasure", "search": "adversarial search (preservation set R, π)",
-    "schedule": "schedule and sampling", "optim": "optimisation", "output": "output and runs",
+    "schedule": "schedule and sampling", "optim": "optimisation",
+    "distributed": "distributed (DeepSpeed)", "output": "output and runs",
 }
 
 

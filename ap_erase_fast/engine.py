@@ -53,46 +53,70 @@ RANDOM_WEIGHTS_NOTICE = ("The built-in 'tiny' model has RANDOM weights: this run
 # One randomness plan
 # ------------------------------------------------------------------------------------------------
 @dataclass
-class Draws:
-    """Every random quantity of one loop iteration."""
+class SampleDraw:
+    """The random quantities of one sample of one loop iteration."""
 
+    slot: int  # global sample slot (rank · batch_size + k)
     concept: int  # index of the erased concept c_e
     gumbel: torch.Tensor  # [|R|] Gumbel noise for the draw of c_a from π[c_e]
-    t_enc: int  # DDIM index the trajectories stop at
     t_ddpm: int  # DDPM timestep the UNet is queried at
     x_T: torch.Tensor  # [1, C, h, w] starting noise of both trajectories
 
 
-class RandomnessPlan:
-    """Draws an iteration's randomness from one CPU generator, always in the same order.
+@dataclass
+class Draws:
+    t_enc: int  # DDIM index the trajectories stop at (shared by all samples and ranks)
+    samples: list[SampleDraw]
 
-    Whatever a profile or schedule computes, it consumes these draws and nothing else, so two
-    execution strategies with the same seed see identical samples.
+
+def _slot_seed(seed: int, slot: int) -> int:
+    import hashlib
+
+    digest = hashlib.sha256(f"ap_erase_fast/slot/{seed}/{slot}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class RandomnessPlan:
+    """Draws every random quantity of an iteration, always in the same order.
+
+    A step generator (seeded with ``seed`` on every rank) draws t_enc; sample slot j has its own
+    generator that draws its erased concept, Gumbel noise, t_ddpm and x_T. Whatever a profile,
+    schedule or process layout computes, it consumes these draws and nothing else: the same seed
+    gives identical samples to the reference and the fast profile, and slot j's sample is the
+    same whether it runs in a batch of one process or on rank j of a data-parallel run.
     """
 
-    def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(int(seed))
+    def __init__(self, seed: int, slots: list[int]):
+        self.step_generator = torch.Generator().manual_seed(int(seed))
+        self.slot_generators = {j: torch.Generator().manual_seed(_slot_seed(seed, j))
+                                for j in slots}
 
     def draw(self, set_sizes: list[int], tables: DDIMTables, latent_shape: tuple[int, ...]) -> Draws:
-        g = self.generator
-        concept = int(torch.randint(len(set_sizes), (1,), generator=g))
-        gumbel = self.draw_gumbel(set_sizes[concept])
-        t_enc = int(torch.randint(tables.ddim_steps, (1,), generator=g))
+        t_enc = int(torch.randint(tables.ddim_steps, (1,), generator=self.step_generator))
         lo, hi = tables.t_ddpm_range(t_enc)
-        t_ddpm = int(torch.randint(lo, hi, (1,), generator=g))
-        x_T = torch.randn(latent_shape, generator=g, dtype=torch.float32)
-        return Draws(concept, gumbel, t_enc, t_ddpm, x_T)
+        samples = []
+        for j, g in self.slot_generators.items():
+            concept = int(torch.randint(len(set_sizes), (1,), generator=g))
+            gumbel = self.draw_gumbel(j, set_sizes[concept])
+            t_ddpm = int(torch.randint(lo, hi, (1,), generator=g))
+            x_T = torch.randn(latent_shape, generator=g, dtype=torch.float32)
+            samples.append(SampleDraw(j, concept, gumbel, t_ddpm, x_T))
+        return Draws(t_enc, samples)
 
-    def draw_gumbel(self, size: int) -> torch.Tensor:
-        """Extra Gumbel noise (search steps of the shared schedule with P > 2)."""
-        u = torch.rand(size, generator=self.generator, dtype=torch.float32)
+    def draw_gumbel(self, slot: int, size: int) -> torch.Tensor:
+        """g = −log(−log(u + 1e−10) + 1e−10), u ~ U(0, 1)^size, from the slot's generator."""
+        u = torch.rand(size, generator=self.slot_generators[slot], dtype=torch.float32)
         return -torch.log(-torch.log(u + 1e-10) + 1e-10)
 
-    def get_state(self) -> torch.Tensor:
-        return self.generator.get_state()
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {"step": self.step_generator.get_state()}
+        out.update({f"slot.{j}": g.get_state() for j, g in self.slot_generators.items()})
+        return out
 
-    def set_state(self, state: torch.Tensor) -> None:
-        self.generator.set_state(state)
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.step_generator.set_state(state["step"])
+        for j, g in self.slot_generators.items():
+            g.set_state(state[f"slot.{j}"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,10 +153,14 @@ class Eraser:
     def __init__(self, cfg: EraseConfig, progress: bool | None = None, components=None):
         """``components``: an already loaded :class:`~ap_erase_fast.models.SDComponents` to use
         instead of loading ``cfg.model`` (it is modified in place: its UNet becomes θ')."""
+        from .distributed import Dist
+
         self.cfg = cfg.validate()
         self.components = components
-        self.progress = (not cfg.quiet) if progress is None else progress
-        self.device = resolve_device(cfg.device)
+        self.dist = Dist.init_deepspeed() if cfg.deepspeed else Dist()
+        self.progress = ((not cfg.quiet) if progress is None else progress) and self.dist.is_main
+        self.device = self.dist.device(cfg.device) if cfg.deepspeed else resolve_device(cfg.device)
+        self.ds_engine = None
         self.calls: Counter = Counter()  # UNet sample-evaluations (batch entries) by kind
         self.log: list[dict] = []
         self.iteration = 0
@@ -208,7 +236,7 @@ class Eraser:
             self.frozen_tensors = {n: p.detach().to(keep, copy=True) for n, p in self.trained}
             if cfg.gradient_checkpointing:
                 self.unet.enable_gradient_checkpointing()
-            self.optimizer = make_optimizer(cfg, params)
+            self.optimizer = self._make_fast_optimizer(params)
             # the text encoder's work is done once: "" and c_e embeddings are cached
             self.text_encoder = None
             comp.text_encoder = None
@@ -217,9 +245,28 @@ class Eraser:
         self.pi = [torch.nn.Parameter(torch.full((len(s.words),), 1.0 / len(s.words),
                                                  device=self.device)) for s in self.sets]
         self.pi_optimizer = torch.optim.Adam(self.pi, lr=cfg.search_lr)
-        self.plan = RandomnessPlan(cfg.seed)
+        b, rank = cfg.batch_size, self.dist.rank
+        self.plan = RandomnessPlan(cfg.seed, [rank * b + k for k in range(b)])
         self.timings["setup_s"] = time.perf_counter() - t0
         return self
+
+    def _make_fast_optimizer(self, params):
+        """The θ' optimizer; under --deepspeed, the DeepSpeed engine's (config or client one)."""
+        if not self.cfg.deepspeed:
+            return make_optimizer(self.cfg, params)
+        import deepspeed
+
+        from .distributed import load_deepspeed_config, prepare_deepspeed_config
+
+        ds = prepare_deepspeed_config(load_deepspeed_config(self.cfg.deepspeed),
+                                      self.cfg.batch_size)
+        client = None if "optimizer" in ds else make_optimizer(self.cfg, params)
+        if client is not None and self.cfg.optimizer in ("adamw8bit", "paged_adamw8bit"):
+            ds.setdefault("zero_allow_untested_optimizer", True)
+        engine, optimizer, _, _ = deepspeed.initialize(model=self.unet, model_parameters=params,
+                                                       optimizer=client, config=ds)
+        self.ds_engine = engine
+        return optimizer
 
     @staticmethod
     def _latent_shape(comp, resolution: int | None) -> tuple[int, int, int, int]:
@@ -234,13 +281,6 @@ class Eraser:
     @torch.no_grad()
     def encode(self, prompt: str) -> torch.Tensor:
         return encode_prompts(self.text_encoder, self.tokenizer, [prompt], device=self.device)
-
-    def prompt_embeddings(self, concept: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """("" , c_e) text embeddings; the reference re-encodes them every iteration as the
-        authors do, the fast profile reuses the ones computed at set-up (same values)."""
-        if self.cfg.profile == "reference":
-            return self.encode(""), self.encode(self.cfg.erase[concept])
-        return self.emb_null, self.emb_concepts[concept]
 
     # -- model calls --------------------------------------------------------------------------
     def autocast(self):
@@ -269,13 +309,14 @@ class Eraser:
                 return forward(x, t, encoder_hidden_states=text, return_dict=False)[0].float()
         return call
 
-    def query(self, which: str, kind: str, z: torch.Tensor, t_ddpm: int,
+    def query(self, which: str, kind: str, z: torch.Tensor, t: torch.Tensor,
               text: torch.Tensor) -> torch.Tensor:
-        """ε-prediction of θ/θ' for latents z at DDPM timestep t_ddpm."""
-        t = torch.full((z.shape[0],), t_ddpm, dtype=torch.long, device=z.device)
+        """ε-prediction of θ/θ' for latents z [N, ...] at DDPM timesteps t [N] (long)."""
         out = self.unet_fn(which, kind)(z, t, text)
-        return output_to_eps(out, z, float(self.tables.alphas_cumprod[t_ddpm]),
-                             self.tables.prediction_type)
+        if self.tables.prediction_type == "epsilon":
+            return out
+        alpha = self.tables.alphas_cumprod.to(z.device)[t].float().view(-1, 1, 1, 1)
+        return output_to_eps(out, z, alpha, self.tables.prediction_type)
 
     def sample(self, x_T: torch.Tensor, cond: torch.Tensor, t_enc: int) -> torch.Tensor:
         """Truncated trajectories with θ' for a batch of conditions (one UNet call per step)."""
@@ -285,12 +326,15 @@ class Eraser:
         return sample_until(self.unet_fn("trained", "sampling"), x, cond, uncond, self.tables,
                             t_enc, self.cfg.start_guidance)
 
-    def draw_adversarial(self, concept: int, gumbel: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """c_a from π[c_e]: [1, L, D] (differentiable in π) and the index of the drawn word."""
+    def draw_adversarial(self, concept: int, gumbel: torch.Tensor,
+                         with_grad: bool = True) -> tuple[torch.Tensor, int]:
+        """c_a from π[c_e]: [1, L, D] (differentiable in π when ``with_grad``) and the index of
+        the drawn word."""
         from .ops import gumbel_mix
 
         cfg = self.cfg
-        out, index = gumbel_mix(self.pi[concept][None], self.r_tables[concept], tau=cfg.tau,
+        pi = self.pi[concept] if with_grad else self.pi[concept].detach()
+        out, index = gumbel_mix(pi[None], self.r_tables[concept], tau=cfg.tau,
                                 hard=cfg.gumbel_mode == "hard",
                                 topk=cfg.gumbel_topk if cfg.gumbel_mode == "topk" else None,
                                 gumbel=gumbel[None].to(self.device),
@@ -307,28 +351,41 @@ class Eraser:
         from .steps import fast_iteration, reference_iteration
 
         step = reference_iteration if self.cfg.profile == "reference" else fast_iteration
-        records = [step(self)]
-        self._finish_records(records)
-        return records[0]
+        d = self.draw()
+        return self._log(d, [step(self, d)])[0]
 
     def run_outer_step(self) -> list[dict]:
         """One outer step: P faithful iterations, or the shared schedule's joint update."""
         from .steps import shared_outer_step
 
         if self.cfg.schedule == "shared":
-            records = shared_outer_step(self)
-            self._finish_records(records)
+            d = self.draw()
+            records = self._log(d, shared_outer_step(self, d))
             # an outer step spans P iterations whatever the schedule computes inside it
             self.iteration += self.cfg.pgd_steps - len(records)
             return records
         return [self.run_iteration() for _ in range(self.cfg.pgd_steps)]
 
-    def _finish_records(self, records: list[dict]) -> None:
-        for rec in records:
-            rec["iter"] = self.iteration
-            rec["step"] = self.iteration // self.cfg.pgd_steps
+    def _log(self, d: Draws, results) -> list[dict]:
+        """Log records (all ranks' samples, losses averaged over ranks) of one draw's updates."""
+        records = []
+        for res in results:
+            samples = [{"slot": s.slot, "concept": self.cfg.erase[s.concept], "t_ddpm": s.t_ddpm,
+                        "adv_index": i, "adv_word": self.sets[s.concept].words[i]}
+                       for s, i in zip(d.samples, res.adv_indices)]
+            terms = [res.loss, res.loss_preserve] + ([res.loss_erase] if res.loss_erase is not None
+                                                      else [])
+            values = self.dist.mean_(torch.stack([t.detach().float().cpu() for t in terms]))
+            rec = {"iter": self.iteration, "step": self.iteration // self.cfg.pgd_steps,
+                   "kind": res.kind, "t_enc": d.t_enc,
+                   "samples": [x for part in self.dist.gather(samples) for x in part],
+                   "loss": values[0].item(),
+                   "loss_erase": values[2].item() if len(values) > 2 else None,
+                   "loss_preserve": values[1].item()}
             self.log.append(rec)
+            records.append(rec)
             self.iteration += 1
+        return records
 
     @contextlib.contextmanager
     def trained_tensors_frozen(self):
@@ -342,33 +399,45 @@ class Eraser:
                 p.requires_grad_(True)
 
     def step_optimizer(self, loss: torch.Tensor) -> None:
-        """Descent step of θ' on ``loss``."""
+        """Descent step of θ' on ``loss`` (through the DeepSpeed engine when there is one)."""
+        if self.ds_engine is not None:
+            self.ds_engine.backward(loss)
+            self.ds_engine.step()
+            return
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
 
-    def step_pi(self, concept: int, grad: torch.Tensor) -> None:
-        """Step π[concept] along ``grad`` (the gradient of the loss to minimise)."""
+    def step_pi(self, grads: dict[int, torch.Tensor]) -> None:
+        """Step the π's along ``grads`` (concept → gradient of the loss to minimise).
+
+        Data-parallel: gradients are averaged over ranks (a π no rank drew keeps no gradient,
+        as in a single process), so π and its Adam state stay identical everywhere.
+        """
         self.pi_optimizer.zero_grad(set_to_none=True)
-        self.pi[concept].grad = grad
+        if self.dist.world > 1:
+            flat = torch.cat([grads[c].detach().float().reshape(-1) if c in grads
+                              else torch.zeros(len(p), device=p.device)
+                              for c, p in enumerate(self.pi)])
+            used = torch.tensor([1.0 if c in grads else 0.0 for c in range(len(self.pi))])
+            flat = self.dist.mean_(flat.cpu()).to(self.device)
+            used = self.dist.mean_(used)
+            sizes = [len(p) for p in self.pi]
+            grads = {c: g.view_as(self.pi[c]) for c, g in enumerate(flat.split(sizes))
+                     if used[c] > 0}
+        for c, g in grads.items():
+            self.pi[c].grad = g
         self.pi_optimizer.step()
 
-    def record(self, d: Draws, kind: str, adv_index: int, loss: torch.Tensor,
-               l_erase: torch.Tensor | None, l_pres: torch.Tensor) -> dict:
-        self.check_finite(loss)
-        return {"kind": kind, "concept": self.cfg.erase[d.concept], "t_enc": d.t_enc,
-                "t_ddpm": d.t_ddpm, "adv_index": adv_index,
-                "adv_word": self.sets[d.concept].words[adv_index], "loss": loss.item(),
-                "loss_erase": None if l_erase is None else l_erase.item(),
-                "loss_preserve": l_pres.item()}
-
     def check_finite(self, loss: torch.Tensor) -> None:
-        if torch.isfinite(loss).item():
+        """Stop (on every rank) when a loss is NaN or infinite; the last checkpoint stays."""
+        if not self.dist.any_true(not torch.isfinite(loss).item()):
             return
         i = self.iteration
         where = (f"the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint else
                  "no checkpoint was written (use --checkpoint-every N)")
-        raise NonFiniteLoss(f"the loss became {loss.item()} at iteration {i} (outer step "
+        value = loss.item() if not torch.isfinite(loss).item() else "non-finite on another rank"
+        raise NonFiniteLoss(f"the loss became {value} at iteration {i} (outer step "
                             f"{i // self.cfg.pgd_steps}); stopped, {where}; try a lower --lr")
 
     # -- the loop -----------------------------------------------------------------------------
@@ -384,7 +453,7 @@ class Eraser:
             while self.iteration < total_iters:
                 records = self.run_outer_step()
                 step = self.iteration // cfg.pgd_steps
-                bar.set_postfix(loss=f"{records[0]['loss']:.4g}", adv=records[-1]["adv_word"],
+                bar.set_postfix(loss=f"{records[0]['loss']:.4g}", adv=records[-1]["samples"][0]["adv_word"],
                                 refresh=False)
                 bar.update(1)
                 if checkpoint_root and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
@@ -397,31 +466,58 @@ class Eraser:
 
     # -- state -------------------------------------------------------------------------------
     def trained_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in self.trained}
+        """The trained tensors of θ' (fp32 master values under DeepSpeed bf16)."""
+        out = {}
+        for name, p in self.trained:
+            value = p.detach()
+            if self.ds_engine is not None and p.dtype != torch.float32:
+                from deepspeed.utils import safe_get_full_fp32_param
+
+                value = safe_get_full_fp32_param(p)
+            out[name] = value.to("cpu", copy=True).contiguous()
+        return out
 
     def save_checkpoint(self, root: str) -> str:
+        """Everything a bit-exact resume needs, written to ``root/step-NNNNNN`` atomically.
+
+        Single process: trained tensors, optimizer states, π, π's optimizer, generator states,
+        the log. Under DeepSpeed the θ' engine writes its own (ZeRO-partitioned) state into the
+        same folder and every rank adds its generator states.
+        """
         from safetensors.torch import save_file
 
         step = self.iteration // self.cfg.pgd_steps
-        final = Path(root) / f"step-{step:06d}"
-        tmp = Path(root) / f".step-{step:06d}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(self.trained_state(), str(tmp / "trained.safetensors"))
-        save_file({f"pi.{k}": p.detach().cpu().contiguous() for k, p in enumerate(self.pi)},
-                  str(tmp / "pi.safetensors"))
-        torch.save({"optimizer": self.optimizer.state_dict(),
-                    "pi_optimizer": self.pi_optimizer.state_dict(),
-                    "rng": self.plan.get_state()}, tmp / "state.pt")
-        meta = {"format": "ap_erase_fast.checkpoint/v1", "iteration": self.iteration,
-                "step": step, "config": self.cfg.to_dict(), "calls": dict(self.calls),
-                "timings": self.timings, "library_version": __version__}
-        (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2))
-        with open(tmp / "log.jsonl", "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in self.log)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        tag = f"step-{step:06d}"
+        final = Path(root) / tag
+        tmp = Path(root) / f".{tag}.tmp"
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.dist.barrier()
+        if self.ds_engine is not None:
+            self.ds_engine.save_checkpoint(str(tmp), tag="engine")
+        save_file(self.plan.state(), str(tmp / f"rng-rank{self.dist.rank}.safetensors"))
+        if self.dist.is_main:
+            save_file(self.trained_state(), str(tmp / "trained.safetensors"))
+            save_file({f"pi.{k}": p.detach().cpu().contiguous() for k, p in enumerate(self.pi)},
+                      str(tmp / "pi.safetensors"))
+            state = {"pi_optimizer": self.pi_optimizer.state_dict()}
+            if self.ds_engine is None:
+                state["optimizer"] = self.optimizer.state_dict()
+            torch.save(state, tmp / "state.pt")
+            meta = {"format": "ap_erase_fast.checkpoint/v2", "iteration": self.iteration,
+                    "step": step, "config": self.cfg.to_dict(), "calls": dict(self.calls),
+                    "timings": self.timings, "world_size": self.dist.world,
+                    "library_version": __version__}
+            (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2))
+            with open(tmp / "log.jsonl", "w") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in self.log)
+        self.dist.barrier()
+        if self.dist.is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        self.dist.barrier()
         self.last_checkpoint = str(final)
         return str(final)
 
@@ -436,23 +532,30 @@ class Eraser:
         if diff:
             raise UserError(f"cannot resume from {ckpt}: settings differ from the checkpoint's "
                             f"({', '.join(diff)}); resume with the same settings")
+        if meta.get("world_size", 1) != self.dist.world:
+            raise UserError(f"cannot resume from {ckpt}: it was written by {meta.get('world_size', 1)} "
+                            f"process(es), this run has {self.dist.world}")
         if meta["step"] > self.cfg.steps:
             raise UserError(f"checkpoint {ckpt} is at step {meta['step']}, beyond --steps "
                             f"{self.cfg.steps}")
-        trained = load_file(str(ckpt / "trained.safetensors"))
-        params = dict(self.trained)
-        if set(trained) != set(params):
-            raise UserError(f"checkpoint {ckpt} holds other trained tensors than this run")
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+        if self.ds_engine is not None:
+            self.ds_engine.load_checkpoint(str(ckpt), tag="engine", load_module_strict=False)
+        else:
+            trained = load_file(str(ckpt / "trained.safetensors"))
+            params = dict(self.trained)
+            if set(trained) != set(params):
+                raise UserError(f"checkpoint {ckpt} holds other trained tensors than this run")
+            with torch.no_grad():
+                for name, value in trained.items():
+                    params[name].copy_(value)
+            self.optimizer.load_state_dict(state["optimizer"])
         with torch.no_grad():
-            for name, value in trained.items():
-                params[name].copy_(value)
             pis = load_file(str(ckpt / "pi.safetensors"))
             for k, p in enumerate(self.pi):
                 p.copy_(pis[f"pi.{k}"])
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
         self.pi_optimizer.load_state_dict(state["pi_optimizer"])
-        self.plan.set_state(state["rng"])
+        self.plan.load_state(load_file(str(ckpt / f"rng-rank{self.dist.rank}.safetensors")))
         self.iteration = int(meta["iteration"])
         self.calls = Counter(meta["calls"])
         self.timings.update({k: v for k, v in meta["timings"].items() if k == "train_s"})
@@ -482,6 +585,8 @@ class Eraser:
                       "random_weights": comp.random_weights, "source": comp.source,
                       "prediction_type": self.tables.prediction_type},
             "device": str(self.device),
+            "world_size": self.dist.world, "batch_size_per_process": cfg.batch_size,
+            "global_batch": self.dist.world * cfg.batch_size,
             "latent_shape": list(self.latent_shape),
             "preservation_sets": describe_sets(self.sets),
             "vocab_embedding_cache_hit": self.cache_hit,
@@ -489,6 +594,7 @@ class Eraser:
             "trained_parameters": {"count": sum(p.numel() for _, p in self.trained),
                                    "tensors": len(self.trained)},
             "iterations": self.iteration, "outer_steps": self.iteration // cfg.pgd_steps,
+            # sample-evaluations of this process (rank 0 under DeepSpeed)
             "unet_calls_per_outer_step": {k: v / outer_steps for k, v in sorted(self.calls.items())},
             "timings": {**{k: round(v, 3) for k, v in self.timings.items()},
                         "outer_steps_per_s": round(outer_steps / self.timings["train_s"], 4)

@@ -42,7 +42,7 @@ class OutputDir:
 
     @property
     def checkpoint_root(self) -> str:
-        return str(self.path.parent / f"{self.path.name}.checkpoints")
+        return checkpoint_root_for(str(self.path))
 
     def commit(self) -> str:
         if self.path.exists():
@@ -52,6 +52,12 @@ class OutputDir:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def checkpoint_root_for(output: str) -> str:
+    """Checkpoints of a run go beside its output folder: ``<output>.checkpoints``."""
+    path = Path(output).absolute()
+    return str(path.parent / f"{path.name}.checkpoints")
 
 
 def trained_metadata(info: dict) -> dict[str, str]:

@@ -15,6 +15,9 @@ if "TRITON_INTERPRET" not in os.environ and not _has_nvidia_device():
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests' models are tiny: one intra-op thread is faster than two (thread hand-offs cost more
+# than the work), and it keeps timings sane when several test processes share the cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Model and embedding caches of the test run stay inside the checkout (ignored by git).
 os.environ.setdefault("AP_ERASE_CACHE", os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), ".cache", "pytest-ap_erase"))

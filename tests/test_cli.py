@@ -33,7 +33,8 @@ def test_train_end_to_end_and_load_into_pipeline(tmp_path):
     assert info["config"]["erase"] == ["garbage truck"] and info["model"]["random_weights"]
     assert 1 <= len(info["preservation_sets"]["garbage truck"]["words"]) <= 100
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert len(log) == 4 and {"kind", "loss", "t_enc", "adv_word"} <= set(log[0])
+    assert len(log) == 4 and {"kind", "loss", "t_enc", "samples"} <= set(log[0])
+    assert {"concept", "adv_word", "t_ddpm", "slot"} <= set(log[0]["samples"][0])
 
     with safe_open(str(out / "trained.safetensors"), "pt") as fh:
         meta = fh.metadata()
@@ -114,16 +115,16 @@ def test_config_file_and_flag_precedence(tmp_path, small_vocab):
 
 
 def test_non_finite_loss_stops_keeps_checkpoint(capsys, tmp_path, small_vocab, monkeypatch):
-    import ap_erase_fast.engine as engine
+    import ap_erase_fast.steps as steps
 
-    real, calls = engine.erasure_loss, []
+    real, calls = steps.erasure_loss, []
 
-    def poisoned(*args, **kwargs):  # the loss turns NaN in iteration 4 (outer step 2)
+    def poisoned(*args, **kwargs):  # the third outer update (iteration 4, step 2) turns NaN
         calls.append(1)
         loss = real(*args, **kwargs)
-        return loss * float("nan") if len(calls) > 4 else loss
+        return loss * float("nan") if len(calls) > 2 else loss
 
-    monkeypatch.setattr(engine, "erasure_loss", poisoned)
+    monkeypatch.setattr(steps, "erasure_loss", poisoned)
     out = tmp_path / "o"
     err = _bad(capsys, "train", "--erase", "garbage truck", "--vocab", small_vocab, "--output",
                str(out), "--steps", "6", "--k-closest", "60", "--num-centers", "12",

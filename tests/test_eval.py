@@ -22,12 +22,14 @@ def concepts_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, small_vocab):
-    """A run whose UNet really moved: lr 1e-3, 6 outer steps."""
+    """A run whose UNet really moved: lr 1e-3, 20 outer steps of the ε-space loss (with random
+    weights the x0 loss, dominated by its ~170x weight on noisy steps, overshoots at this lr)."""
     from ap_erase_fast import EraseConfig, erase
 
     out = tmp_path_factory.mktemp("runs") / "gt"
-    erase(EraseConfig(model="tiny", erase=["garbage truck"], steps=6, lr=1e-3, seed=0, vocab=small_vocab,
-                      k_closest=60, num_centers=12, ddim_steps=10, quiet=True, device="cpu", output=str(out)))
+    erase(EraseConfig(model="tiny", erase=["garbage truck"], steps=20, lr=1e-3, seed=0, vocab=small_vocab,
+                      k_closest=60, num_centers=12, ddim_steps=10, quiet=True, device="cpu", output=str(out),
+                      loss_space="eps"))
     return str(out)
 
 
