@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -78,7 +79,7 @@ def _train(args: argparse.Namespace) -> int:
     from .api import erase
 
     result = erase(cfg)
-    if not cfg.quiet:
+    if not cfg.quiet and int(os.environ.get("RANK", "0")) == 0:
         info = result.run_info
         calls = info["unet_calls_per_outer_step"]
         print(f"erased {', '.join(repr(c) for c in cfg.erase)} from {info['model']['id']} in "

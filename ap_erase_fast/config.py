@@ -304,7 +304,11 @@ _GROUP_TITLES = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE",
                         help="YAML or JSON file with any of these options as keys "
-                             "(train_method or train-method); flags override the file.")
+                             "(train_method or train-method), or a DeepSpeed config; flags "
+                             "override the file.")
+    # set by the deepspeed launcher; the rank is read from the environment
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
     groups = {k: parser.add_argument_group(v) for k, v in _GROUP_TITLES.items()}
     for f in fields(EraseConfig):
         meta = f.metadata
@@ -333,11 +337,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> EraseConfig:
-    """File first, then flags; returns a validated config."""
+    """Settings file, then the DeepSpeed config's ``ap_erase`` section, then flags.
+
+    ``--config`` takes an ap_erase settings file (YAML/JSON) or a DeepSpeed config (JSON with
+    DeepSpeed keys or an ``ap_erase`` section), so that ``deepspeed train.py --config ds.json``
+    works as DeepSpeed users expect.
+    """
+    from .distributed import is_deepspeed_config, load_deepspeed_config
+
     cfg = EraseConfig()
-    if getattr(args, "config", None):
-        apply_mapping(cfg, load_config_file(args.config), f"config file {args.config}")
     flags = {k: v for k, v in vars(args).items() if k in EraseConfig.__dataclass_fields__}
+    if getattr(args, "config", None):
+        data = load_config_file(args.config)
+        if is_deepspeed_config(data):
+            if flags.get("deepspeed") and flags["deepspeed"] != args.config:
+                raise UserError("two DeepSpeed configs given (--config and --deepspeed); "
+                                "pass one")
+            cfg.deepspeed = args.config
+        else:
+            apply_mapping(cfg, data, f"config file {args.config}")
+    ds_path = flags.get("deepspeed") or cfg.deepspeed
+    if ds_path:
+        section = load_deepspeed_config(ds_path).get("ap_erase", {})
+        if not isinstance(section, dict):
+            raise UserError(f"DeepSpeed config {ds_path}: 'ap_erase' must be an object")
+        apply_mapping(cfg, section, f"DeepSpeed config {ds_path} (ap_erase section)")
     apply_mapping(cfg, flags, "command line")
     return cfg.validate()
 

@@ -124,14 +124,24 @@ class Dist:
             self.active = False
 
 
-def prepare_deepspeed_config(ds: dict, micro_batch: int) -> dict:
-    """Check a DeepSpeed config against what the engine supports and fill the batch keys."""
+def prepare_deepspeed_config(ds: dict, micro_batch: int, optimizer: str = "adam") -> dict:
+    """Check a DeepSpeed config against what the engine supports and fill the batch keys.
+
+    Tested combinations (2 CPU ranks): ZeRO 0/1/2 with torch Adam/AdamW as client optimizer,
+    with bitsandbytes AdamW8bit as client optimizer, or with the config's own optimizer.
+    """
     ds = {k: v for k, v in ds.items() if k != "ap_erase"}
+    zero = ds.get("zero_optimization", {})
+    if zero.get("offload_optimizer") and "optimizer" not in ds:
+        raise UserError("ZeRO optimizer offload needs DeepSpeed's CPU Adam: put an \"optimizer\" "
+                        "section ({\"type\": \"Adam\"}) in the DeepSpeed config (see "
+                        "configs/ds_zero2_offload.json); --optimizer " + optimizer +
+                        " cannot be offloaded")
     ga = int(ds.get("gradient_accumulation_steps", 1))
     if ga != 1:
         raise UserError("gradient_accumulation_steps must be 1: every AP outer step draws new "
                         "samples; raise train_micro_batch_size_per_gpu or the number of ranks")
-    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    stage = int(zero.get("stage", 0))
     if stage not in (0, 1, 2):
         raise UserError(f"ZeRO stage {stage} is not supported: use stage 0, 1 or 2 (the trained "
                         f"UNet tensors are small enough; see docs/DISTRIBUTED.md)")

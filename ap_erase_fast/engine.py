@@ -43,7 +43,7 @@ from .sampling import DDIMTables, output_to_eps, sample_until
 
 # Keys that may differ between a checkpointed run and its resumption.
 RUN_CONTROL_KEYS = ("steps", "output", "overwrite", "resume", "checkpoint_every", "quiet",
-                    "device", "embedding_cache")
+                    "device", "embedding_cache", "deepspeed")  # (DeepSpeed: compared by content)
 RANDOM_WEIGHTS_NOTICE = ("The built-in 'tiny' model has RANDOM weights: this run demonstrates the "
                          "pipeline, it erases nothing meaningful. Pass --model with a real Stable "
                          "Diffusion checkpoint for a real erasure.")
@@ -259,13 +259,14 @@ class Eraser:
         from .distributed import load_deepspeed_config, prepare_deepspeed_config
 
         ds = prepare_deepspeed_config(load_deepspeed_config(self.cfg.deepspeed),
-                                      self.cfg.batch_size)
+                                      self.cfg.batch_size, self.cfg.optimizer)
         client = None if "optimizer" in ds else make_optimizer(self.cfg, params)
         if client is not None and self.cfg.optimizer in ("adamw8bit", "paged_adamw8bit"):
             ds.setdefault("zero_allow_untested_optimizer", True)
         engine, optimizer, _, _ = deepspeed.initialize(model=self.unet, model_parameters=params,
                                                        optimizer=client, config=ds)
         self.ds_engine = engine
+        self.ds_config = ds
         return optimizer
 
     @staticmethod
@@ -508,6 +509,7 @@ class Eraser:
             meta = {"format": "ap_erase_fast.checkpoint/v2", "iteration": self.iteration,
                     "step": step, "config": self.cfg.to_dict(), "calls": dict(self.calls),
                     "timings": self.timings, "world_size": self.dist.world,
+                    "deepspeed_config": getattr(self, "ds_config", None),
                     "library_version": __version__}
             (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2))
             with open(tmp / "log.jsonl", "w") as fh:
@@ -532,6 +534,9 @@ class Eraser:
         if diff:
             raise UserError(f"cannot resume from {ckpt}: settings differ from the checkpoint's "
                             f"({', '.join(diff)}); resume with the same settings")
+        if meta.get("deepspeed_config") != getattr(self, "ds_config", None):
+            raise UserError(f"cannot resume from {ckpt}: its DeepSpeed config differs from this "
+                            f"run's; resume with the same one")
         if meta.get("world_size", 1) != self.dist.world:
             raise UserError(f"cannot resume from {ckpt}: it was written by {meta.get('world_size', 1)} "
                             f"process(es), this run has {self.dist.world}")
@@ -600,6 +605,14 @@ class Eraser:
                         "outer_steps_per_s": round(outer_steps / self.timings["train_s"], 4)
                         if self.timings["train_s"] > 0 else None},
         }
+        if self.dist.world > 1:  # a self-check every data-parallel run reports
+            from .models import module_content_hash
+
+            mine = (module_content_hash(self.trained_state()),
+                    module_content_hash({f"pi.{k}": p.detach().cpu() for k, p in enumerate(self.pi)}))
+            hashes = self.dist.gather(mine)
+            info["ranks_agree"] = {"trained": len({h[0] for h in hashes}) == 1,
+                                   "pi": len({h[1] for h in hashes}) == 1}
         if comp.random_weights:
             info["notice"] = RANDOM_WEIGHTS_NOTICE
         return info

@@ -22,6 +22,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("AP_ERASE_CACHE", os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), ".cache", "pytest-ap_erase"))
 
+# DeepSpeed's JIT-built CPU communication op is cached inside the checkout as well.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), ".cache", "torch_extensions"))
+
 import random  # noqa: E402
 
 import pytest  # noqa: E402

@@ -1,0 +1,110 @@
+"""Data parallelism with the real deepspeed launcher: 2 CPU ranks over gloo, ZeRO-1 and ZeRO-2.
+
+Each launch costs ~15 s (the first one also JIT-builds DeepSpeed's CPU communication op), so the
+launches are few and each checks several things.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ap_erase_fast import EraseConfig, erase
+
+pytestmark = pytest.mark.distributed
+ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or \
+    shutil.which("deepspeed")
+if DEEPSPEED is None:
+    pytest.skip("deepspeed is not installed (pip install 'ap_erase_fast[deepspeed]')",
+                allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp_path, ds: dict, *flags):
+    cfg = tmp_path / f"ds{_free_port()}.json"
+    cfg.write_text(json.dumps(ds))
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port()),
+           str(ROOT / "train.py"), "--config", str(cfg), *flags]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    return proc
+
+
+def common(vocab):
+    return ["--erase", "garbage truck, church", "--vocab", vocab, "--k-closest", "60",
+            "--num-centers", "12", "--ddim-steps", "10", "--seed", "5"]
+
+
+def test_two_ranks_equal_one_process_with_their_samples_as_a_batch(tmp_path, small_vocab):
+    out = tmp_path / "ddp"
+    launch(tmp_path, {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1},
+                      "ap_erase": {"steps": 2}},
+           *common(small_vocab), "--output", str(out))
+    info = json.loads((out / "run.json").read_text())
+    assert info["world_size"] == 2 and info["global_batch"] == 2
+    assert info["ranks_agree"] == {"trained": True, "pi": True}  # θ' and π identical on ranks
+    assert sorted(p.name for p in out.iterdir()) == [
+        "RANDOM_WEIGHTS.txt", "log.jsonl", "run.json", "trained.safetensors", "unet"]
+    ddp_log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+    single = erase(EraseConfig(erase=["garbage truck", "church"], vocab=small_vocab, steps=2,
+                               k_closest=60, num_centers=12, ddim_steps=10, seed=5,
+                               batch_size=2, quiet=True), write=False)
+    assert [r["samples"] for r in ddp_log] == [r["samples"] for r in single.log]
+    assert [s["slot"] for s in ddp_log[0]["samples"]] == [0, 1]  # one draw per rank
+    for a, b in zip(single.log, ddp_log):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-9)
+    trained = load_file(str(out / "trained.safetensors"))
+    for name, value in single.trained.items():
+        err = (trained[name] - value).abs().max() / value.abs().max()
+        assert err < 1e-5, (name, float(err))
+
+
+def test_zero2_resume_equals_uninterrupted_run(tmp_path, small_vocab):
+    ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}}
+    full = tmp_path / "full"
+    launch(tmp_path, ds, *common(small_vocab), "--steps", "3", "--output", str(full),
+           "--checkpoint-every", "1", "--schedule", "shared", "--quiet")
+    ckpt = tmp_path / "full.checkpoints" / "step-000001"
+    assert (ckpt / "engine").is_dir() and (ckpt / "rng-rank1.safetensors").is_file()
+    resumed = tmp_path / "resumed"
+    launch(tmp_path, ds, *common(small_vocab), "--steps", "3", "--output", str(resumed),
+           "--schedule", "shared", "--resume", str(ckpt), "--quiet")
+    a = load_file(str(full / "trained.safetensors"))
+    b = load_file(str(resumed / "trained.safetensors"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert (full / "log.jsonl").read_text() == (resumed / "log.jsonl").read_text()
+
+
+def test_unsupported_deepspeed_settings_are_clear_errors(tmp_path, capsys):
+    from ap_erase_fast.cli import main
+
+    for ds, msg in [({"zero_optimization": {"stage": 3}}, "ZeRO stage 3"),
+                    ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps"),
+                    ({"fp16": {"enabled": True}}, "fp16"),
+                    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+                     "offload")]:
+        from ap_erase_fast.distributed import prepare_deepspeed_config
+        from ap_erase_fast.errors import UserError
+
+        with pytest.raises(UserError, match=msg):
+            prepare_deepspeed_config(ds, 1)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stage": 1}, "ap_erase": {"learning_rate": 1}}')
+    assert main(["train", "--config", str(bad), "--erase", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: DeepSpeed config") and "learning_rate" in err
