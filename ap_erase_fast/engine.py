@@ -222,6 +222,11 @@ class Eraser:
             self.compute_dtype = None
         else:
             self.compute_dtype = _compute_dtype(cfg.mixed_precision, self.device)
+            if cfg.deepspeed:  # a DeepSpeed bf16 config casts the module: compute in bf16
+                from .distributed import load_deepspeed_config
+
+                if load_deepspeed_config(cfg.deepspeed).get("bf16", {}).get("enabled"):
+                    self.compute_dtype = torch.bfloat16
             if cfg.allow_tf32 and self.device.type == "cuda":
                 torch.backends.cuda.matmul.allow_tf32 = True
                 torch.backends.cudnn.allow_tf32 = True
