@@ -1,0 +1,79 @@
+"""One randomness plan: every random draw of the AP loop, from seeded generators, in a fixed order.
+
+A step generator (seeded with ``seed`` on every rank) draws t_enc; sample slot j has its own
+generator that draws its erased concept, Gumbel noise, t_ddpm and x_T. Whatever a profile,
+schedule or process layout computes, it consumes these draws and nothing else.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from .sampling import DDIMTables
+
+
+@dataclass
+class SampleDraw:
+    """The random quantities of one sample of one loop iteration."""
+
+    slot: int  # global sample slot (rank · batch_size + k)
+    concept: int  # index of the erased concept c_e
+    gumbel: torch.Tensor  # [|R|] Gumbel noise for the draw of c_a from π[c_e]
+    t_ddpm: int  # DDPM timestep the UNet is queried at
+    x_T: torch.Tensor  # [1, C, h, w] starting noise of both trajectories
+
+
+@dataclass
+class Draws:
+    t_enc: int  # DDIM index the trajectories stop at (shared by all samples and ranks)
+    samples: list[SampleDraw]
+
+
+def _slot_seed(seed: int, slot: int) -> int:
+    digest = hashlib.sha256(f"ap_erase_fast/slot/{seed}/{slot}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class RandomnessPlan:
+    """Draws every random quantity of an iteration, always in the same order.
+
+    A step generator (seeded with ``seed`` on every rank) draws t_enc; sample slot j has its own
+    generator that draws its erased concept, Gumbel noise, t_ddpm and x_T. Whatever a profile,
+    schedule or process layout computes, it consumes these draws and nothing else: the same seed
+    gives identical samples to the reference and the fast profile, and slot j's sample is the
+    same whether it runs in a batch of one process or on rank j of a data-parallel run.
+    """
+
+    def __init__(self, seed: int, slots: list[int]):
+        self.step_generator = torch.Generator().manual_seed(int(seed))
+        self.slot_generators = {j: torch.Generator().manual_seed(_slot_seed(seed, j))
+                                for j in slots}
+
+    def draw(self, set_sizes: list[int], tables: DDIMTables, latent_shape: tuple[int, ...]) -> Draws:
+        t_enc = int(torch.randint(tables.ddim_steps, (1,), generator=self.step_generator))
+        lo, hi = tables.t_ddpm_range(t_enc)
+        samples = []
+        for j, g in self.slot_generators.items():
+            concept = int(torch.randint(len(set_sizes), (1,), generator=g))
+            gumbel = self.draw_gumbel(j, set_sizes[concept])
+            t_ddpm = int(torch.randint(lo, hi, (1,), generator=g))
+            x_T = torch.randn(latent_shape, generator=g, dtype=torch.float32)
+            samples.append(SampleDraw(j, concept, gumbel, t_ddpm, x_T))
+        return Draws(t_enc, samples)
+
+    def draw_gumbel(self, slot: int, size: int) -> torch.Tensor:
+        """g = −log(−log(u + 1e−10) + 1e−10), u ~ U(0, 1)^size, from the slot's generator."""
+        u = torch.rand(size, generator=self.slot_generators[slot], dtype=torch.float32)
+        return -torch.log(-torch.log(u + 1e-10) + 1e-10)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {"step": self.step_generator.get_state()}
+        out.update({f"slot.{j}": g.get_state() for j, g in self.slot_generators.items()})
+        return out
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.step_generator.set_state(state["step"])
+        for j, g in self.slot_generators.items():
+            g.set_state(state[f"slot.{j}"])
