@@ -91,6 +91,7 @@ class Eraser:
         self.progress = ((not cfg.quiet) if progress is None else progress) and self.dist.is_main
         self.device = self.dist.device(cfg.device) if cfg.deepspeed else resolve_device(cfg.device)
         self.ds_engine = None
+        self.compiled_sampler = None
         self.calls: Counter = Counter()  # UNet sample-evaluations (batch entries) by kind
         self.log: list[dict] = []
         self.iteration = 0
@@ -171,6 +172,9 @@ class Eraser:
             self.frozen_tensors = {n: p.detach().to(keep, copy=True) for n, p in self.trained}
             if cfg.gradient_checkpointing:
                 self.unet.enable_gradient_checkpointing()
+            if cfg.compile:  # the same module and parameters, traced for the sampling calls
+                mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+                self.compiled_sampler = torch.compile(self.unet, mode=mode, dynamic=False)
             self.optimizer = self._make_fast_optimizer(params)
             # the text encoder's work is done once: "" and c_e embeddings are cached
             self.text_encoder = None
@@ -228,7 +232,9 @@ class Eraser:
         """UNet output for (x, t, text) from θ' (``which="trained"``) or θ (``"frozen"``),
         counting sample-evaluations under ``kind``. Outputs are fp32."""
         unet = self.unet
-        if which == "trained":
+        if which == "trained" and kind == "sampling" and self.compiled_sampler is not None:
+            forward = self.compiled_sampler
+        elif which == "trained":
             forward = unet
         elif self.cfg.profile == "reference":
             forward = self.frozen

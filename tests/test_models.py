@@ -455,6 +455,24 @@ def test_tokenizer_matches_open_clip(tiny):
         assert ours == theirs, prompt
 
 
+# ids produced by open_clip's SimpleTokenizer (checked by the test above where open_clip is
+# installed), pinned so the tokenizer is checked on every machine
+PINNED_IDS = {
+    "a photo of a cat": [49406, 320, 1125, 539, 320, 2368, 49407],
+    "Van Gogh, starry night!!": [49406, 2451, 19697, 267, 30963, 930, 748, 49407],
+    "nudity": [49406, 1156, 16436, 49407],
+    "café crème brûlée naïve": [49406, 15304, 1075, 12138, 614, 711, 127, 119, 75, 13489, 1097,
+                                35689, 563, 49407],
+    "it's the dog's toy; we'll see 1234": [49406, 585, 568, 518, 1929, 568, 5988, 282, 649, 1342,
+                                           862, 272, 273, 274, 275, 49407],
+}
+
+
+def test_tokenizer_pinned_ids(tiny):
+    for prompt, ids in PINNED_IDS.items():
+        assert tiny.tokenizer(prompt).input_ids == ids, prompt
+
+
 def test_sd2_tokenizer_pads_with_bang():
     from ap_erase_fast.models.tokenizer import build_clip_tokenizer
 
