@@ -86,15 +86,6 @@ def vocabulary_embeddings(text_encoder, tokenizer, words: list[str], text_encode
     return emb, False
 
 
-def l2_distances(query: torch.Tensor, table: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """||table[i] − query||₂ over all elements, fp32 [N] (chunked to bound memory)."""
-    q = query.reshape(1, -1).float()
-    flat = table.reshape(table.shape[0], -1)
-    out = [torch.linalg.vector_norm(flat[i:i + chunk].float() - q, dim=1)
-           for i in range(0, flat.shape[0], chunk)]
-    return torch.cat(out) if out else torch.empty(0)
-
-
 @dataclass
 class PreservationSet:
     concept: str
@@ -110,7 +101,9 @@ def select_preservation_set(concept: str, concept_embedding: torch.Tensor, words
     """The authors' R: L2 top-k, then one representative per 1-D k-means centre."""
     from sklearn.cluster import KMeans
 
-    dist = l2_distances(concept_embedding, table).numpy().astype(np.float64)
+    from .ops import l2_scores
+
+    dist = l2_scores(concept_embedding.to(table.dtype), table).cpu().numpy().astype(np.float64)
     order = np.argsort(dist, kind="stable")  # closest first == score (−dist) descending
     banned = set()
     if exclude_erased:

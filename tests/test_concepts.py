@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from ap_erase_fast.concepts import l2_distances, select_preservation_set
+from ap_erase_fast.concepts import select_preservation_set
+from ap_erase_fast.ops import l2_scores
 from ap_erase_fast.errors import UserError
 
 # word -> L2 distance to the erased concept's embedding; three clear clusters of distances
@@ -28,7 +29,7 @@ def _table(query):
 def test_distances_are_l2_over_all_elements():
     query = torch.randn(7, 5)
     words, table = _table(query)
-    torch.testing.assert_close(l2_distances(query, table), torch.tensor(list(VOCAB.values())),
+    torch.testing.assert_close(l2_scores(query, table), torch.tensor(list(VOCAB.values())),
                                rtol=1e-5, atol=1e-5)
 
 

@@ -165,5 +165,9 @@ def gumbel_argmax_reference(logits, gumbel, tau=1.0):
 def l2_scores_reference(query: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Euclidean distance ||table[n] - query|| for every row n, float32 (float64 for float64)."""
     acc = torch.float64 if table.dtype == torch.float64 else torch.float32
-    diff = table.reshape(table.shape[0], -1).to(acc) - query.reshape(1, -1).to(acc)
-    return torch.sqrt((diff * diff).sum(dim=1))
+    rows, q = table.reshape(table.shape[0], -1), query.reshape(1, -1).to(acc)
+    out = []
+    for start in range(0, rows.shape[0], 256):  # bounded temporaries for 50k-word tables
+        diff = rows[start:start + 256].to(acc) - q
+        out.append(torch.sqrt((diff * diff).sum(dim=1)))
+    return torch.cat(out) if out else torch.empty(0, dtype=acc, device=table.device)
