@@ -31,6 +31,17 @@ _MAX_G = 8  # draws per launch; more draws are processed in chunks of this size
 
 
 @triton.jit
+def _topk_keep(z, mask, thr, seen_eq, need_eq):
+    """Which entries of a block are among the top k: keys above the threshold, plus the first
+    ``need_eq`` entries (lowest index first) equal to it. Returns (keep, updated seen_eq)."""
+    key = _sort_key(z)
+    eq = (mask & (key == thr)).to(tl.int64)
+    rank = seen_eq + tl.cumsum(eq, axis=0) - eq
+    keep = mask & ((key > thr) | ((eq > 0) & (rank < need_eq)))
+    return keep, seen_eq + tl.sum(eq, axis=0)
+
+
+@triton.jit
 def _sort_key(z):
     # int32 key with the same order as the float32 value (negative floats: flip magnitude bits)
     bits = z.to(tl.int32, bitcast=True)
@@ -94,22 +105,14 @@ def _weights_kernel(L, GN, W, IDX, N, seed, tau, k,
             n = n0 + offs
             mask = n < N
             z = tl.load(W + base + n, mask=mask, other=0.0)
-            key = _sort_key(z)
-            eq = (mask & (key == thr)).to(tl.int64)
-            rank = seen_eq + tl.cumsum(eq, axis=0) - eq
-            keep = mask & ((key > thr) | ((eq > 0) & (rank < need_eq)))
-            seen_eq += tl.sum(eq, axis=0)
+            keep, seen_eq = _topk_keep(z, mask, thr, seen_eq, need_eq)
             total += tl.sum(tl.where(keep, tl.exp(z - m), 0.0), axis=0)
         seen_eq = tl.zeros([], tl.int64)
         for n0 in range(0, N, BLOCK_N):
             n = n0 + offs
             mask = n < N
             z = tl.load(W + base + n, mask=mask, other=0.0)
-            key = _sort_key(z)
-            eq = (mask & (key == thr)).to(tl.int64)
-            rank = seen_eq + tl.cumsum(eq, axis=0) - eq
-            keep = mask & ((key > thr) | ((eq > 0) & (rank < need_eq)))
-            seen_eq += tl.sum(eq, axis=0)
+            keep, seen_eq = _topk_keep(z, mask, thr, seen_eq, need_eq)
             tl.store(W + base + n, tl.where(keep, tl.exp(z - m) / total, 0.0), mask=mask)
     else:
         total = tl.zeros([], tl.float32)
