@@ -108,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from .bench import main as bench_main
 
-            return bench_main(args.rest)
+            try:
+                return bench_main(args.rest)
+            except SystemExit as exc:  # its own --help or a bad flag (already reported)
+                return int(exc.code or 0)
         if args.command == "env":
             from .env_report import main as env_main
 

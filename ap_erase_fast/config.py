@@ -319,7 +319,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         meta = f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = "--" + _flag(f.name)
-        help_text = meta["help"]
+        help_text = meta["help"].replace("%", "%%")  # argparse %-formats help strings
         group = groups[meta["group"]]
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
         if isinstance(default, bool):

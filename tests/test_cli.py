@@ -143,3 +143,11 @@ def test_refuses_non_empty_output(capsys, tmp_path, small_vocab):
     assert "--overwrite" in _bad(capsys, "train", "--erase", "x", "--vocab", small_vocab,
                                  "--output", str(out), *FAST)
     assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"],
+                                  ["bench", "step", "--help"], ["--version"]])
+def test_help_texts_render(argv, capsys):
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert ("usage:" in out) if argv != ["--version"] else out.startswith("ap_erase_fast ")
