@@ -176,9 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the rows as JSON to stdout")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch intra-op threads per run (default: 1 for the tiny preset on "
-                         "CPU, where thread hand-offs cost more than the tiny model's work; "
-                         "torch's default otherwise)")
+                    help="torch intra-op threads per run (default: torch's own choice)")
     ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -188,8 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.steps is None:
         args.steps = 4 if args.preset == "tiny" else 2
-    if args.threads is None and args.preset == "tiny" and args.device == "cpu":
-        args.threads = 1
     if args._child:
         print("RESULT " + json.dumps(_run_one(args)), flush=True)
         return 0
