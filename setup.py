@@ -56,7 +56,7 @@ def _native_build():
                 _note(f"WARNING: building {ext.name} failed, continuing without it: {exc}")
 
     sources = ["csrc/gumbel_mix_cpu.cpp"]
-    cxx = ["-O3", "-DNDEBUG"]
+    cxx = ["-O3", "-DNDEBUG", "-fopenmp"]  # at::parallel_for is parallel only with OpenMP
     want_cuda = os.environ.get("AP_ERASE_BUILD_CUDA", "auto").lower() not in ("0", "false", "no", "off")
     if want_cuda and CUDA_HOME is not None and torch.version.cuda is not None:
         _note(f"building CPU + CUDA kernels (CUDA_HOME={CUDA_HOME})")
@@ -64,7 +64,8 @@ def _native_build():
                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-DNDEBUG", "--use_fast_math"]})
     else:
         _note("building CPU kernels only (no CUDA toolkit or CPU-only torch)")
-        ext = CppExtension("ap_erase_fast._C", sources, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("ap_erase_fast._C", sources, extra_compile_args={"cxx": cxx},
+                           extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 

@@ -208,10 +208,14 @@ void mix_forward_kernel(const scalar_t* T, int64_t row_stride, const float* w, s
                         int64_t G, int64_t N, int64_t D) {
   using acc_t = at::opmath_type<scalar_t>;
   // Split columns across threads: each output element's sum over n runs in one thread, in order.
-  at::parallel_for(0, D, kFwdColBlock, [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> acc(G * kFwdColBlock);
-    for (int64_t d0 = c0; d0 < c1; d0 += kFwdColBlock) {
-      const int64_t len = std::min(kFwdColBlock, c1 - d0);
+  // Each thread takes one wide column range (not many narrow tiles), so every table row is read
+  // as one long contiguous run: the pass streams at memory bandwidth instead of striding.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t block = std::max<int64_t>(kFwdColBlock, ((D + threads - 1) / threads + 63) / 64 * 64);
+  at::parallel_for(0, D, block, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> acc(G * std::min(block, c1 - c0));
+    for (int64_t d0 = c0; d0 < c1; d0 += block) {
+      const int64_t len = std::min(block, c1 - d0);
       std::fill(acc.begin(), acc.begin() + G * len, acc_t(0));
       for (int64_t n = 0; n < N; ++n) {
         const scalar_t* row = T + n * row_stride + d0;

@@ -85,7 +85,10 @@ def _try_jit() -> str | None:
         cpp_extension.load(
             name="ap_erase_fast_native_cpu",
             sources=sources,
-            extra_cflags=["-O3", "-DNDEBUG"],
+            # -fopenmp: at::parallel_for is header code that only runs in parallel when the
+            # extension itself is compiled with OpenMP
+            extra_cflags=["-O3", "-DNDEBUG", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=os.environ.get("AP_ERASE_JIT_VERBOSE", "0") == "1",
         )
