@@ -21,6 +21,10 @@ def erase(config: EraseConfig | None = None, write: bool = True, **overrides) ->
         from .config import parse_concepts
 
         cfg.erase = parse_concepts(cfg.erase)
+    if isinstance(cfg.preserve_set, str):
+        from .config import parse_prompt_list
+
+        cfg.preserve_set = parse_prompt_list(cfg.preserve_set)
     cfg.validate()
     if write:
         cfg.output = cfg.output or default_output_dir(cfg)

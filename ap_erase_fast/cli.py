@@ -43,9 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.cli import add_arguments as add_eval_arguments
 
     add_eval_arguments(ev)
-    bench = sub.add_parser("bench", help="benchmarks: 'ap-erase bench step --help'",
-                           add_help=False)
-    bench.add_argument("what", choices=("step",), help="step: outer steps/s and peak memory")
+    bench = sub.add_parser("bench", help="benchmarks: 'ap-erase bench step --help', "
+                                         "'ap-erase bench quality --help'", add_help=False)
+    bench.add_argument("what", choices=("step", "quality"),
+                       help="step: outer steps/s and peak memory; quality: erasure and "
+                            "preservation on ShapesWorld")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     sub.add_parser("env", help="print versions, devices and optional backends")
     return parser
@@ -106,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_eval(args)
         if args.command == "bench":
-            from .bench import main as bench_main
+            if args.what == "quality":
+                quiet_libraries()
+                from .shapes.quality import main as bench_main
+            else:
+                from .bench import main as bench_main
 
             try:
                 return bench_main(args.rest)

@@ -20,7 +20,18 @@ import torch
 
 from .errors import UserError
 
-_AZ = re.compile(r"^[a-z]+$")
+# R candidates: lower-case a–z words, or phrases of them separated by single spaces.
+_AZ = re.compile(r"^[a-z]+( [a-z]+)*$")
+
+
+def mentions(concept: str, candidate: str) -> bool:
+    """Whether ``candidate`` is ``concept``, one of its words, or a phrase containing it."""
+    concept = " ".join(re.findall(r"[a-z]+", concept.lower()))
+    if not concept:
+        return False
+    if candidate == concept or candidate in concept.split():
+        return True
+    return re.search(r"(^| )" + re.escape(concept) + r"( |$)", candidate) is not None
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
@@ -105,10 +116,8 @@ def select_preservation_set(concept: str, concept_embedding: torch.Tensor, words
 
     dist = l2_scores(concept_embedding.to(table.dtype), table).cpu().numpy().astype(np.float64)
     order = np.argsort(dist, kind="stable")  # closest first == score (−dist) descending
-    banned = set()
-    if exclude_erased:
-        banned = {concept.lower().strip()} | set(re.findall(r"[a-z]+", concept.lower()))
-    keep = [int(i) for i in order if _AZ.match(words[i]) and words[i] not in banned]
+    keep = [int(i) for i in order
+            if _AZ.match(words[i]) and not (exclude_erased and mentions(concept, words[i]))]
     if not keep:
         raise UserError("no vocabulary word is made of the letters a-z only; R would be empty "
                         "(check --vocab)")
@@ -129,6 +138,16 @@ def select_preservation_set(concept: str, concept_embedding: torch.Tensor, words
     return PreservationSet(concept=concept, words=[words[i] for i in chosen],
                            distances=[float(dist[i]) for i in chosen], indices=chosen,
                            candidates=len(keep))
+
+
+def fixed_preservation_set(concept: str, concept_embedding: torch.Tensor, prompts: list[str],
+                           table: torch.Tensor) -> PreservationSet:
+    """R given by the user (``--preserve-set``), in the given order, with its distances."""
+    from .ops import l2_scores
+
+    dist = l2_scores(concept_embedding.to(table.dtype), table).cpu().tolist()
+    return PreservationSet(concept=concept, words=list(prompts), distances=[float(d) for d in dist],
+                           indices=list(range(len(prompts))), candidates=len(prompts))
 
 
 def describe_sets(sets: list[PreservationSet]) -> dict:

@@ -25,6 +25,7 @@ ATTENTION = ("sdpa", "classic", "xformers")
 OPTIMIZERS = ("adam", "adamw", "adamw8bit", "paged_adamw8bit")
 GUMBEL_MODES = ("hard", "soft", "topk")
 LOSS_SPACES = ("x0", "eps")
+SEARCHES = ("adversarial", "random")
 
 
 def _opt(help: str, group: str, **kw: Any) -> Any:
@@ -69,15 +70,26 @@ class EraseConfig:
         "eps (plain ε-space MSE, as ESD).", "erase", default="x0", choices=LOSS_SPACES)
     # --- adversarial search --------------------------------------------------------------------
     vocab: str | None = _opt(
-        "Word list the preservation set R is chosen from: a .txt (one word per line) or .csv with "
-        "a 'word' column. Default: the built-in list of common English words.", "search")
+        "Word list the preservation set R is chosen from: a .txt (one word or phrase per line), a "
+        ".csv with a 'word' column, or a built-in list by name: 'en' (3000 common English words) "
+        "or 'shapes' (ShapesWorld captions and distractor words). Default: 'shapes' for --model "
+        "shapes, else 'en'.", "search")
     k_closest: int = _opt("Keep the k vocabulary words closest (L2 in text-embedding space) to "
                           "each erased concept.", "search", default=1000)
     num_centers: int = _opt("1-D k-means centres over those k scores: |R| ≤ num_centers.",
                             "search", default=100)
     exclude_erased: bool = _opt(
-        "Drop the erased concept's own words from R (the authors keep them).", "search",
-        default=False)
+        "Drop the erased concept from R: its own words and every phrase containing it (\"a red "
+        "circle\" for \"circle\"). The authors keep them.", "search", default=False)
+    preserve_set: list[str] = _opt(
+        "Use exactly these prompts as R instead of choosing R from the vocabulary: a comma-"
+        "separated list or a file with one per line; \"\" stands for the empty prompt. With one "
+        "prompt this is fixed preservation.", "search", default=[])
+    search: str = _opt(
+        "How the preserved concept c_a is chosen from R: adversarial (Gumbel-Softmax draw from π, "
+        "which the inner maximisation learns; the paper) or random (a uniform draw for every "
+        "sample, π never updated: the control for the search, at the same cost).", "search",
+        default="adversarial", choices=SEARCHES)
     tau: float = _opt("Gumbel-Softmax temperature τ.", "search", default=2.0)
     gumbel_mode: str = _opt(
         "Draw of the adversarial concept: hard (one real word, straight-through gradient; the "
@@ -226,11 +238,21 @@ def parse_concepts(value: str | list[str]) -> list[str]:
     return out
 
 
+def parse_prompt_list(value: str | list[str]) -> list[str]:
+    """Like :func:`parse_concepts`, but ``""`` (two double quotes) is kept as the empty prompt
+    and list items from Python or a config file are taken as they are."""
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value]
+    return ["" if item in ('""', "''") else item for item in parse_concepts(str(value))]
+
+
 def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
     name = f.name
     default = EraseConfig.__dataclass_fields__[name].default
     if name == "erase":
         return parse_concepts(value)
+    if name == "preserve_set":
+        return parse_prompt_list(value)
     if value is None:
         return None
     kind = type(default) if default is not None and default is not dataclasses.MISSING else None
@@ -338,6 +360,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kw["type"] = int
         if f.name == "erase":
             kw["metavar"] = "CONCEPTS"
+        if f.name == "preserve_set":
+            kw["metavar"] = "PROMPTS"
         group.add_argument(flag, help=help_text, **kw)
 
 

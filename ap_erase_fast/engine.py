@@ -35,7 +35,7 @@ import torch
 
 from . import __version__
 from .concepts import (PreservationSet, check_concept_has_tokens, describe_sets, encode_prompts,
-                       select_preservation_set, vocabulary_embeddings)
+                       fixed_preservation_set, select_preservation_set, vocabulary_embeddings)
 from .config import EraseConfig
 from .errors import UserError
 from .randomness import Draws, RandomnessPlan
@@ -105,7 +105,8 @@ class Eraser:
 
         t0 = time.perf_counter()
         cfg = self.cfg
-        vocab_words = load_vocabulary(cfg.vocab)
+        vocab_words = None if cfg.preserve_set else load_vocabulary(
+            cfg.vocab or ("shapes" if cfg.model == "shapes" else None))
         comp = self.components or load_components(
             cfg.model, single_file_weights=cfg.single_file_weights, torch_dtype=torch.float32,
             device=self.device)
@@ -124,16 +125,23 @@ class Eraser:
         # Preservation sets R, one per erased concept, as text-embedding tables on the device.
         from .models import cache_root, module_content_hash
 
-        cache = None
-        if (cfg.embedding_cache or "").lower() != "none":
-            cache = cfg.embedding_cache or os.path.join(cache_root(), "embeddings")
-        te_hash = module_content_hash(text_encoder)
-        vocab_emb, self.cache_hit = vocabulary_embeddings(text_encoder, comp.tokenizer,
-                                                          vocab_words, te_hash, cache)
-        self.sets: list[PreservationSet] = [
-            select_preservation_set(c, e[0].cpu(), vocab_words, vocab_emb, cfg.k_closest,
-                                    cfg.num_centers, cfg.exclude_erased)
-            for c, e in zip(cfg.erase, self.emb_concepts)]
+        if cfg.preserve_set:  # R given by the user: no vocabulary search
+            vocab_emb = encode_prompts(text_encoder, comp.tokenizer, cfg.preserve_set).cpu()
+            self.cache_hit = False
+            self.sets: list[PreservationSet] = [
+                fixed_preservation_set(c, e[0].cpu(), cfg.preserve_set, vocab_emb)
+                for c, e in zip(cfg.erase, self.emb_concepts)]
+        else:
+            cache = None
+            if (cfg.embedding_cache or "").lower() != "none":
+                cache = cfg.embedding_cache or os.path.join(cache_root(), "embeddings")
+            te_hash = module_content_hash(text_encoder)
+            vocab_emb, self.cache_hit = vocabulary_embeddings(text_encoder, comp.tokenizer,
+                                                              vocab_words, te_hash, cache)
+            self.sets = [
+                select_preservation_set(c, e[0].cpu(), vocab_words, vocab_emb, cfg.k_closest,
+                                        cfg.num_centers, cfg.exclude_erased)
+                for c, e in zip(cfg.erase, self.emb_concepts)]
         self.r_tables = [vocab_emb[s.indices].to(self.device) for s in self.sets]
         del vocab_emb
 
@@ -357,6 +365,8 @@ class Eraser:
         as in a single process), so π and its Adam state stay identical everywhere.
         """
         self.pi_optimizer.zero_grad(set_to_none=True)
+        if self.cfg.search == "random":  # the control: π stays uniform, every draw is uniform
+            return
         if self.dist.world > 1:
             flat = torch.cat([grads[c].detach().float().reshape(-1) if c in grads
                               else torch.zeros(len(p), device=p.device)

@@ -123,7 +123,8 @@ def load_components(
 ) -> SDComponents:
     """Load the UNet, text encoder, tokenizer, DDIM scheduler and VAE of ``model``.
 
-    ``model``: ``"tiny"`` (built-in demo model, random weights), a local diffusers pipeline
+    ``model``: ``"tiny"`` (built-in demo model, random weights), ``"shapes"`` (the built-in
+    ShapesWorld model, trained: see ``ap_erase_fast.shapes``), a local diffusers pipeline
     folder, a Hugging Face hub id (only from the local cache when ``HF_HUB_OFFLINE=1``), or a
     single-file CompVis checkpoint (``.safetensors`` / ``.ckpt``). ``single_file_weights``
     (``"non-ema"`` or ``"ema"``) picks the UNet copy of a single file. ``prediction_type``
@@ -138,11 +139,20 @@ def load_components(
     if single_file_weights not in ("ema", "non-ema"):
         raise ModelLoadError(f"single_file_weights must be 'ema' or 'non-ema', got {single_file_weights!r}")
     if not isinstance(model, (str, os.PathLike)) or not str(model).strip():
-        raise ModelLoadError(f"model must be 'tiny', a folder, a hub id or a .safetensors/.ckpt file, got {model!r}")
+        raise ModelLoadError(f"model must be 'tiny', 'shapes', a folder, a hub id or a .safetensors/.ckpt file, got {model!r}")
     model = os.fspath(model)
     common = dict(torch_dtype=torch_dtype, device=device)
 
-    if model == "tiny":
+    if model == "shapes":
+        from ..shapes.loading import shipped_dir
+
+        folder = shipped_dir()
+        if not os.path.isfile(os.path.join(folder, "model_index.json")):
+            raise ModelLoadError(f"the built-in ShapesWorld model is missing from {folder}; reinstall "
+                                 "the package or retrain it (python -m ap_erase_fast.shapes.train)")
+        comps = _load_diffusers_folder(folder, model_id=model, fmt="builtin", **common)
+        comps.source["sd_version"] = "shapes"
+    elif model == "tiny":
         parts, path = _load_tiny()
         comps = _finish(
             *parts,
@@ -167,7 +177,7 @@ def load_components(
             comps = _load_diffusers_folder(folder, model_id=model, fmt="hub", **common)
         else:
             raise ModelLoadError(
-                f"model {model!r} does not exist; pass 'tiny', a local diffusers folder, a hub id "
+                f"model {model!r} does not exist; pass 'tiny', 'shapes', a local diffusers folder, a hub id "
                 "(org/name) or a .safetensors/.ckpt file"
             )
     if prediction_type is not None and comps.scheduler.config.prediction_type != prediction_type:
@@ -286,7 +296,9 @@ def _load_diffusers_folder(folder, *, model_id, fmt, torch_dtype, device) -> SDC
         else:
             from .tokenizer import build_clip_tokenizer
 
-            tokenizer = build_clip_tokenizer("!" if sd_version == "2.x" else "<|endoftext|>")
+            tokenizer = build_clip_tokenizer(
+                "!" if sd_version == "2.x" else "<|endoftext|>",
+                model_max_length=int(getattr(text_encoder.config, "max_position_embeddings", 77)))
             tokenizer_source = "vendored"
         step = "scheduler"
         sched_cfg = _read_scheduler_config(os.path.join(folder, "scheduler"))

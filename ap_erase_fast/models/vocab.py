@@ -7,6 +7,7 @@ import os
 from ap_erase_fast.errors import UserError
 
 BUILTIN_VOCABULARY = "vocab_en.txt"
+BUILTIN_NAMES = ("en", "shapes")
 
 
 def builtin_vocabulary_path() -> str:
@@ -17,11 +18,19 @@ def builtin_vocabulary_path() -> str:
 def load_vocabulary(path: str | None = None) -> list[str]:
     """The words of a vocabulary file, in file order, duplicates removed (first kept).
 
-    ``None`` → the built-in list (3000 common English words, ``ap_erase_fast/data/vocab_en.txt``).
+    ``None`` or ``"en"`` → the built-in list (3000 common English words,
+    ``ap_erase_fast/data/vocab_en.txt``); ``"shapes"`` → the ShapesWorld list (every training
+    caption plus distractor words, :func:`ap_erase_fast.shapes.world.shapes_vocabulary`).
     ``.csv`` → the ``word`` column (header required). Anything else is read as text: one entry
     per line, surrounding whitespace stripped, blank lines and lines starting with ``#`` ignored.
     Entries are kept as written (no lower-casing): the engine filters to a–z as the authors do.
     """
+    if path == "shapes":
+        from ap_erase_fast.shapes.world import shapes_vocabulary
+
+        return shapes_vocabulary()
+    if path == "en":
+        path = None
     source = builtin_vocabulary_path() if path is None else os.path.expanduser(os.fspath(path))
     if not os.path.isfile(source):
         what = "built-in vocabulary" if path is None else "vocabulary file"
