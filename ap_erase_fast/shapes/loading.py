@@ -1,0 +1,43 @@
+"""Loading the ShapesWorld model and classifier (the shipped copy or a training work folder)."""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes")
+
+
+def shipped_dir() -> str:
+    """Where ``--model shapes`` and its classifier are read from: the package's copy, or the
+    folder in ``AP_ERASE_SHAPES_DIR`` (a retrained model written by ``train --ship``)."""
+    return os.environ.get("AP_ERASE_SHAPES_DIR") or SHIPPED_DIR
+
+
+def load_shapes_folder(model_dir, *, vae_dir=None, fp16_weights=False):
+    """``unet``, ``text_encoder``, ``tokenizer``, ``vae``, ``scheduler`` (fp32, eval mode) from a
+    folder holding ``unet/``, ``text_encoder/`` and (unless ``vae_dir``) ``vae/``. With
+    ``fp16_weights`` the weights are rounded through fp16 first, as the shipped files are."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from ..models.tokenizer import build_clip_tokenizer
+    from .nets import MAX_LENGTH, SCHEDULER_CONFIG
+
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(model_dir, "unet"))
+    text_encoder = CLIPTextModel.from_pretrained(os.path.join(model_dir, "text_encoder"))
+    vae = AutoencoderKL.from_pretrained(vae_dir or os.path.join(model_dir, "vae"))
+    mods = (unet, text_encoder, vae)
+    for m in mods:
+        m.to(torch.float32).eval()
+        if fp16_weights:
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.copy_(p.half().float())
+    return SimpleNamespace(
+        unet=unet,
+        text_encoder=text_encoder,
+        vae=vae,
+        tokenizer=build_clip_tokenizer(model_max_length=MAX_LENGTH),
+        scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG),
+    )

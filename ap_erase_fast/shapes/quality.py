@@ -1,0 +1,485 @@
+"""``ap-erase bench quality``: erasure and preservation measured end to end on ShapesWorld.
+
+For every target (each shape in turn, and one colour), every method and every seed, the built-in
+``shapes`` model is erased with the same step budget, then images are generated from fixed
+seeds (paired across methods) and labelled by the shipped classifier:
+
+* shape target S: 'a <shape>' prompts, ``--images`` per shape. ESR = share of 'a S' images not
+  classified S; PSR = mean over the other five shapes of the share classified correctly.
+* colour target C: 'a <colour> <shape>' prompts for all 36 pairs. ESR = share of 'a C <shape>'
+  images whose colour is not C; PSR = mean over the other colours of colour accuracy.
+
+Also recorded: what the erased concept's images became (label histogram), the ε-space measures
+of ``ap-erase eval`` (drift of the erased and of the kept prompts), the size of R and the
+preserved concepts drawn, and the training time. Methods (all xattn, same steps, lr, batch):
+
+* ``base`` — the model as shipped;
+* ``esd`` — negative-guidance erasure without preservation (λ = 0);
+* ``preserve_null`` — preservation of the fixed neutral prompt "" (R = {""});
+* ``preserve_random`` — preservation of a uniformly random member of R each sample, at the cost
+  of the shared schedule (the control that tells whether the search itself pays off);
+* ``ap_faithful`` — AP, the authors' alternating loop;
+* ``ap_shared`` — AP, the shared schedule.
+
+``--sweep-lrs`` adds runs at other learning rates (``--sweep-targets``, ``--sweep-seeds``) and
+plots ESR against PSR per method. Everything goes to ``--out`` (default benchmarks/results) as
+``quality_<tag>.{jsonl,csv,md}``, ``quality_<tag>_sweep.png`` and ``quality_<tag>_grid.png``;
+finished runs are read back from the jsonl, so an interrupted benchmark resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .world import COLOURS, SHAPES
+
+METHODS: dict[str, dict | None] = {
+    "base": None,
+    "esd": {"preserve_weight": 0.0, "schedule": "shared"},
+    "preserve_null": {"preserve_set": [""], "schedule": "shared"},
+    "preserve_random": {"search": "random", "schedule": "shared"},
+    "ap_faithful": {"schedule": "faithful"},
+    "ap_shared": {"schedule": "shared"},
+}
+DEFAULT_TARGETS = list(SHAPES) + ["red"]
+# Settings every erasure shares (the rest are EraseConfig defaults or flags of this command).
+COMMON = dict(model="shapes", train_method="xattn", ddim_steps=25, start_guidance=3.0,
+              k_closest=200, num_centers=60, exclude_erased=True, device="cpu", quiet=True,
+              mixed_precision="no")
+EVAL_STEPS, EVAL_GUIDANCE = 25, 5.0
+
+
+def _log(msg: str) -> None:
+    print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class World:
+    """The base model, its text encoder and VAE, and the classifier, loaded once."""
+
+    def __init__(self):
+        from ..models import load_components
+        from .train import load_classifier
+        from .loading import shipped_dir
+
+        self.comps = load_components("shapes")
+        self.base_unet = self.comps.unet
+        self.classifier = load_classifier(os.path.join(shipped_dir(), "classifier.safetensors"))
+
+    def components_for_run(self):
+        """A components object whose UNet is a fresh copy of the base (the engine trains it)."""
+        return dataclasses.replace(self.comps, unet=copy.deepcopy(self.base_unet))
+
+    def generate(self, unet, prompts, seeds):
+        from .sample import generate
+
+        c = self.comps
+        return generate(unet, c.text_encoder, c.tokenizer, c.vae, c.scheduler.config, prompts, seeds,
+                        steps=EVAL_STEPS, guidance=EVAL_GUIDANCE)
+
+
+def eval_prompts(target: str, images: int, seed: int):
+    """(prompts, seeds, shape index, colour index or -1) of the evaluation of ``target``."""
+    prompts, seeds, want_s, want_c = [], [], [], []
+    base = 7_919 * (seed + 1)
+    if target in SHAPES:
+        for si, s in enumerate(SHAPES):
+            for j in range(images):
+                prompts.append(f"a {s}")
+                seeds.append(base * 100_000 + si * 1_000 + j)
+                want_s.append(si)
+                want_c.append(-1)
+    else:
+        per_pair = max(1, images // len(SHAPES))
+        for ci, c in enumerate(COLOURS):
+            for si, s in enumerate(SHAPES):
+                for j in range(per_pair):
+                    prompts.append(f"a {c} {s}")
+                    seeds.append(base * 100_000 + 50_000 + ci * 1_000 + si * 100 + j)
+                    want_s.append(si)
+                    want_c.append(ci)
+    return prompts, seeds, torch.tensor(want_s), torch.tensor(want_c)
+
+
+def score(target: str, pred_s, pred_c, want_s, want_c) -> dict:
+    """ESR, PSR, per-concept accuracy and what the target's images became."""
+    if target in SHAPES:
+        names, pred, want = SHAPES, pred_s, want_s
+    else:
+        names, pred, want = COLOURS, pred_c, want_c
+    ti = names.index(target)
+    acc = {n: float((pred[want == i] == i).float().mean()) for i, n in enumerate(names)}
+    became = {n: int((pred[want == ti] == i).sum()) for i, n in enumerate(names)}
+    others = [acc[n] for n in names if n != target]
+    out = {"esr": 1.0 - acc[target], "psr": sum(others) / len(others), "acc": acc, "became": became}
+    if target not in SHAPES:  # the shapes of the colour prompts should survive a colour erasure
+        out["shape_acc"] = float((pred_s == want_s).float().mean())
+    return out
+
+
+def eps_measures_for(world: World, unet, target: str, seed: int) -> dict:
+    """ε-space drift of the erased prompt and of the kept prompts (``ap-erase eval``'s measures)."""
+    from ..concepts import encode_prompts
+    from ..eval.eps import EpsSettings, eps_measures
+
+    c = world.comps
+    if target in SHAPES:
+        prompts = [f"a {s}" for s in SHAPES]
+    else:
+        prompts = [f"a {col} square" for col in COLOURS]
+    erased_i = [i for i, p in enumerate(prompts) if target in p.split()][0]
+    cond = encode_prompts(c.text_encoder, c.tokenizer, prompts)
+    uncond = encode_prompts(c.text_encoder, c.tokenizer, [""])
+    size = world.base_unet.config.sample_size
+    m = eps_measures(world.base_unet, unet, cond, uncond, c.scheduler,
+                     (world.base_unet.config.in_channels, size, size),
+                     EpsSettings(seeds=(seed, seed + 1), ddim_steps=EVAL_STEPS, num_timesteps=5,
+                                 guidance=EVAL_GUIDANCE))
+    kept = [d for i, d in enumerate(m["drift"]) if i != erased_i]
+    return {"drift_erased": m["drift"][erased_i], "drift_kept": sum(kept) / len(kept),
+            "gap_erased": m["gap_erased"][erased_i], "gap_base": m["gap_base"][erased_i]}
+
+
+def run_one(world: World, target: str, method: str, seed: int, args, lr: float) -> tuple[dict, torch.Tensor]:
+    from ..config import EraseConfig
+    from ..engine import Eraser
+
+    t0 = time.perf_counter()
+    row = {"target": target, "method": method, "seed": seed, "lr": lr, "steps": args.steps,
+           "batch_size": args.batch_size}
+    unet = world.base_unet
+    if METHODS[method] is not None:
+        cfg = EraseConfig(**{**COMMON, "erase": [target], "steps": args.steps, "lr": lr,
+                             "batch_size": args.batch_size, "seed": seed,
+                             "loss_space": args.loss_space, **METHODS[method]})
+        comps = world.components_for_run()
+        er = Eraser(cfg, progress=False, components=comps)
+        er.setup()
+        er.train()
+        unet = comps.unet.eval()
+        picks: dict[str, int] = {}
+        for rec in er.log:
+            if rec["kind"] in ("outer", "shared"):
+                for s in rec["samples"]:
+                    picks[s["adv_word"]] = picks.get(s["adv_word"], 0) + 1
+        if cfg.preserve_weight == 0:  # nothing is preserved: the draws are unused
+            picks = {}
+        row.update(train_s=round(er.timings["train_s"], 2), r_size=len(er.sets[0].words),
+                   picks=dict(sorted(picks.items(), key=lambda kv: -kv[1])),
+                   unet_evals_per_step=round(sum(er.calls.values()) / max(1, args.steps), 1))
+    prompts, seeds, want_s, want_c = eval_prompts(target, args.images, seed)
+    images = world.generate(unet, prompts, seeds)
+    pred_s, pred_c, _, _ = world.classifier.predict(images)
+    row.update(score(target, pred_s, pred_c, want_s, want_c))
+    row.update(eps_measures_for(world, unet, target, seed))
+    row["wall_s"] = round(time.perf_counter() - t0, 2)
+    return row, images
+
+
+# -- aggregation ----------------------------------------------------------------------------------
+def _mean_std(xs: list[float]) -> str:
+    if not xs:
+        return "–"
+    m = statistics.fmean(xs)
+    s = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{100 * m:.1f} ± {100 * s:.1f}"
+
+
+def summarize(rows: list[dict], methods: list[str], targets: list[str], seeds: list[int], lr: float):
+    """Per method: ESR and PSR averaged over targets for each seed, then mean ± std over seeds."""
+    main = [r for r in rows if r["lr"] == lr or r["method"] == "base"]
+    table = []
+    for m in methods:
+        entry = {"method": m}
+        for kind, tg in (("shapes", [t for t in targets if t in SHAPES]),
+                         ("colour", [t for t in targets if t not in SHAPES])):
+            if not tg:
+                continue
+            for metric in ("esr", "psr"):
+                per_seed = []
+                for s in seeds:
+                    vals = [r[metric] for r in main if r["method"] == m and r["seed"] == s and r["target"] in tg]
+                    if len(vals) == len(tg):
+                        per_seed.append(statistics.fmean(vals))
+                entry[f"{metric}_{kind}"] = _mean_std(per_seed)
+        times = [r["train_s"] for r in main if r["method"] == m and "train_s" in r]
+        entry["train_s"] = f"{statistics.fmean(times):.1f}" if times else "–"
+        sizes = [r["r_size"] for r in main if r["method"] == m and "r_size" in r]
+        entry["r_size"] = f"{statistics.fmean(sizes):.0f}" if sizes else "–"
+        for key in ("drift_erased", "drift_kept"):
+            vals = [r[key] for r in main if r["method"] == m]
+            entry[key] = f"{statistics.fmean(vals):.4f}" if vals else "–"
+        table.append(entry)
+    return table
+
+
+def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
+    methods, targets, seeds = args.methods, args.targets, args.seeds
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"quality_{tag}"
+    flat_cols = ["target", "method", "seed", "lr", "steps", "batch_size", "esr", "psr", "shape_acc",
+                 "drift_erased", "drift_kept", "gap_erased", "gap_base", "r_size", "train_s", "wall_s",
+                 "acc", "became", "picks"]
+    with open(stem.with_suffix(".csv"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow([f"# {k}: {v}" for k, v in env.items()])
+        w.writerow(flat_cols)
+        for r in rows:
+            w.writerow([json.dumps(r[c]) if isinstance(r.get(c), dict) else r.get(c, "") for c in flat_cols])
+    table = summarize(rows, methods, targets, seeds, args.lr)
+    lines = [f"# Erasure quality on ShapesWorld ({tag})", ""]
+    lines += [f"* {k}: `{v}`" if k == "command" else f"* {k}: {v}" for k, v in env.items()]
+    lines += [
+        f"* settings: {args.steps} steps, lr {args.lr}, batch {args.batch_size}, loss {args.loss_space}, "
+        f"{', '.join(f'{k}={v}' for k, v in COMMON.items() if k not in ('model', 'device', 'quiet'))}",
+        f"* evaluation: {args.images} images per shape prompt (colour target: "
+        f"{max(1, args.images // 6)} per colour-shape pair), DDIM {EVAL_STEPS} steps, CFG {EVAL_GUIDANCE}, "
+        f"seeds paired across methods; classifier top-1. Seeds: {seeds}.",
+        "",
+        "## Summary (mean ± std over seeds of the mean over targets; %)",
+        "",
+    ]
+    has_colour = any(t not in SHAPES for t in targets)
+    head = ["method", "ESR shapes ↑", "PSR shapes ↑"] + (["ESR colour ↑", "PSR colour ↑"] if has_colour else [])
+    head += ["ε drift erased", "ε drift kept ↓", "|R|", "train s/run"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in table:
+        cells = [e["method"], e.get("esr_shapes", "–"), e.get("psr_shapes", "–")]
+        if has_colour:
+            cells += [e.get("esr_colour", "–"), e.get("psr_colour", "–")]
+        cells += [e["drift_erased"], e["drift_kept"], e["r_size"], e["train_s"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    main = [r for r in rows if r["lr"] == args.lr or r["method"] == "base"]
+    lines += ["", "## Per target: ESR / PSR (mean over seeds, %)", "",
+              "| target | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
+    for t in targets:
+        cells = []
+        for m in methods:
+            rs = [r for r in main if r["method"] == m and r["target"] == t]
+            cells.append(f"{100 * statistics.fmean(r['esr'] for r in rs):.0f} / "
+                         f"{100 * statistics.fmean(r['psr'] for r in rs):.0f}" if rs else "–")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines += ["", "## Per target: the kept concept hurt most (lowest accuracy, mean over seeds, %)", "",
+              "| target | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
+    for t in targets:
+        cells = []
+        for m in methods:
+            rs = [r for r in main if r["method"] == m and r["target"] == t]
+            if not rs:
+                cells.append("–")
+                continue
+            names = [n for n in rs[0]["acc"] if n != t]
+            mean_acc = {n: statistics.fmean(r["acc"][n] for r in rs) for n in names}
+            worst = min(mean_acc, key=mean_acc.get)
+            cells.append(f"{worst} {100 * mean_acc[worst]:.0f}")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines += ["", "## What the erased concept's images became (classifier labels, counts summed over seeds)",
+              "", "| target | method | labels |", "|---|---|---|"]
+    for t in targets:
+        for m in methods:
+            rs = [r for r in main if r["method"] == m and r["target"] == t]
+            if not rs:
+                continue
+            tot = {k: sum(r["became"][k] for r in rs) for k in rs[0]["became"]}
+            labels = ", ".join(f"{k} {v}" for k, v in sorted(tot.items(), key=lambda kv: -kv[1]) if v)
+            lines.append(f"| {t} | {m} | {labels} |")
+    lines += ["", "## Preserved concepts drawn (outer updates, summed over seeds; top 6)", "",
+              "| target | method | drawn |", "|---|---|---|"]
+    for t in targets:
+        for m in methods:
+            rs = [r for r in main if r["method"] == m and r["target"] == t and r.get("picks")]
+            if not rs:
+                continue
+            tot: dict[str, int] = {}
+            for r in rs:
+                for k, v in r["picks"].items():
+                    tot[k] = tot.get(k, 0) + v
+            top = sorted(tot.items(), key=lambda kv: -kv[1])[:6]
+            lines.append(f"| {t} | {m} | " + ", ".join(f"'{k}' {v}" for k, v in top) + " |")
+    sweep = [r for r in rows if r["lr"] != args.lr and r["method"] != "base"]
+    if sweep:
+        lines += ["", "## Learning-rate sweep: ESR / PSR (%, mean over sweep targets and seeds)", "",
+                  f"![ESR vs PSR]({stem.name}_sweep.png)", "",
+                  "| lr | " + " | ".join(m for m in methods if m != "base") + " |",
+                  "|" + "---|" * len(methods)]
+        for lr in sorted({r["lr"] for r in rows if r["method"] != "base"}):
+            cells = []
+            for m in methods:
+                if m == "base":
+                    continue
+                rs = [r for r in rows if r["method"] == m and r["lr"] == lr and r["target"] in args.sweep_targets
+                      and r["seed"] in args.sweep_seeds]
+                cells.append(f"{100 * statistics.fmean(r['esr'] for r in rs):.0f} / "
+                             f"{100 * statistics.fmean(r['psr'] for r in rs):.0f}" if rs else "–")
+            lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
+        _plot_sweep(rows, args, stem.with_name(stem.name + "_sweep.png"))
+    if grid_images:
+        _save_grid(grid_images, stem.with_name(stem.name + "_grid.png"))
+        lines += ["", f"Samples (first target, seed {seeds[0]}; rows: methods; columns: the six shape "
+                  f"prompts, two images each): ![grid]({stem.name}_grid.png)"]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    _log(f"wrote {stem}.csv, {stem}.md")
+
+
+def _plot_sweep(rows, args, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for m in args.methods:
+        pts = []
+        for lr in sorted({r["lr"] for r in rows}):
+            rs = [r for r in rows if r["method"] == m and (r["lr"] == lr or m == "base")
+                  and r["target"] in args.sweep_targets and r["seed"] in args.sweep_seeds]
+            if rs:
+                pts.append((statistics.fmean(r["esr"] for r in rs), statistics.fmean(r["psr"] for r in rs), lr))
+        if not pts:
+            continue
+        if m == "base":
+            ax.scatter([pts[0][0]], [pts[0][1]], marker="*", s=120, color="black", label="base")
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        for x, y, lr in pts:
+            ax.annotate(f"{lr:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    ax.set_xlabel("ESR (erased concept no longer recognised)")
+    ax.set_ylabel("PSR (other concepts still recognised)")
+    ax.set_title(f"ShapesWorld, targets {', '.join(args.sweep_targets)}: lr sweep")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def _save_grid(grid_images: dict, path: Path, per_prompt: int = 2) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(grid_images)
+    fig, axes = plt.subplots(len(names), 1, figsize=(6 * per_prompt, 1.1 * len(names) + 0.3))
+    axes = np.atleast_1d(axes)
+    for ax, name in zip(axes, names):
+        imgs, n = grid_images[name]
+        pick = torch.cat([imgs[i * n: i * n + per_prompt] for i in range(len(imgs) // n)])
+        strip = pick.permute(2, 0, 3, 1).reshape(pick.shape[2], -1, 3).numpy()
+        ax.imshow(strip, interpolation="nearest")
+        ax.set_yticks([])
+        ax.set_xticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _environment(command: str) -> dict:
+    from ..bench import _environment as bench_env
+
+    env = bench_env("cpu")
+    env["torch threads"] = str(torch.get_num_threads())
+    env["command"] = command
+    return env
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ap-erase bench quality", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--targets", type=_names, default=DEFAULT_TARGETS,
+                    help="concepts to erase, one run each (shapes and/or colours)")
+    ap.add_argument("--methods", type=_names, default=list(METHODS), help=f"of: {', '.join(METHODS)}")
+    ap.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=40, help="outer steps of every erasure")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--loss-space", choices=("x0", "eps"), default="x0")
+    ap.add_argument("--images", type=int, default=24, help="evaluation images per shape prompt")
+    ap.add_argument("--sweep-lrs", type=_floats, default=[], help="extra learning rates for the ESR-PSR plot")
+    ap.add_argument("--sweep-targets", type=_names, default=["circle"])
+    ap.add_argument("--sweep-seeds", type=_ints, default=[0])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
+    ap.add_argument("--tag", default="shapes_cpu", help="file name stem after 'quality_'")
+    ap.add_argument("--quick", action="store_true",
+                    help="the CI version: target circle, seed 0, 3 steps, 4 images, no sweep")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..errors import UserError
+
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.targets, args.seeds, args.steps, args.images, args.sweep_lrs = ["circle"], [0], 3, 4, []
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        raise UserError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
+    bad = [t for t in args.targets + args.sweep_targets if t not in SHAPES and t not in COLOURS]
+    if bad:
+        raise UserError(f"unknown target(s) {', '.join(bad)}; ShapesWorld has the shapes "
+                        f"{', '.join(SHAPES)} and the colours {', '.join(COLOURS)}")
+    if args.steps < 1 or args.images < 1 or args.batch_size < 1:
+        raise UserError("--steps, --images and --batch-size must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out or Path(__file__).resolve().parents[2] / "benchmarks" / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    raw = out / f"quality_{args.tag}.jsonl"
+    done: dict[tuple, dict] = {}
+    if raw.exists():
+        for line in raw.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["target"], r["method"], r["seed"], r["lr"], r["steps"], r["batch_size"])] = r
+    command = "ap-erase bench quality " + " ".join(argv if argv is not None else sys.argv[1:])
+    world = World()
+    jobs = [(t, m, s, args.lr) for s in args.seeds for t in args.targets for m in args.methods]
+    jobs += [(t, m, s, lr) for lr in args.sweep_lrs if lr != args.lr for s in args.sweep_seeds
+             for t in args.sweep_targets for m in args.methods if m != "base"]
+    rows, grid = [], {}
+    t_all = time.perf_counter()
+    with open(raw, "a") as fh:
+        for i, (t, m, s, lr) in enumerate(jobs):
+            key = (t, m, s, lr, args.steps, args.batch_size)
+            want_grid = t == args.targets[0] and s == args.seeds[0] and lr == args.lr
+            if key in done and not want_grid:
+                rows.append(done[key])
+                continue
+            row, images = run_one(world, t, m, s, args, lr)
+            if want_grid:
+                grid[m] = (images, args.images if t in SHAPES else max(1, args.images // 6) * 6)
+            if key not in done:
+                fh.write(json.dumps(row) + "\n")
+                fh.flush()
+            rows.append(row if key not in done else done[key])
+            _log(f"{i + 1}/{len(jobs)} {t:>8} {m:<16} seed {s} lr {lr:g}: ESR {row['esr']:.2f} "
+                 f"PSR {row['psr']:.2f} ({row['wall_s']:.0f} s; {time.perf_counter() - t_all:.0f} s total)")
+    env = _environment(command)
+    write_outputs(rows, args, env, grid, out, args.tag)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

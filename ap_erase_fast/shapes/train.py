@@ -1,0 +1,381 @@
+"""Train the ShapesWorld model and its classifier from a seed, on CPU.
+
+    python -m ap_erase_fast.shapes.train --out runs/shapes --seed 0 [--ship ap_erase_fast/models/shapes]
+
+Stages (each is skipped when its output exists in ``--out``, so an interrupted run resumes):
+1. classifier: shape/colour CNN on freshly drawn images; held-out accuracy on 10k images.
+2. vae: AutoencoderKL 32x32x3 -> 8x8x4, L1 + MSE + 1e-6 KL; scaling factor = 1 / latent std.
+3. latents: the training set (``--images`` images) encoded once (posterior mean and std).
+4. unet: UNet2DConditionModel and CLIPTextModel trained jointly (epsilon prediction, SD noise
+   schedule, AdamW with warmup and cosine decay, EMA); captions drawn fresh from the templates
+   each step, 10 % empty. The loss curve goes to ``curve.jsonl``.
+5. eval: prompt following of the EMA weights as shipped (fp16-rounded), per shape.
+``--ship DIR`` writes the fp16 diffusers folders (unet, text_encoder, vae, scheduler), the
+classifier and ``train_report.json`` (command, timings, curve summary, scores) into DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import nets, world
+
+
+def _log(msg):
+    print(f"[shapes {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _images(n, rng):
+    x, s, c = world.render(n, rng)
+    return torch.from_numpy(x), torch.from_numpy(s).long(), torch.from_numpy(c).long()
+
+
+def _blur(x):
+    k = torch.tensor([1.0, 2.0, 1.0])
+    k = (k[:, None] * k[None, :]) / 16
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k.expand(3, 1, 3, 3).contiguous(), groups=3)
+
+
+def train_classifier(seed, steps=700, batch=96, lr=3e-3):
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 1])
+    clf = nets.ShapeClassifier()
+    opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    clf.train()
+    for step in range(steps):
+        x, s, c = _images(batch, rng)
+        # Half the batch softened: generated images are smoother than the renderer's edges.
+        x[: batch // 2] = _blur(x[: batch // 2])
+        ls, lc = clf(x)
+        loss = F.cross_entropy(ls, s) + F.cross_entropy(lc, c)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0:
+            _log(f"classifier step {step} loss {loss.item():.4f}")
+    return clf
+
+
+def classifier_accuracy(clf, images, shapes, colours):
+    ps, pc, _, _ = clf.predict(images)
+    per = {name: float((ps[shapes == i] == i).float().mean()) for i, name in enumerate(world.SHAPES)}
+    return {"shape": float((ps == shapes).float().mean()), "colour": float((pc == colours).float().mean()), "per_shape": per}
+
+
+def train_vae(seed, steps=2000, batch=32, lr=2e-3):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 2])
+    vae = AutoencoderKL(**nets.VAE_CONFIG)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    vae.train()
+    for step in range(steps):
+        x, _, _ = _images(batch, rng)
+        x = x * 2 - 1
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 200 == 0:
+            _log(f"vae step {step} loss {loss.item():.4f}")
+    vae.eval()
+    return vae
+
+
+@torch.no_grad()
+def encode_dataset(vae, seed, n, chunk=1000):
+    rng = np.random.default_rng([seed, 3])
+    means, stds, shapes, colours = [], [], [], []
+    for i in range(0, n, chunk):
+        x, s, c = _images(min(chunk, n - i), rng)
+        post = vae.encode(x * 2 - 1).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+        shapes.append(s)
+        colours.append(c)
+    return {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(), "shape": torch.cat(shapes), "colour": torch.cat(colours)}
+
+
+@torch.no_grad()
+def reconstruct(vae, x):
+    return ((vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample + 1) / 2).clamp(0, 1)
+
+
+def _caption_table(tokenizer):
+    caps = world.all_captions()
+    ids = tokenizer(caps, padding="max_length", max_length=nets.MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
+    return {c: i for i, c in enumerate(caps)}, ids
+
+
+def train_unet(seed, data, scaling_factor, tokenizer, *, steps, batch=64, lr=6e-4, warmup=200, ema_decay=0.999, curve=None):
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng([seed, 4])
+    unet, text_encoder, _ = nets.build_modules()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+
+    def lr_at(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        prog = (step - warmup) / max(1, steps - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * prog))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    noise_sched = DDPMScheduler(**{k: v for k, v in nets.SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one", "steps_offset")})
+    index, ids = _caption_table(tokenizer)
+    n = len(data["shape"])
+    unet.train()
+    text_encoder.train()
+    t0 = time.time()
+    run_loss = None
+    for step in range(steps):
+        idx = torch.from_numpy(rng.integers(0, n, batch))
+        z = (data["mean"][idx] + data["std"][idx] * torch.randn(data["mean"][idx].shape, generator=gen)) * scaling_factor
+        u = rng.random(batch)
+        tt = rng.integers(0, 5, batch)
+        caps = [
+            world.caption(world.SHAPES[int(s)], world.COLOURS[int(c)], float(uu), int(ti))
+            for s, c, uu, ti in zip(data["shape"][idx], data["colour"][idx], u, tt)
+        ]
+        tok = ids[[index[c] for c in caps]]
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=gen)
+        noise = torch.randn(z.shape, generator=gen)
+        zt = noise_sched.add_noise(z, noise, t)
+        pred = unet(zt, t, text_encoder(tok)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        d = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - d)
+        run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
+        if curve is not None and (step % 50 == 0 or step == steps - 1):
+            row = {"step": step, "loss": round(loss.item(), 5), "loss_ema": round(run_loss, 5),
+                   "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1)}
+            curve.write(json.dumps(row) + "\n")
+            curve.flush()
+            if step % 250 == 0:
+                _log(f"unet step {step} loss {run_loss:.4f} ({row['elapsed_s']} s)")
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    unet.eval()
+    text_encoder.eval()
+    return unet, text_encoder
+
+
+def _save_classifier(clf, path, meta):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, path, metadata={"info": json.dumps(meta)})
+
+
+def load_classifier(path):
+    from safetensors.torch import load_file
+
+    clf = nets.ShapeClassifier()
+    clf.load_state_dict(load_file(path))
+    return clf.eval()
+
+
+def fp16_round(module):
+    """Round the weights through fp16 (what the shipped files hold), in place."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.half().float())
+    return module
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m ap_erase_fast.shapes.train", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="work folder (stages resume from it)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--unet-steps", type=int, default=3000)
+    ap.add_argument("--vae-steps", type=int, default=2000)
+    ap.add_argument("--clf-steps", type=int, default=700)
+    ap.add_argument("--images", type=int, default=40000, help="training set size for the UNet")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-per-shape", type=int, default=64,
+                    help="images per 'a <shape>' prompt in the final prompt-following check")
+    ap.add_argument("--heldout", type=int, default=10000, help="held-out images for the classifier")
+    ap.add_argument("--ship", default=None, help="folder to write the fp16 model and classifier into")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    report_path = os.path.join(args.out, "report.json")
+    report = json.load(open(report_path)) if os.path.exists(report_path) else {}
+    report.update({"command": "python -m ap_erase_fast.shapes.train " + " ".join(argv if argv is not None else sys.argv[1:]),
+                   "seed": args.seed, "torch": torch.__version__, "threads": args.threads,
+                   "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip()})
+    timings = report.setdefault("timings_s", {})
+
+    def save_report():
+        with open(report_path, "w") as fh:
+            json.dump(report, fh, indent=2)
+
+    from diffusers import AutoencoderKL
+
+    from ..models.tokenizer import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(model_max_length=nets.MAX_LENGTH)
+    held = _images(args.heldout, np.random.default_rng([args.seed, 99]))
+
+    clf_path = os.path.join(args.out, "classifier.safetensors")
+    if not os.path.exists(clf_path):
+        t = time.time()
+        clf = train_classifier(args.seed, steps=args.clf_steps)
+        timings["classifier"] = round(time.time() - t, 1)
+        report["classifier_heldout"] = classifier_accuracy(clf, *held)
+        _save_classifier(clf, clf_path, {"seed": args.seed, "heldout": report["classifier_heldout"]})
+        save_report()
+        _log(f"classifier held-out {report['classifier_heldout']}")
+    clf = load_classifier(clf_path)
+
+    vae_dir = os.path.join(args.out, "vae")
+    if not os.path.exists(os.path.join(vae_dir, "config.json")):
+        t = time.time()
+        vae = train_vae(args.seed, steps=args.vae_steps)
+        lat = encode_dataset(vae, args.seed + 1000, min(4000, args.images))["mean"]
+        sf = float(1.0 / lat.std())
+        vae.register_to_config(scaling_factor=sf)
+        timings["vae"] = round(time.time() - t, 1)
+        n_rec = min(4000, args.heldout)
+        rec = reconstruct(vae, held[0][:n_rec])
+        mse = F.mse_loss(rec, held[0][:n_rec]).item()
+        report["vae"] = {"psnr_db": round(10 * math.log10(1 / mse), 2), "scaling_factor": sf,
+                         "classifier_on_reconstructions": classifier_accuracy(
+                             clf, rec, held[1][:n_rec], held[2][:n_rec])}
+        vae.save_pretrained(vae_dir)
+        save_report()
+        _log(f"vae {report['vae']}")
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+
+    lat_path = os.path.join(args.out, "latents.safetensors")
+    if not os.path.exists(lat_path):
+        from safetensors.torch import save_file
+
+        t = time.time()
+        save_file(encode_dataset(vae, args.seed, args.images), lat_path)
+        timings["latents"] = round(time.time() - t, 1)
+        save_report()
+    from safetensors.torch import load_file
+
+    data = load_file(lat_path)
+
+    model_dir = os.path.join(args.out, "model")
+    if not os.path.exists(os.path.join(model_dir, "unet", "config.json")):
+        t = time.time()
+        with open(os.path.join(args.out, "curve.jsonl"), "w") as curve:
+            unet, text_encoder = train_unet(args.seed, data, vae.config.scaling_factor, tokenizer,
+                                            steps=args.unet_steps, curve=curve)
+        timings["unet"] = round(time.time() - t, 1)
+        unet.save_pretrained(os.path.join(model_dir, "unet"))
+        text_encoder.save_pretrained(os.path.join(model_dir, "text_encoder"))
+        save_report()
+
+    from .loading import load_shapes_folder
+
+    comps = load_shapes_folder(model_dir, vae_dir=vae_dir, fp16_weights=True)
+    t = time.time()
+    scores, images = _prompt_following(comps, clf, args.eval_per_shape)
+    timings["eval"] = round(time.time() - t, 1)
+    report["prompt_following"] = scores
+    save_report()
+    _log(f"prompt following {json.dumps(scores)}")
+    _save_grid(images, scores, os.path.join(args.out, "grid_shapes.png"), args.eval_per_shape)
+    if args.ship:
+        ship(args.out, args.ship, report)
+    return 0
+
+
+def _prompt_following(comps, clf, per_shape):
+    from .sample import prompt_following
+
+    return prompt_following(
+        (comps.unet, comps.text_encoder, comps.tokenizer, comps.vae, comps.scheduler.config), clf,
+        per_shape=per_shape, per_pair=max(1, per_shape // 8),
+    )
+
+
+def _save_grid(images, scores, path, per_shape, cols=8):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for si in range(len(world.SHAPES)):
+        rows.append(images[si * per_shape : si * per_shape + cols])
+    g = torch.stack(rows)  # [6, cols, 3, 32, 32]
+    g = g.permute(0, 3, 1, 4, 2).reshape(len(rows) * 32, cols * 32, 3).numpy()
+    plt.imsave(path, np.kron(g, np.ones((2, 2, 1))))
+
+
+# The tokenizer is not shipped: it is the vendored CLIP BPE with 16 positions, built at load time.
+_MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "tokenizer": [None, None],
+    "safety_checker": [None, None],
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+}
+
+
+def ship(work, dest, report):
+    """Write the fp16 model folders, the classifier and the training report into ``dest``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    tmp = dest.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    m = os.path.join(work, "model")
+    UNet2DConditionModel.from_pretrained(os.path.join(m, "unet")).half().save_pretrained(os.path.join(tmp, "unet"))
+    CLIPTextModel.from_pretrained(os.path.join(m, "text_encoder")).half().save_pretrained(os.path.join(tmp, "text_encoder"))
+    AutoencoderKL.from_pretrained(os.path.join(work, "vae")).half().save_pretrained(os.path.join(tmp, "vae"))
+    os.makedirs(os.path.join(tmp, "scheduler"))
+    with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as fh:
+        json.dump({"_class_name": "DDIMScheduler", **nets.SCHEDULER_CONFIG}, fh, indent=2)
+    with open(os.path.join(tmp, "model_index.json"), "w") as fh:
+        json.dump(_MODEL_INDEX, fh, indent=2)
+    shutil.copy(os.path.join(work, "classifier.safetensors"), os.path.join(tmp, "classifier.safetensors"))
+    for name in ("curve.jsonl",):
+        shutil.copy(os.path.join(work, name), os.path.join(tmp, name))
+    with open(os.path.join(tmp, "train_report.json"), "w") as fh:
+        json.dump(report, fh, indent=2)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    _log(f"shipped to {dest}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

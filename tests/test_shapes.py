@@ -1,0 +1,190 @@
+"""ShapesWorld: the procedural world, the shipped model and classifier, the training script and
+``ap-erase bench quality``."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ap_erase_fast.shapes import world
+
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ap_erase_fast",
+                       "models", "shapes")
+
+
+def test_render_is_seeded_and_covers_every_shape_and_colour():
+    a, sa, ca = world.render(64, 7)
+    b, sb, cb = world.render(64, 7)
+    assert np.array_equal(a, b) and np.array_equal(sa, sb) and np.array_equal(ca, cb)
+    c, _, _ = world.render(64, 8)
+    assert not np.array_equal(a, c)
+    assert a.shape == (64, 3, 32, 32) and a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
+    x, s, col = world.render(36, 1, shapes=np.repeat(np.arange(6), 6), colours=np.tile(np.arange(6), 6))
+    assert list(s) == list(np.repeat(np.arange(6), 6)) and list(col) == list(np.tile(np.arange(6), 6))
+
+
+def test_shape_masks_have_the_expected_areas():
+    # one object of each shape, radius 10, centred, unrotated: areas in pixels
+    n = len(world.SHAPES)
+    cov = world.shape_masks(np.arange(n), np.full(n, 16.0), np.full(n, 16.0), np.full(n, 10.0), np.zeros(n))
+    area = dict(zip(world.SHAPES, cov.sum(axis=(1, 2))))
+    assert area["circle"] == pytest.approx(np.pi * 100, rel=0.03)
+    assert area["ring"] == pytest.approx(np.pi * 100 * (1 - 0.58 ** 2), rel=0.05)
+    assert area["square"] == pytest.approx(16 ** 2, rel=0.03)
+    assert area["cross"] == pytest.approx(2 * 20 * 6.8 - 6.8 ** 2, rel=0.05)
+    tri_r = 11.0  # circumradius of the equilateral triangle
+    assert area["triangle"] == pytest.approx(3 * np.sqrt(3) / 4 * tri_r ** 2, rel=0.05)
+    assert 0.25 * np.pi * 121 < area["star"] < 0.6 * np.pi * 121
+    # every object stays inside the image
+    assert cov[:, 0, :].sum() == 0 and cov[:, -1, :].sum() == 0
+
+
+def test_captions_and_vocabulary():
+    caps = world.all_captions()
+    assert len(caps) == 6 * 5 + 36 * 5 + 1 and caps[-1] == "" and len(set(caps)) == len(caps)
+    assert world.caption("star", "red", 0.0, 0) == "a star"
+    assert world.caption("star", "red", 0.5, 3) == "a red star on a gray background"
+    assert world.caption("star", "red", 0.95, 1) == ""
+    from ap_erase_fast.concepts import _AZ
+    from ap_erase_fast.models.vocab import load_vocabulary
+
+    vocab = load_vocabulary("shapes")
+    assert len(vocab) == len(set(vocab)) == 210 + 150
+    assert all(_AZ.match(w) for w in vocab)
+    assert not set(world.distractor_words()) & (set(world.SHAPES) | set(world.COLOURS))
+    assert load_vocabulary("en") == load_vocabulary(None)
+
+
+def test_exclude_erased_drops_phrases_that_contain_the_concept():
+    from ap_erase_fast.concepts import mentions, select_preservation_set
+
+    assert mentions("circle", "a red circle") and mentions("circle", "circle")
+    assert not mentions("circle", "a ring") and not mentions("red", "reddish")
+    assert mentions("garbage truck", "truck") and mentions("garbage truck", "a garbage truck here")
+    words = ["a circle", "a red circle", "a ring", "a red ring", "a square", "tree", "house", "Bad!"]
+    table = torch.randn(len(words), 4, 8)
+    concept = torch.randn(4, 8)
+    r = select_preservation_set("circle", concept, words, table, k_closest=5, num_centers=5,
+                                exclude_erased=True)
+    assert sorted(r.words) == ["a red ring", "a ring", "a square", "house", "tree"]
+    kept = select_preservation_set("circle", concept, words, table, k_closest=7, num_centers=7)
+    assert "a red circle" in kept.words and "Bad!" not in kept.words
+
+
+@pytest.fixture(scope="module")
+def shapes_model():
+    from ap_erase_fast.models import load_components
+
+    return load_components("shapes")
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    from ap_erase_fast.shapes.train import load_classifier
+
+    return load_classifier(os.path.join(SHIPPED, "classifier.safetensors"))
+
+
+def test_shipped_model_loads_as_sd(shapes_model):
+    c = shapes_model
+    assert c.default_resolution == 32 and c.tokenizer.model_max_length == 16
+    assert c.unet.config.cross_attention_dim == c.text_encoder.config.hidden_size == 128
+    assert not c.random_weights and c.source["format"] == "builtin"
+    ids = c.tokenizer("a red circle").input_ids
+    assert ids == [49406, 320, 736, 7117, 49407]
+    report = json.load(open(os.path.join(SHIPPED, "train_report.json")))
+    assert report["prompt_following"]["shape_min"] >= 0.9  # the recorded acceptance bar
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(SHIPPED) for f in fs)
+    assert size < 30e6
+
+
+def test_shipped_classifier_on_fresh_ground_truth(classifier):
+    x, s, c = world.render(600, 123456)
+    ps, pc, _, _ = classifier.predict(torch.from_numpy(x))
+    assert (ps.numpy() == s).mean() >= 0.98 and (pc.numpy() == c).mean() >= 0.98
+
+
+def test_shipped_model_follows_shape_prompts(shapes_model, classifier):
+    """Images generated from 'a <shape>' (fresh seeds, 8 per shape) are classified as that shape."""
+    from ap_erase_fast.shapes.sample import generate
+
+    c = shapes_model
+    prompts = [f"a {s}" for s in world.SHAPES for _ in range(8)]
+    seeds = [4242 + i for i in range(len(prompts))]
+    images = generate(c.unet, c.text_encoder, c.tokenizer, c.vae, c.scheduler.config, prompts, seeds)
+    assert images.shape == (48, 3, 32, 32)
+    ps, _, _, _ = classifier.predict(images)
+    acc = (ps.view(6, 8) == torch.arange(6)[:, None]).float().mean(1)
+    assert acc.mean() >= 0.9 and acc.min() >= 0.75, dict(zip(world.SHAPES, acc.tolist()))
+    # the same (prompt, seed) gives the same image whatever the batch
+    again = generate(c.unet, c.text_encoder, c.tokenizer, c.vae, c.scheduler.config, prompts[8:10],
+                     seeds[8:10], batch_size=1)
+    assert torch.allclose(again, images[8:10], atol=1e-5)
+
+
+def test_training_script_end_to_end(tmp_path, monkeypatch):
+    """A few steps of every stage; the shipped folder loads as --model shapes and as a folder."""
+    from ap_erase_fast.models import load_components
+    from ap_erase_fast.shapes.train import main
+
+    ship = tmp_path / "ship"
+    rc = main(["--out", str(tmp_path / "work"), "--clf-steps", "2", "--vae-steps", "2", "--images", "64",
+               "--unet-steps", "3", "--eval-per-shape", "1", "--heldout", "64", "--threads", "1",
+               "--ship", str(ship)])
+    assert rc == 0
+    for name in ("model_index.json", "classifier.safetensors", "train_report.json", "curve.jsonl",
+                 "unet/config.json", "text_encoder/config.json", "vae/config.json"):
+        assert (ship / name).exists(), name
+    report = json.loads((ship / "train_report.json").read_text())
+    assert set(report["timings_s"]) >= {"classifier", "vae", "latents", "unet", "eval"}
+    curve = [json.loads(x) for x in (ship / "curve.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve] == [0, 2]
+    folder = load_components(str(ship))
+    monkeypatch.setenv("AP_ERASE_SHAPES_DIR", str(ship))
+    builtin = load_components("shapes")
+    assert folder.content_hash == builtin.content_hash
+    assert builtin.unet.dtype == torch.float32 and builtin.tokenizer.model_max_length == 16
+
+
+def test_missing_shapes_model_is_one_clear_error(tmp_path, monkeypatch):
+    from ap_erase_fast.models import ModelLoadError, load_components
+
+    monkeypatch.setenv("AP_ERASE_SHAPES_DIR", str(tmp_path))
+    with pytest.raises(ModelLoadError, match="ShapesWorld model is missing"):
+        load_components("shapes")
+
+
+def test_bench_quality_quick(tmp_path, capsys):
+    """The CI version of the benchmark: every method runs, the files are written, the base model
+    recognises the target and erasure with the quick budget moves the erased concept's ε."""
+    from ap_erase_fast.cli import main
+
+    rc = main(["bench", "quality", "--quick", "--out", str(tmp_path), "--tag", "t"])
+    assert rc == 0
+    rows = [json.loads(x) for x in (tmp_path / "quality_t.jsonl").read_text().splitlines()]
+    by = {r["method"]: r for r in rows}
+    assert set(by) == {"base", "esd", "preserve_null", "preserve_random", "ap_faithful", "ap_shared"}
+    assert by["base"]["esr"] <= 0.25 and by["base"]["psr"] >= 0.75
+    assert by["base"]["drift_erased"] == 0.0
+    for m in ("esd", "ap_shared", "ap_faithful"):
+        assert by[m]["drift_erased"] > 0
+    assert by["preserve_null"]["r_size"] == 1 and list(by["preserve_null"]["picks"]) == [""]
+    assert by["esd"]["picks"] == {}
+    assert by["ap_shared"]["r_size"] >= 50
+    assert not any("circle" in w for w in by["ap_shared"]["picks"])  # exclude_erased
+    md = (tmp_path / "quality_t.md").read_text()
+    assert "| preserve_random |" in md and (tmp_path / "quality_t_grid.png").exists()
+    # finished runs are read back, not recomputed
+    rc = main(["bench", "quality", "--quick", "--out", str(tmp_path), "--tag", "t", "--methods", "base,esd"])
+    assert rc == 0
+    assert len((tmp_path / "quality_t.jsonl").read_text().splitlines()) == 6
+
+
+def test_bench_quality_rejects_bad_input(tmp_path, capsys):
+    from ap_erase_fast.cli import main
+
+    assert main(["bench", "quality", "--targets", "hexagon", "--out", str(tmp_path)]) == 2
+    assert "unknown target(s) hexagon" in capsys.readouterr().err
+    assert main(["bench", "quality", "--methods", "magic", "--out", str(tmp_path)]) == 2
+    assert not list(tmp_path.iterdir())
