@@ -11,7 +11,7 @@ VOCAB = {
     "apple": 1.0, "bread": 1.1, "cloud": 1.25,
     "delta": 5.0, "eagle": 5.1, "flame": 5.3,
     "grape": 9.0, "house": 9.2, "igloo": 9.3,
-    "Upper": 0.5, "x1": 0.6, "two words": 0.7,  # not a-z only: dropped although closest
+    "Upper": 0.5, "x1": 0.6, "two-words": 0.7,  # not a-z only: dropped although closest
     "zebra": 40.0,  # beyond k_closest
 }
 

@@ -423,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
     ap.add_argument("--tag", default="shapes_cpu", help="file name stem after 'quality_'")
+    ap.add_argument("--shard", default=None, metavar="I/N",
+                    help="run only every N-th job starting at I (0-based), e.g. two processes "
+                         "with --threads 1 and --shard 0/2, 1/2; a last run without --shard "
+                         "collects every shard's results and writes the report")
     ap.add_argument("--quick", action="store_true",
                     help="the CI version: target circle, seed 0, 3 steps, 4 images, no sweep")
     return ap
@@ -447,37 +451,59 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out or Path(__file__).resolve().parents[2] / "benchmarks" / "results")
     out.mkdir(parents=True, exist_ok=True)
-    raw = out / f"quality_{args.tag}.jsonl"
+    shard = None
+    if args.shard:
+        try:
+            i, n = (int(x) for x in args.shard.split("/"))
+            assert 0 <= i < n
+        except (ValueError, AssertionError):
+            raise UserError(f"--shard must look like I/N with 0 <= I < N (got {args.shard!r})") from None
+        shard = (i, n)
+    raw = out / (f"quality_{args.tag}.jsonl" if shard is None else f"quality_{args.tag}.shard{shard[0]}of{shard[1]}.jsonl")
+    grid_dir = out / f".quality_{args.tag}_grid"  # sample images of the grid, for the report
     done: dict[tuple, dict] = {}
-    if raw.exists():
-        for line in raw.read_text().splitlines():
+    for path in sorted(out.glob(f"quality_{args.tag}*.jsonl")):
+        for line in path.read_text().splitlines():
             r = json.loads(line)
             done[(r["target"], r["method"], r["seed"], r["lr"], r["steps"], r["batch_size"])] = r
     command = "ap-erase bench quality " + " ".join(argv if argv is not None else sys.argv[1:])
-    world = World()
     jobs = [(t, m, s, args.lr) for s in args.seeds for t in args.targets for m in args.methods]
     jobs += [(t, m, s, lr) for lr in args.sweep_lrs if lr != args.lr for s in args.sweep_seeds
              for t in args.sweep_targets for m in args.methods if m != "base"]
-    rows, grid = [], {}
+    if shard is not None:
+        jobs = jobs[shard[0]::shard[1]]
+    world = None
+    rows = []
     t_all = time.perf_counter()
     with open(raw, "a") as fh:
         for i, (t, m, s, lr) in enumerate(jobs):
             key = (t, m, s, lr, args.steps, args.batch_size)
             want_grid = t == args.targets[0] and s == args.seeds[0] and lr == args.lr
-            if key in done and not want_grid:
+            grid_file = grid_dir / f"{m}.pt"
+            if key in done and (not want_grid or grid_file.exists()):
                 rows.append(done[key])
                 continue
+            world = world or World()
             row, images = run_one(world, t, m, s, args, lr)
             if want_grid:
-                grid[m] = (images, args.images if t in SHAPES else max(1, args.images // 6) * 6)
+                grid_dir.mkdir(exist_ok=True)
+                per = args.images if t in SHAPES else max(1, args.images // 6) * 6
+                torch.save({"images": images, "per_prompt": torch.tensor(per)}, grid_file)
             if key not in done:
                 fh.write(json.dumps(row) + "\n")
                 fh.flush()
             rows.append(row if key not in done else done[key])
             _log(f"{i + 1}/{len(jobs)} {t:>8} {m:<16} seed {s} lr {lr:g}: ESR {row['esr']:.2f} "
                  f"PSR {row['psr']:.2f} ({row['wall_s']:.0f} s; {time.perf_counter() - t_all:.0f} s total)")
-    env = _environment(command)
-    write_outputs(rows, args, env, grid, out, args.tag)
+    if shard is not None:
+        _log(f"shard {args.shard} done; run again without --shard to write the report")
+        return 0
+    grid = {}
+    for m in args.methods:
+        if (grid_dir / f"{m}.pt").exists():
+            saved = torch.load(grid_dir / f"{m}.pt", weights_only=True)
+            grid[m] = (saved["images"], int(saved["per_prompt"]))
+    write_outputs(rows, args, _environment(command), grid, out, args.tag)
     return 0
 
 
