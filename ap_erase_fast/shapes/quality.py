@@ -155,12 +155,14 @@ def run_one(world: World, target: str, method: str, seed: int, args, lr: float) 
 
     t0 = time.perf_counter()
     row = {"target": target, "method": method, "seed": seed, "lr": lr, "steps": args.steps,
-           "batch_size": args.batch_size}
+           "batch_size": args.batch_size, "loss_space": args.loss_space, "search_lr": args.search_lr,
+           "preserve_weight": args.preserve_weight, "images": args.images}
     unet = world.base_unet
     if METHODS[method] is not None:
         cfg = EraseConfig(**{**COMMON, "erase": [target], "steps": args.steps, "lr": lr,
                              "batch_size": args.batch_size, "seed": seed,
-                             "loss_space": args.loss_space, **METHODS[method]})
+                             "loss_space": args.loss_space, "search_lr": args.search_lr,
+                             "preserve_weight": args.preserve_weight, **METHODS[method]})
         comps = world.components_for_run()
         er = Eraser(cfg, progress=False, components=comps)
         er.setup()
@@ -173,6 +175,11 @@ def run_one(world: World, target: str, method: str, seed: int, args, lr: float) 
                     picks[s["adv_word"]] = picks.get(s["adv_word"], 0) + 1
         if cfg.preserve_weight == 0:  # nothing is preserved: the draws are unused
             picks = {}
+        # where the search ended: the hard draw's probabilities at τ are about softmax(π / τ)
+        prob = torch.softmax(er.pi[0].detach().float() / cfg.tau, 0)
+        top = torch.argsort(prob, descending=True)[:5].tolist()
+        row["pi_top"] = {er.sets[0].words[i]: round(float(prob[i]), 4) for i in top}
+        row["pi_uniform"] = round(1.0 / len(prob), 4)
         row.update(train_s=round(er.timings["train_s"], 2), r_size=len(er.sets[0].words),
                    picks=dict(sorted(picks.items(), key=lambda kv: -kv[1])),
                    unet_evals_per_step=round(sum(er.calls.values()) / max(1, args.steps), 1))
@@ -240,6 +247,7 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
     lines += [f"* {k}: `{v}`" if k == "command" else f"* {k}: {v}" for k, v in env.items()]
     lines += [
         f"* settings: {args.steps} steps, lr {args.lr}, batch {args.batch_size}, loss {args.loss_space}, "
+        f"λ {args.preserve_weight}, π lr {args.search_lr}, "
         f"{', '.join(f'{k}={v}' for k, v in COMMON.items() if k not in ('model', 'device', 'quiet'))}",
         f"* evaluation: {args.images} images per shape prompt (colour target: "
         f"{max(1, args.images // 6)} per colour-shape pair), DDIM {EVAL_STEPS} steps, CFG {EVAL_GUIDANCE}, "
@@ -406,6 +414,16 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _key(target, method, seed, lr, settings) -> tuple:
+    """What identifies a finished run (the base model's evaluation depends on none of the
+    erasure settings but the evaluation ones)."""
+    common = (target, method, seed, settings["images"])
+    if method == "base":
+        return common
+    return common + (settings["steps"], lr, settings["batch_size"], settings["loss_space"], settings["search_lr"],
+                     settings["preserve_weight"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ap-erase bench quality", description=__doc__.split("\n\n")[0])
     ap.add_argument("--targets", type=_names, default=DEFAULT_TARGETS,
@@ -416,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--loss-space", choices=("x0", "eps"), default="x0")
+    ap.add_argument("--search-lr", type=float, default=1e-2, help="Adam lr of π (AP methods)")
+    ap.add_argument("--preserve-weight", type=float, default=1.0,
+                    help="λ of the methods that preserve (ESD has λ = 0)")
     ap.add_argument("--images", type=int, default=24, help="evaluation images per shape prompt")
     ap.add_argument("--sweep-lrs", type=_floats, default=[], help="extra learning rates for the ESR-PSR plot")
     ap.add_argument("--sweep-targets", type=_names, default=["circle"])
@@ -465,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in sorted(out.glob(f"quality_{args.tag}*.jsonl")):
         for line in path.read_text().splitlines():
             r = json.loads(line)
-            done[(r["target"], r["method"], r["seed"], r["lr"], r["steps"], r["batch_size"])] = r
+            done[_key(r["target"], r["method"], r["seed"], r["lr"], r)] = r
     command = "ap-erase bench quality " + " ".join(argv if argv is not None else sys.argv[1:])
     jobs = [(t, m, s, args.lr) for s in args.seeds for t in args.targets for m in args.methods]
     jobs += [(t, m, s, lr) for lr in args.sweep_lrs if lr != args.lr for s in args.sweep_seeds
@@ -477,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     with open(raw, "a") as fh:
         for i, (t, m, s, lr) in enumerate(jobs):
-            key = (t, m, s, lr, args.steps, args.batch_size)
+            key = _key(t, m, s, lr, vars(args))
             want_grid = t == args.targets[0] and s == args.seeds[0] and lr == args.lr
             grid_file = grid_dir / f"{m}.pt"
             if key in done and (not want_grid or grid_file.exists()):

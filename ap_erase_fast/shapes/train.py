@@ -35,6 +35,14 @@ def _log(msg):
     print(f"[shapes {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def _images(n, rng):
     x, s, c = world.render(n, rng)
     return torch.from_numpy(x), torch.from_numpy(s).long(), torch.from_numpy(c).long()
@@ -231,7 +239,7 @@ def main(argv=None):
     report = json.load(open(report_path)) if os.path.exists(report_path) else {}
     report.update({"command": "python -m ap_erase_fast.shapes.train " + " ".join(argv if argv is not None else sys.argv[1:]),
                    "seed": args.seed, "torch": torch.__version__, "threads": args.threads,
-                   "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip()})
+                   "machine": f"{_cpu_name()}, {os.cpu_count()} cores"})
     timings = report.setdefault("timings_s", {})
 
     def save_report():
@@ -308,6 +316,7 @@ def main(argv=None):
     save_report()
     _log(f"prompt following {json.dumps(scores)}")
     _save_grid(images, scores, os.path.join(args.out, "grid_shapes.png"), args.eval_per_shape)
+    _save_curve_plot(os.path.join(args.out, "curve.jsonl"), os.path.join(args.out, "curve.png"))
     if args.ship:
         ship(args.out, args.ship, report)
     return 0
@@ -348,6 +357,27 @@ _MODEL_INDEX = {
     "feature_extractor": [None, None],
     "requires_safety_checker": False,
 }
+
+
+def _save_curve_plot(curve_path, png_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(curve_path)]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.6, alpha=0.5, label="batch loss")
+    ax.plot([r["step"] for r in rows], [r["loss_ema"] for r in rows], lw=1.5, label="running mean")
+    ax.set_xlabel("step (batch 64)")
+    ax.set_ylabel("ε-prediction MSE")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("ShapesWorld UNet + text encoder training")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
 
 
 def ship(work, dest, report):
