@@ -160,8 +160,12 @@ def test_bench_quality_quick(tmp_path, capsys):
     recognises the target and erasure with the quick budget moves the erased concept's ε."""
     from ap_erase_fast.cli import main
 
+    for shard in ("0/2", "1/2"):  # two shards, then a plain run collects them and reports
+        assert main(["bench", "quality", "--quick", "--out", str(tmp_path), "--tag", "t", "--shard", shard]) == 0
+    assert len(list(tmp_path.glob("quality_t.shard*.jsonl"))) == 2 and not (tmp_path / "quality_t.md").exists()
     rc = main(["bench", "quality", "--quick", "--out", str(tmp_path), "--tag", "t"])
     assert rc == 0
+    assert not list(tmp_path.glob("quality_t.shard*.jsonl"))
     rows = [json.loads(x) for x in (tmp_path / "quality_t.jsonl").read_text().splitlines()]
     by = {r["method"]: r for r in rows}
     assert set(by) == {"base", "esd", "preserve_null", "preserve_random", "ap_faithful", "ap_shared"}
@@ -187,4 +191,6 @@ def test_bench_quality_rejects_bad_input(tmp_path, capsys):
     assert main(["bench", "quality", "--targets", "hexagon", "--out", str(tmp_path)]) == 2
     assert "unknown target(s) hexagon" in capsys.readouterr().err
     assert main(["bench", "quality", "--methods", "magic", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "quality", "--shard", "2/2", "--out", str(tmp_path)]) == 2
+    assert "--shard must look like I/N" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())

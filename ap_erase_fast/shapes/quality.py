@@ -468,10 +468,6 @@ def main(argv: list[str] | None = None) -> int:
                         f"{', '.join(SHAPES)} and the colours {', '.join(COLOURS)}")
     if args.steps < 1 or args.images < 1 or args.batch_size < 1:
         raise UserError("--steps, --images and --batch-size must be at least 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out or Path(__file__).resolve().parents[2] / "benchmarks" / "results")
-    out.mkdir(parents=True, exist_ok=True)
     shard = None
     if args.shard:
         try:
@@ -480,13 +476,26 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, AssertionError):
             raise UserError(f"--shard must look like I/N with 0 <= I < N (got {args.shard!r})") from None
         shard = (i, n)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out or Path(__file__).resolve().parents[2] / "benchmarks" / "results")
+    out.mkdir(parents=True, exist_ok=True)
     raw = out / (f"quality_{args.tag}.jsonl" if shard is None else f"quality_{args.tag}.shard{shard[0]}of{shard[1]}.jsonl")
     grid_dir = out / f".quality_{args.tag}_grid"  # sample images of the grid, for the report
     done: dict[tuple, dict] = {}
-    for path in sorted(out.glob(f"quality_{args.tag}*.jsonl")):
+    main_file = out / f"quality_{args.tag}.jsonl"
+    for path in [main_file] * main_file.exists() + sorted(out.glob(f"quality_{args.tag}.shard*.jsonl")):
         for line in path.read_text().splitlines():
             r = json.loads(line)
             done[_key(r["target"], r["method"], r["seed"], r["lr"], r)] = r
+    if shard is None:  # collect the shards' results into the one results file
+        shards = sorted(out.glob(f"quality_{args.tag}.shard*.jsonl"))
+        if shards:
+            tmp = raw.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+            os.replace(tmp, raw)
+            for path in shards:
+                path.unlink()
     command = "ap-erase bench quality " + " ".join(argv if argv is not None else sys.argv[1:])
     jobs = [(t, m, s, args.lr) for s in args.seeds for t in args.targets for m in args.methods]
     jobs += [(t, m, s, lr) for lr in args.sweep_lrs if lr != args.lr for s in args.sweep_seeds
