@@ -203,6 +203,9 @@ def _mean_std(xs: list[float]) -> str:
 
 def summarize(rows: list[dict], methods: list[str], targets: list[str], seeds: list[int], lr: float):
     """Per method: ESR and PSR averaged over targets for each seed, then mean ± std over seeds."""
+    from .world import all_captions
+
+    captions = set(all_captions()) - {""}  # the non-empty captions the model was trained on
     main = [r for r in rows if r["lr"] == lr or r["method"] == "base"]
     table = []
     for m in methods:
@@ -222,6 +225,10 @@ def summarize(rows: list[dict], methods: list[str], targets: list[str], seeds: l
         entry["train_s"] = f"{statistics.fmean(times):.1f}" if times else "–"
         sizes = [r["r_size"] for r in main if r["method"] == m and "r_size" in r]
         entry["r_size"] = f"{statistics.fmean(sizes):.0f}" if sizes else "–"
+        draws = [(k, v) for r in main if r["method"] == m for k, v in (r.get("picks") or {}).items()]
+        total = sum(v for _, v in draws)
+        entry["caption_draws"] = (f"{100 * sum(v for k, v in draws if k in captions) / total:.0f}"
+                                  if total else "–")
         for key in ("drift_erased", "drift_kept"):
             vals = [r[key] for r in main if r["method"] == m]
             entry[key] = f"{statistics.fmean(vals):.4f}" if vals else "–"
@@ -258,13 +265,13 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
     ]
     has_colour = any(t not in SHAPES for t in targets)
     head = ["method", "ESR shapes ↑", "PSR shapes ↑"] + (["ESR colour ↑", "PSR colour ↑"] if has_colour else [])
-    head += ["ε drift erased", "ε drift kept ↓", "|R|", "train s/run"]
+    head += ["ε drift erased", "ε drift kept ↓", "|R|", "draws that are world captions %", "train s/run"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in table:
         cells = [e["method"], e.get("esr_shapes", "–"), e.get("psr_shapes", "–")]
         if has_colour:
             cells += [e.get("esr_colour", "–"), e.get("psr_colour", "–")]
-        cells += [e["drift_erased"], e["drift_kept"], e["r_size"], e["train_s"]]
+        cells += [e["drift_erased"], e["drift_kept"], e["r_size"], e["caption_draws"], e["train_s"]]
         lines.append("| " + " | ".join(cells) + " |")
     main = [r for r in rows if r["lr"] == args.lr or r["method"] == "base"]
     lines += ["", "## Per target: ESR / PSR (mean over seeds, %)", "",
@@ -434,7 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--loss-space", choices=("x0", "eps"), default="x0")
-    ap.add_argument("--search-lr", type=float, default=1e-2, help="Adam lr of π (AP methods)")
+    ap.add_argument("--search-lr", type=float, default=0.1,
+                    help="Adam lr of π (AP methods); 0.1 because π gets as many updates as the "
+                         "short budget has steps (the paper: 1e-2 over 1000 steps)")
     ap.add_argument("--preserve-weight", type=float, default=1.0,
                     help="λ of the methods that preserve (ESD has λ = 0)")
     ap.add_argument("--images", type=int, default=24, help="evaluation images per shape prompt")
