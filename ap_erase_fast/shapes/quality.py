@@ -243,7 +243,7 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
     flat_cols = ["target", "method", "seed", "lr", "steps", "batch_size", "esr", "psr", "shape_acc",
                  "drift_erased", "drift_kept", "gap_erased", "gap_base", "r_size", "train_s", "wall_s",
                  "acc", "became", "picks"]
-    with open(stem.with_suffix(".csv"), "w", newline="") as fh:
+    with open(f"{stem}.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow([f"# {k}: {v}" for k, v in env.items()])
         w.writerow(flat_cols)
@@ -341,7 +341,7 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
         _save_grid(grid_images, stem.with_name(stem.name + "_grid.png"))
         lines += ["", f"Samples (first target, seed {seeds[0]}; rows: methods; columns: the six shape "
                   f"prompts, two images each): ![grid]({stem.name}_grid.png)"]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     _log(f"wrote {stem}.csv, {stem}.md")
 
 
@@ -500,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     if shard is None:  # collect the shards' results into the one results file
         shards = sorted(out.glob(f"quality_{args.tag}.shard*.jsonl"))
         if shards:
-            tmp = raw.with_suffix(".jsonl.tmp")
+            tmp = raw.with_name(raw.name + ".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
             os.replace(tmp, raw)
             for path in shards:
