@@ -89,25 +89,14 @@ class World:
 
 def eval_prompts(target: str, images: int, seed: int):
     """(prompts, seeds, shape index, colour index or -1) of the evaluation of ``target``."""
-    prompts, seeds, want_s, want_c = [], [], [], []
-    base = 7_919 * (seed + 1)
+    from .sample import labelled, pair_rows, shape_rows
+
+    base = 7_919 * (seed + 1) * 100_000
     if target in SHAPES:
-        for si, s in enumerate(SHAPES):
-            for j in range(images):
-                prompts.append(f"a {s}")
-                seeds.append(base * 100_000 + si * 1_000 + j)
-                want_s.append(si)
-                want_c.append(-1)
-    else:
-        per_pair = max(1, images // len(SHAPES))
-        for ci, c in enumerate(COLOURS):
-            for si, s in enumerate(SHAPES):
-                for j in range(per_pair):
-                    prompts.append(f"a {c} {s}")
-                    seeds.append(base * 100_000 + 50_000 + ci * 1_000 + si * 100 + j)
-                    want_s.append(si)
-                    want_c.append(ci)
-    return prompts, seeds, torch.tensor(want_s), torch.tensor(want_c)
+        return labelled(shape_rows(images, lambda si, j: base + si * 1_000 + j))
+    per_pair = max(1, images // len(SHAPES))
+    return labelled(pair_rows(per_pair, lambda si, ci, j: base + 50_000 + ci * 1_000 + si * 100 + j,
+                              colour_major=True))
 
 
 def score(target: str, pred_s, pred_c, want_s, want_c) -> dict:
@@ -274,29 +263,24 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
         cells += [e["drift_erased"], e["drift_kept"], e["r_size"], e["caption_draws"], e["train_s"]]
         lines.append("| " + " | ".join(cells) + " |")
     main = [r for r in rows if r["lr"] == args.lr or r["method"] == "base"]
-    lines += ["", "## Per target: ESR / PSR (mean over seeds, %)", "",
-              "| target | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
-    for t in targets:
-        cells = []
-        for m in methods:
-            rs = [r for r in main if r["method"] == m and r["target"] == t]
-            cells.append(f"{100 * statistics.fmean(r['esr'] for r in rs):.0f} / "
-                         f"{100 * statistics.fmean(r['psr'] for r in rs):.0f}" if rs else "–")
-        lines.append(f"| {t} | " + " | ".join(cells) + " |")
-    lines += ["", "## Per target: the kept concept hurt most (lowest accuracy, mean over seeds, %)", "",
-              "| target | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
-    for t in targets:
-        cells = []
-        for m in methods:
-            rs = [r for r in main if r["method"] == m and r["target"] == t]
-            if not rs:
-                cells.append("–")
-                continue
-            names = [n for n in rs[0]["acc"] if n != t]
-            mean_acc = {n: statistics.fmean(r["acc"][n] for r in rs) for n in names}
-            worst = min(mean_acc, key=mean_acc.get)
-            cells.append(f"{worst} {100 * mean_acc[worst]:.0f}")
-        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    def esr_psr(rs, t):
+        return (f"{100 * statistics.fmean(r['esr'] for r in rs):.0f} / "
+                f"{100 * statistics.fmean(r['psr'] for r in rs):.0f}")
+
+    def hurt_most(rs, t):
+        names = [n for n in rs[0]["acc"] if n != t]
+        mean_acc = {n: statistics.fmean(r["acc"][n] for r in rs) for n in names}
+        worst = min(mean_acc, key=mean_acc.get)
+        return f"{worst} {100 * mean_acc[worst]:.0f}"
+
+    for title, cell in (("Per target: ESR / PSR (mean over seeds, %)", esr_psr),
+                        ("Per target: the kept concept hurt most (lowest accuracy, mean over seeds, %)",
+                         hurt_most)):
+        lines += ["", f"## {title}", "", "| target | " + " | ".join(methods) + " |",
+                  "|" + "---|" * (len(methods) + 1)]
+        for t in targets:
+            runs = {m: [r for r in main if r["method"] == m and r["target"] == t] for m in methods}
+            lines.append(f"| {t} | " + " | ".join(cell(rs, t) if rs else "–" for rs in runs.values()) + " |")
     lines += ["", "## What the erased concept's images became (classifier labels, counts summed over seeds)",
               "", "| target | method | labels |", "|---|---|---|"]
     for t in targets:

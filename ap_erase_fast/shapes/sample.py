@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import torch
 
+from ..concepts import encode_prompts
 from .world import COLOURS, SHAPES
 
 
-@torch.no_grad()
-def encode_prompts(text_encoder, tokenizer, prompts):
-    ids = tokenizer(
-        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(text_encoder.device)
-    return text_encoder(ids)[0]
+def labelled(rows):
+    """``(prompts, seeds, shape index tensor, colour index tensor)`` from rows of
+    ``(prompt, seed, shape index, colour index or -1)``."""
+    rows = list(rows)
+    return ([r[0] for r in rows], [r[1] for r in rows], torch.tensor([r[2] for r in rows]),
+            torch.tensor([r[3] for r in rows]))
 
 
-def ddim(scheduler_config):
-    from diffusers import DDIMScheduler
+def shape_rows(per_shape: int, seed_of):
+    """'a <shape>' rows, shape by shape; ``seed_of(shape_index, j)`` gives the j-th seed."""
+    for si, s in enumerate(SHAPES):
+        for j in range(per_shape):
+            yield f"a {s}", seed_of(si, j), si, -1
 
-    return DDIMScheduler.from_config(dict(scheduler_config))
+
+def pair_rows(per_pair: int, seed_of, colour_major: bool = False):
+    """'a <colour> <shape>' rows for all 36 pairs; ``seed_of(shape_index, colour_index, j)``."""
+    pairs = [(si, ci) for si in range(len(SHAPES)) for ci in range(len(COLOURS))]
+    if colour_major:
+        pairs.sort(key=lambda p: (p[1], p[0]))
+    for si, ci in pairs:
+        for j in range(per_pair):
+            yield f"a {COLOURS[ci]} {SHAPES[si]}", seed_of(si, ci, j), si, ci
 
 
 @torch.no_grad()
@@ -42,7 +54,9 @@ def generate(
     dtype = next(unet.parameters()).dtype
     device = next(unet.parameters()).device
     size = unet.config.sample_size
-    sched = ddim(scheduler_config)
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(dict(scheduler_config))
     sched.set_timesteps(steps)
     out = []
     uncond_all = encode_prompts(text_encoder, tokenizer, [""]).to(dtype)
@@ -69,23 +83,13 @@ def prompt_following(components, classifier, *, per_shape: int = 32, per_pair: i
     """Fraction of "a <shape>" images classified as that shape (per shape), and shape / colour /
     both accuracy on "a <colour> <shape>" images over all 36 pairs."""
     unet, text_encoder, tokenizer, vae, sched_cfg = components
-    prompts, seeds, want_s, want_c = [], [], [], []
-    for si, s in enumerate(SHAPES):
-        for j in range(per_shape):
-            prompts.append(f"a {s}")
-            seeds.append(seed * 1_000_003 + si * 1000 + j)
-            want_s.append(si)
-            want_c.append(-1)
-    for si, s in enumerate(SHAPES):
-        for ci, c in enumerate(COLOURS):
-            for j in range(per_pair):
-                prompts.append(f"a {c} {s}")
-                seeds.append(seed * 1_000_003 + 500_000 + si * 10_000 + ci * 100 + j)
-                want_s.append(si)
-                want_c.append(ci)
+    base = seed * 1_000_003
+    prompts, seeds, want_s, want_c = labelled([
+        *shape_rows(per_shape, lambda si, j: base + si * 1000 + j),
+        *pair_rows(per_pair, lambda si, ci, j: base + 500_000 + si * 10_000 + ci * 100 + j),
+    ])
     images = generate(unet, text_encoder, tokenizer, vae, sched_cfg, prompts, seeds, **kw)
     ps, pc, _, _ = classifier.predict(images)
-    want_s, want_c = torch.tensor(want_s), torch.tensor(want_c)
     shape_only = want_c < 0
     per = {}
     for si, s in enumerate(SHAPES):

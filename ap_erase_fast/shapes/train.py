@@ -211,14 +211,6 @@ def load_classifier(path):
     return clf.eval()
 
 
-def fp16_round(module):
-    """Round the weights through fp16 (what the shipped files hold), in place."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(p.half().float())
-    return module
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m ap_erase_fast.shapes.train", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="work folder (stages resume from it)")
@@ -315,8 +307,10 @@ def main(argv=None):
     report["prompt_following"] = scores
     save_report()
     _log(f"prompt following {json.dumps(scores)}")
-    _save_grid(images, scores, os.path.join(args.out, "grid_shapes.png"), args.eval_per_shape)
+    _save_grid(images, os.path.join(args.out, "grid_shapes.png"), args.eval_per_shape)
     _save_curve_plot(os.path.join(args.out, "curve.jsonl"), os.path.join(args.out, "curve.png"))
+    with open(os.path.join(args.out, "report.md"), "w") as fh:
+        fh.write(report_markdown(report))
     if args.ship:
         ship(args.out, args.ship, report)
     return 0
@@ -331,7 +325,7 @@ def _prompt_following(comps, clf, per_shape):
     )
 
 
-def _save_grid(images, scores, path, per_shape, cols=8):
+def _save_grid(images, path, per_shape, cols=8):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -357,6 +351,30 @@ _MODEL_INDEX = {
     "feature_extractor": [None, None],
     "requires_safety_checker": False,
 }
+
+
+def report_markdown(report) -> str:
+    """The training report as markdown (machine, command, timings, scores)."""
+    pf = report["prompt_following"]
+    t = report["timings_s"]
+    lines = ["# ShapesWorld model: training and scores", "",
+             f"* machine: {report['machine']}, torch {report['torch']}, {report['threads']} threads",
+             f"* command: `{report['command']}`",
+             f"* stage times (s): " + ", ".join(f"{k} {v}" for k, v in t.items())
+             + f"; total {sum(t.values()) / 60:.1f} min",
+             f"* classifier, held out: shape {100 * report['classifier_heldout']['shape']:.1f} %, "
+             f"colour {100 * report['classifier_heldout']['colour']:.1f} %",
+             f"* VAE: PSNR {report['vae']['psnr_db']} dB; classifier on reconstructions: shape "
+             f"{100 * report['vae']['classifier_on_reconstructions']['shape']:.1f} %, colour "
+             f"{100 * report['vae']['classifier_on_reconstructions']['colour']:.1f} %", "",
+             f"Prompt following ({pf['images']['per_shape']} images per 'a <shape>' prompt, DDIM 25 steps, "
+             "CFG 5, fp16-rounded EMA weights, classifier top-1):", "",
+             "| " + " | ".join(pf["shape_prompts"]) + " | mean | min |", "|" + "---|" * (len(pf["shape_prompts"]) + 2),
+             "| " + " | ".join(f"{100 * v:.1f} %" for v in pf["shape_prompts"].values())
+             + f" | {100 * pf['shape_mean']:.1f} % | {100 * pf['shape_min']:.1f} % |", "",
+             f"'a <colour> <shape>', all 36 pairs × {pf['images']['per_pair']}: shape {100 * pf['pair_shape']:.1f} %, "
+             f"colour {100 * pf['pair_colour']:.1f} %, both {100 * pf['pair_both']:.1f} %"]
+    return "\n".join(lines) + "\n"
 
 
 def _save_curve_plot(curve_path, png_path):
