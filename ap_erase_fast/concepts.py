@@ -2,9 +2,13 @@
 
 R is chosen the way the authors choose it: embed every vocabulary word with the text encoder
 (the full last hidden state, [77, D]), score each by minus its L2 distance to the erased
-concept's embedding, keep words made of a–z only, take the k closest, run a 1-D k-means on those
-k scores and keep, for each centre, the word whose score is nearest. R is therefore spread over
-the range of distances, not just the nearest words.
+concept's embedding, keep the words whose lower-cased characters are all in ``a-z</>`` (the
+authors' ``detect_special_tokens``; "African" and "TV" are kept, "x1" and "e-mail" are not),
+take the k closest, run a 1-D k-means on those k scores and keep, for each centre, the word
+whose score is nearest (all k words when k ≤ the number of centres, as the authors do). R is
+therefore spread over the range of distances, not just the nearest words. Words keep their
+spelling in the prompts they become. Phrases of such words separated by single spaces are
+accepted too (a documented extension: the authors' lists hold single words).
 """
 from __future__ import annotations
 
@@ -20,13 +24,21 @@ import torch
 
 from .errors import UserError
 
-# R candidates: lower-case a–z words, or phrases of them separated by single spaces.
-_AZ = re.compile(r"^[a-z]+( [a-z]+)*$")
+# R candidates: words whose lower-cased characters are all in a-z</> (the authors' filter), or
+# phrases of such words separated by single spaces (this library's extension).
+_CANDIDATE = re.compile(r"^[a-z</>]+( [a-z</>]+)*$")
+
+
+def is_candidate(word: str) -> bool:
+    """Whether ``word`` may be a member of R: the authors' filter (lower-case, then every
+    character in ``a-z</>``), extended to phrases of such words joined by single spaces."""
+    return _CANDIDATE.match(word.lower()) is not None
 
 
 def mentions(concept: str, candidate: str) -> bool:
     """Whether ``candidate`` is ``concept``, one of its words, or a phrase containing it."""
     concept = " ".join(re.findall(r"[a-z]+", concept.lower()))
+    candidate = candidate.lower()
     if not concept:
         return False
     if candidate == concept or candidate in concept.split():
@@ -109,7 +121,8 @@ class PreservationSet:
 def select_preservation_set(concept: str, concept_embedding: torch.Tensor, words: list[str],
                             table: torch.Tensor, k_closest: int, num_centers: int,
                             exclude_erased: bool = False) -> PreservationSet:
-    """The authors' R: L2 top-k, then one representative per 1-D k-means centre."""
+    """The authors' R: L2 top-k, then one representative per 1-D k-means centre (or all k
+    candidates when there are no more of them than centres)."""
     from sklearn.cluster import KMeans
 
     from .ops import l2_scores
@@ -117,14 +130,15 @@ def select_preservation_set(concept: str, concept_embedding: torch.Tensor, words
     dist = l2_scores(concept_embedding.to(table.dtype), table).cpu().numpy().astype(np.float64)
     order = np.argsort(dist, kind="stable")  # closest first == score (−dist) descending
     keep = [int(i) for i in order
-            if _AZ.match(words[i]) and not (exclude_erased and mentions(concept, words[i]))]
+            if is_candidate(words[i]) and not (exclude_erased and mentions(concept, words[i]))]
     if not keep:
         raise UserError("no vocabulary word is made of the letters a-z only; R would be empty "
                         "(check --vocab)")
-    if len(keep) < num_centers:
-        raise UserError(f"the vocabulary has {len(keep)} usable words (a-z only), fewer than "
-                        f"--num-centers {num_centers}; lower --num-centers or pass a larger --vocab")
     top = keep[:k_closest]
+    if len(top) <= num_centers:  # the authors return the candidates themselves
+        return PreservationSet(concept=concept, words=[words[i] for i in top],
+                               distances=[float(dist[i]) for i in top], indices=top,
+                               candidates=len(keep))
     scores = -dist[top]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # duplicate scores make k-means warn; dedupe handles it

@@ -76,7 +76,8 @@ class EraseConfig:
         "shapes, else 'en'.", "search")
     k_closest: int = _opt("Keep the k vocabulary words closest (L2 in text-embedding space) to "
                           "each erased concept.", "search", default=1000)
-    num_centers: int = _opt("1-D k-means centres over those k scores: |R| ≤ num_centers.",
+    num_centers: int = _opt("1-D k-means centres over those k scores: |R| ≤ num_centers "
+                            "(with k ≤ num_centers, R is the k closest words, as the authors do).",
                             "search", default=100)
     exclude_erased: bool = _opt(
         "Drop the erased concept from R: its own words and every phrase containing it (\"a red "
@@ -138,7 +139,8 @@ class EraseConfig:
                                "optim", default=0.0)
     mixed_precision: str = _opt(
         "Fast profile compute precision: auto (bf16 on CUDA, fp32 on CPU), no (fp32), bf16, "
-        "fp16. Trained parameters and optimizer states stay fp32.", "optim", default="auto",
+        "fp16 (with dynamic loss scaling). Trained parameters, norm layers and optimizer states "
+        "stay fp32.", "optim", default="auto",
         choices=MIXED_PRECISION)
     allow_tf32: bool = _opt("Allow TF32 matmuls on Ampere+ GPUs (fast profile).", "optim",
                             default=False)
@@ -185,14 +187,14 @@ class EraseConfig:
         if self.pgd_steps < 2:
             raise UserError(f"--pgd-steps must be at least 2 (one outer step plus at least one "
                             f"search step; got {self.pgd_steps})")
-        if self.k_closest < self.num_centers:
-            raise UserError(f"--k-closest ({self.k_closest}) must be at least --num-centers "
-                            f"({self.num_centers}): the k-means runs on the k closest words")
         if self.profile == "reference" and self.schedule != "faithful":
             raise UserError("--profile reference runs the authors' loop; it supports only "
                             "--schedule faithful (use --profile fast for --schedule shared)")
         if self.deepspeed and self.profile != "fast":
             raise UserError("--deepspeed runs the fast profile; drop --profile reference")
+        if self.deepspeed and self.mixed_precision == "fp16":
+            raise UserError("--mixed-precision fp16 is not supported with --deepspeed (its loss "
+                            "scaling is single-process); use --mixed-precision bf16")
         if self.checkpoint_every < 0:
             raise UserError("--checkpoint-every must be 0 (off) or a positive number of steps")
         if not self.tau > 0:

@@ -170,20 +170,30 @@ class Eraser:
                 torch.backends.cuda.matmul.allow_tf32 = True
                 torch.backends.cudnn.allow_tf32 = True
             set_attention_backend(self.unet, cfg.attention)
-            if self.compute_dtype is not None:  # frozen weights are only ever read in it
-                trained_ids = {id(p) for p in params}
-                for p in self.unet.parameters():
-                    if id(p) not in trained_ids:
+            # Weights that autocast casts to the compute dtype anyway (linear and convolution
+            # layers) are stored in it when they are not trained; everything else (norms) stays
+            # fp32, so the model computed under autocast is the original one.
+            self.autocast_cast = autocast_cast_parameters(self.unet)
+            if self.compute_dtype is not None:
+                trained_names = set(self.trained_names)
+                for n, p in self.unet.named_parameters():
+                    if n not in trained_names and n in self.autocast_cast:
                         p.data = p.data.to(self.compute_dtype)
-            # θ = θ' with the original values of the trained tensors: no second UNet.
-            keep = self.compute_dtype or torch.float32
-            self.frozen_tensors = {n: p.detach().to(keep, copy=True) for n, p in self.trained}
             if cfg.gradient_checkpointing:
                 self.unet.enable_gradient_checkpointing()
             if cfg.compile:  # the same module and parameters, traced for the sampling calls
                 mode = "reduce-overhead" if self.device.type == "cuda" else "default"
                 self.compiled_sampler = torch.compile(self.unet, mode=mode, dynamic=False)
             self.optimizer = self._make_fast_optimizer(params)
+            # θ = θ' with the original values of the trained tensors: no second UNet. Each copy
+            # has the dtype its forward reads: the compute dtype where autocast casts the tensor
+            # anyway (bit-identical to what θ' computes with), else the live tensor's own dtype
+            # (fp32 masters; bf16 when a DeepSpeed bf16 config cast the module). So θ'₀ = θ.
+            self.frozen_tensors = {
+                n: p.detach().to(self.compute_dtype if (self.compute_dtype is not None
+                                                        and n in self.autocast_cast) else p.dtype,
+                                 copy=True)
+                for n, p in self.trained}
             # the text encoder's work is done once: "" and c_e embeddings are cached
             self.text_encoder = None
             comp.text_encoder = None
@@ -192,6 +202,13 @@ class Eraser:
         self.pi = [torch.nn.Parameter(torch.full((len(s.words),), 1.0 / len(s.words),
                                                  device=self.device)) for s in self.sets]
         self.pi_optimizer = torch.optim.Adam(self.pi, lr=cfg.search_lr)
+        # fp16 compute: dynamic loss scaling, one scale for the θ' backward (which also carries
+        # π's gradient in the shared schedule) and one for the π-only search backward. AP's
+        # gradients are tiny (π's are ~1e-8): unscaled fp16 backwards would flush them to zero.
+        fp16 = self.compute_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.pi_scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.skipped_steps = Counter()  # updates skipped for a non-finite fp16 gradient
         b, rank = cfg.batch_size, self.dist.rank
         self.plan = RandomnessPlan(cfg.seed, [rank * b + k for k in range(b)])
         self.timings["setup_s"] = time.perf_counter() - t0
@@ -348,24 +365,52 @@ class Eraser:
             for _, p in self.trained:
                 p.requires_grad_(True)
 
-    def step_optimizer(self, loss: torch.Tensor) -> None:
-        """Descent step of θ' on ``loss`` (through the DeepSpeed engine when there is one)."""
+    def backward(self, loss: torch.Tensor) -> None:
+        """Gradients of ``loss`` for θ' (and π where the graph reaches it), loss-scaled in fp16;
+        through the DeepSpeed engine when there is one. Follow with :meth:`step_theta`."""
         if self.ds_engine is not None:
             self.ds_engine.backward(loss)
-            self.ds_engine.step()
             return
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()
 
-    def step_pi(self, grads: dict[int, torch.Tensor]) -> None:
+    def step_theta(self) -> None:
+        """Descent step of θ' on the gradients of the last :meth:`backward` (skipped, and the
+        loss scale lowered, when an fp16 gradient overflowed)."""
+        if self.ds_engine is not None:
+            self.ds_engine.step()
+            return
+        self._scaled_step(self.scaler, self.optimizer, "theta")
+
+    def step_optimizer(self, loss: torch.Tensor) -> None:
+        """Descent step of θ' on ``loss``."""
+        self.backward(loss)
+        self.step_theta()
+
+    def _scaled_step(self, scaler, optimizer, name: str) -> None:
+        scale = scaler.get_scale() if scaler.is_enabled() else None
+        scaler.step(optimizer)
+        scaler.update()
+        if scale is not None and scaler.get_scale() < scale:
+            self.skipped_steps[name] += 1
+
+    def search_gradients(self, loss: torch.Tensor, pis: list[torch.Tensor]):
+        """Gradients of ``loss`` in ``pis`` alone, scaled by the π loss scale in fp16 (pass them
+        to :meth:`step_pi` as they are)."""
+        return torch.autograd.grad(self.pi_scaler.scale(loss), pis)
+
+    def step_pi(self, grads: dict[int, torch.Tensor], scaler=None) -> None:
         """Step the π's along ``grads`` (concept → gradient of the loss to minimise).
 
+        ``scaler``: the loss scaler the gradients were scaled by (default: the π search
+        scaler; pass :attr:`scaler` for gradients of the θ' backward, before
+        :meth:`step_theta`). A step of non-finite fp16 gradients is skipped.
         Data-parallel: gradients are averaged over ranks (a π no rank drew keeps no gradient,
         as in a single process), so π and its Adam state stay identical everywhere.
+        Under ``--search random`` π is never stepped: it stays uniform, every draw is uniform.
         """
         self.pi_optimizer.zero_grad(set_to_none=True)
-        if self.cfg.search == "random":  # the control: π stays uniform, every draw is uniform
+        if self.cfg.search == "random":
             return
         if self.dist.world > 1:
             flat = torch.cat([grads[c].detach().float().reshape(-1) if c in grads
@@ -379,7 +424,10 @@ class Eraser:
                      if used[c] > 0}
         for c, g in grads.items():
             self.pi[c].grad = g
-        self.pi_optimizer.step()
+        if scaler is None or scaler is self.pi_scaler:
+            self._scaled_step(self.pi_scaler, self.pi_optimizer, "pi")
+        else:  # the θ' scaler: its update follows in step_theta
+            scaler.step(self.pi_optimizer)
 
     def check_finite(self, loss: torch.Tensor) -> None:
         """Stop (on every rank) when a loss is NaN or infinite; the last checkpoint stays."""
@@ -453,7 +501,9 @@ class Eraser:
             save_file(self.trained_state(), str(tmp / "trained.safetensors"))
             save_file({f"pi.{k}": p.detach().cpu().contiguous() for k, p in enumerate(self.pi)},
                       str(tmp / "pi.safetensors"))
-            state = {"pi_optimizer": self.pi_optimizer.state_dict()}
+            state = {"pi_optimizer": self.pi_optimizer.state_dict(),
+                     "scaler": self.scaler.state_dict(), "pi_scaler": self.pi_scaler.state_dict(),
+                     "skipped_steps": dict(self.skipped_steps)}
             if self.ds_engine is None:
                 state["optimizer"] = self.optimizer.state_dict()
             torch.save(state, tmp / "state.pt")
@@ -511,6 +561,10 @@ class Eraser:
             for k, p in enumerate(self.pi):
                 p.copy_(pis[f"pi.{k}"])
         self.pi_optimizer.load_state_dict(state["pi_optimizer"])
+        for key in ("scaler", "pi_scaler"):
+            if state.get(key):
+                getattr(self, key).load_state_dict(state[key])
+        self.skipped_steps = Counter(state.get("skipped_steps", {}))
         self.plan.load_state(load_file(str(ckpt / f"rng-rank{self.dist.rank}.safetensors")))
         self.iteration = int(meta["iteration"])
         self.calls = Counter(meta["calls"])
@@ -552,6 +606,7 @@ class Eraser:
             "iterations": self.iteration, "outer_steps": self.iteration // cfg.pgd_steps,
             # sample-evaluations of this process (rank 0 under DeepSpeed)
             "unet_calls_per_outer_step": {k: v / outer_steps for k, v in sorted(self.calls.items())},
+            "compute_dtype": str(getattr(self, "compute_dtype", None) or torch.float32).replace("torch.", ""),
             "timings": {**{k: round(v, 3) for k, v in self.timings.items()},
                         "outer_steps_per_s": round(outer_steps / self.timings["train_s"], 4)
                         if self.timings["train_s"] > 0 else None},
@@ -564,9 +619,22 @@ class Eraser:
             hashes = self.dist.gather(mine)
             info["ranks_agree"] = {"trained": len({h[0] for h in hashes}) == 1,
                                    "pi": len({h[1] for h in hashes}) == 1}
+        if self.scaler.is_enabled():
+            info["loss_scale"] = {"theta": self.scaler.get_scale(), "pi": self.pi_scaler.get_scale(),
+                                  "skipped_steps": dict(self.skipped_steps)}
         if comp.random_weights:
             info["notice"] = RANDOM_WEIGHTS_NOTICE
         return info
+
+
+def autocast_cast_parameters(module: torch.nn.Module) -> set[str]:
+    """Names of the parameters that autocast casts to its lower-precision dtype before use:
+    those of linear and convolution layers. Norm layers run in fp32 under autocast and read
+    their parameters as stored."""
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    return {f"{prefix}.{n}" if prefix else n
+            for prefix, m in module.named_modules() if isinstance(m, kinds)
+            for n, _ in m.named_parameters(recurse=False)}
 
 
 def _compute_dtype(name: str, device: torch.device) -> torch.dtype | None:

@@ -88,7 +88,11 @@ def reference_iteration(er, d) -> StepResult:
     er.pi_optimizer.zero_grad(set_to_none=True)
     er.unet.zero_grad(set_to_none=True)
     loss.backward()
-    (er.optimizer if outer else er.pi_optimizer).step()
+    if outer:
+        er.step_theta()
+    else:  # through step_pi, which leaves π alone under --search random
+        concepts = sorted({s.concept for s in d.samples})
+        er.step_pi({c: er.pi[c].grad for c in concepts if er.pi[c].grad is not None})
     return StepResult("outer" if outer else "inner", loss, l_erase_m, l_pres_m, adv)
 
 
@@ -145,7 +149,7 @@ def _search_gradient(er, b: _Batch, z_r, e_ref):
         l_pres = _preserve_term(er, e_adv, e_ref, z_r, b.alpha)
         loss = -l_pres
         er.check_finite(loss)
-        grads = torch.autograd.grad(loss, [er.pi[c] for c in b.concepts])
+        grads = er.search_gradients(loss, [er.pi[c] for c in b.concepts])
     return loss, l_pres, dict(zip(b.concepts, grads))
 
 
@@ -168,10 +172,11 @@ def shared_outer_step(er, d) -> list[StepResult]:
     pis = [er.pi[c] for c in b.concepts]
     for p in pis:
         p.grad = None
-    er.step_optimizer(loss)  # also fills the π gradients: λ·∂L_pres/∂π
+    er.backward(loss)  # also fills the π gradients: λ·∂L_pres/∂π (loss-scaled in fp16)
     if cfg.preserve_weight != 0:
         er.step_pi({c: -er.pi[c].grad / cfg.preserve_weight
-                    for c in b.concepts if er.pi[c].grad is not None})
+                    for c in b.concepts if er.pi[c].grad is not None}, scaler=er.scaler)
+    er.step_theta()
 
     for _ in range(cfg.pgd_steps - 2):
         for s in b.samples:

@@ -79,8 +79,6 @@ def test_bad_inputs_one_line_exit_2(capsys, tmp_path, small_vocab):
     empty.write_text("\n# just a comment\n")
     assert "no words" in _bad(capsys, "train", "--erase", "x", "--vocab", str(empty), "--output",
                               out, *FAST)
-    assert "--num-centers" in _bad(capsys, "train", "--erase", "x", "--k-closest", "5",
-                                   "--num-centers", "10", "--output", out)
     assert "train-method" in _bad(capsys, "train", "--erase", "x", "--train-method", "attn3")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("erase: [x]\nlearning_rate: 0.1\n")

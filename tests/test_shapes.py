@@ -46,12 +46,12 @@ def test_captions_and_vocabulary():
     assert world.caption("star", "red", 0.0, 0) == "a star"
     assert world.caption("star", "red", 0.5, 3) == "a red star on a gray background"
     assert world.caption("star", "red", 0.95, 1) == ""
-    from ap_erase_fast.concepts import _AZ
+    from ap_erase_fast.concepts import is_candidate
     from ap_erase_fast.models.vocab import load_vocabulary
 
     vocab = load_vocabulary("shapes")
     assert len(vocab) == len(set(vocab)) == 210 + 150
-    assert all(_AZ.match(w) for w in vocab)
+    assert all(is_candidate(w) for w in vocab)
     assert not set(world.distractor_words()) & (set(world.SHAPES) | set(world.COLOURS))
     assert load_vocabulary("en") == load_vocabulary(None)
 

@@ -23,7 +23,9 @@ def load_vocabulary(path: str | None = None) -> list[str]:
     caption plus distractor words, :func:`ap_erase_fast.shapes.world.shapes_vocabulary`).
     ``.csv`` → the ``word`` column (header required). Anything else is read as text: one entry
     per line, surrounding whitespace stripped, blank lines and lines starting with ``#`` ignored.
-    Entries are kept as written (no lower-casing): the engine filters to a–z as the authors do.
+    Entries are kept as written (no lower-casing): R selection keeps the entries whose
+    lower-cased characters are all in ``a-z</>``, as the authors' filter does, and prompts use the
+    entries as spelled (:func:`ap_erase_fast.concepts.is_candidate`).
     """
     if path == "shapes":
         from ap_erase_fast.shapes.world import shapes_vocabulary
