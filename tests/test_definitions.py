@@ -111,6 +111,8 @@ def test_random_search_never_moves_pi(tiny_cfg, combo):
     (the old reference profile stepped π anyway and fails this)."""
     er = _eraser(tiny_cfg, combo, search="random", pgd_steps=3, train_method="xattn")
     pi0 = [p.detach().clone() for p in er.pi]
+    for p, s in zip(pi0, er.sets):  # the authors' initialisation: every logit 1/|R|
+        assert torch.equal(p, torch.full((len(s.words),), 1.0 / len(s.words)))
     for _ in range(3):
         er.run_outer_step()
     assert all(torch.equal(p.detach(), q) for p, q in zip(er.pi, pi0))
