@@ -110,34 +110,53 @@ def _rms_close(a, b, atol=1e-6, rtol=1e-4):
     assert abs(ra - rb) <= atol + rtol * abs(ra), (a, b)
 
 
-def test_fast_profile_is_the_reference_computation(tiny_cfg):
-    """fp32 + classic attention: fast/faithful reproduces the reference's draws, loss log and
-    trained tensors (batched calls only change rounding); bf16 keeps the drawn words."""
-    ref = erase(tiny_cfg(steps=3, profile="reference"), write=False)
-    fast = erase(tiny_cfg(steps=3, profile="fast", attention="classic", mixed_precision="no"),
-                 write=False)
+# Tolerances for fast (fp32, classic attention) against reference: relative L2 error of the
+# updates θ′ − θ₀ and π − π₀ after 3 outer steps. Measured on CPU: θ 9e-5 (xattn) and 4.5e-4
+# (noxattn), π 1.1e-5 and 1.9e-5 (batching changes only rounding; Adam amplifies it on entries
+# whose gradient is near its eps). Mutations in the fast path, measured: ×2 on the θ′ loss gives
+# θ errors 6.6e-2 / 1.6e-2; dropping the preservation term from the outer loss 6.5e-3 / 6.5e-2;
+# the π search gradient negated gives π errors 2.0.
+THETA_TOL, PI_TOL = 2e-3, 5e-5
+
+
+def assert_fast_equals_reference(tiny_cfg, train_method, device="cpu"):
+    from _updates import relative_l2, run_updates
+
+    ref_theta, ref_pi, ref = run_updates(tiny_cfg(steps=3, profile="reference", device=device,
+                                                  train_method=train_method))
+    fast_theta, fast_pi, fast = run_updates(tiny_cfg(steps=3, attention="classic", device=device,
+                                                     mixed_precision="no",
+                                                     train_method=train_method))
     for a, b in zip(ref.log, fast.log):
         assert (a["kind"], a["t_enc"], a["samples"]) == (b["kind"], b["t_enc"], b["samples"])
         _rms_close(a["loss"], b["loss"])
         _rms_close(a["loss_preserve"], b["loss_preserve"])
         if a["kind"] == "outer":
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
-    for name, value in ref.trained.items():
-        err = (value - fast.trained[name]).abs().max() / value.abs().max()
-        assert err < 1e-5, (name, float(err))
+    errors = relative_l2(fast_theta, ref_theta), relative_l2(fast_pi, ref_pi)
+    assert errors[0] < THETA_TOL and errors[1] < PI_TOL, errors
+    return ref, fast, errors
+
+
+@pytest.mark.parametrize("train_method", ["xattn", "noxattn"])
+def test_fast_profile_is_the_reference_computation(tiny_cfg, train_method):
+    """fp32 + classic attention: fast/faithful reproduces the reference's draws and loss log,
+    and its updates θ′ − θ₀ and π − π₀ within THETA_TOL / PI_TOL (relative L2).
+
+    Mutations checked (in the fast path; each fails): the θ′ step on 2·loss, the preservation
+    term dropped from the outer loss, the π search gradient negated. (bf16/fp16 against fp32:
+    tests/test_fast_options.py::test_low_precision_updates_follow_fp32.)
+    """
+    ref, fast, _ = assert_fast_equals_reference(tiny_cfg, train_method)
     # UNet sample-evaluations per outer step: the cost model's "faithful, no waste" column
     log = fast.log
     steps = lambda t: 9 if t == 0 else 10 - t  # noqa: E731
     sampling = sum((4 if r["kind"] == "outer" else 2) * steps(r["t_enc"]) for r in log) / 3
-    assert fast.run_info["unet_calls_per_outer_step"] == {
+    assert fast.run_info()["unet_calls_per_outer_step"] == {
         "frozen": 4.0, "grad": 3.0, "sampling": pytest.approx(sampling)}
-
-    bf16 = erase(tiny_cfg(steps=3, profile="fast", mixed_precision="bf16"), write=False)
+    bf16 = erase(tiny_cfg(steps=3, profile="fast", mixed_precision="bf16",
+                          train_method=train_method), write=False)
     assert [r["samples"] for r in ref.log] == [r["samples"] for r in bf16.log]
-    for name, value in ref.trained.items():
-        # 3 Adam steps of lr 1e-5 move each weight by at most 3e-5; bf16 compute may flip the
-        # sign of tiny gradient entries, so the bound is the step budget, not rounding
-        assert (value - bf16.trained[name]).abs().max() <= 6e-5 + 1e-6, name
 
 
 def test_shared_schedule_costs_and_resume(tiny_cfg, tmp_path):
