@@ -51,8 +51,17 @@ class RandomnessPlan:
         self.slot_generators = {j: torch.Generator().manual_seed(_slot_seed(seed, j))
                                 for j in slots}
 
+    def fix_t_enc(self, values) -> None:
+        """Take t_enc from ``values`` (in order, one per :meth:`draw`) instead of the step
+        generator: benchmarks give every configuration the same trajectory lengths."""
+        self._t_enc_values = iter(values)
+
     def draw(self, set_sizes: list[int], tables: DDIMTables, latent_shape: tuple[int, ...]) -> Draws:
-        t_enc = int(torch.randint(tables.ddim_steps, (1,), generator=self.step_generator))
+        fixed = getattr(self, "_t_enc_values", None)
+        if fixed is not None:
+            t_enc = int(next(fixed))
+        else:
+            t_enc = int(torch.randint(tables.ddim_steps, (1,), generator=self.step_generator))
         lo, hi = tables.t_ddpm_range(t_enc)
         samples = []
         for j, g in self.slot_generators.items():

@@ -86,8 +86,34 @@ def test_compiled_sampling_step_gives_the_same_result(tiny_cfg, monkeypatch, tmp
         torch.testing.assert_close(eraser.trained_state()[name], value, rtol=1e-5, atol=1e-7)
 
 
-def _updates(result, theta0):
-    return torch.cat([(result.trained[n] - theta0[n]).flatten() for n in sorted(theta0)])
+# Adam's first steps are nearly sign(g): entries whose gradient is small flip sign under bf16
+# rounding (measured on CPU: cos 0.92 for bf16, 0.995 for fp16); a sign or scale bug gives cos
+# near -1 or 0, unscaled fp16 loses most entries.
+COS_MIN = {"bf16": 0.8, "fp16": 0.95}
+
+
+def low_precision_update_agreement(tiny_cfg, schedule, device="cpu"):
+    """{"bf16"|"fp16": (cos θ-updates, norm ratio, cos π-updates)} against an fp32 run."""
+    from _updates import run_updates
+
+    from ap_erase_fast.models import load_components
+
+    def flat(updates):
+        return torch.cat([v.flatten() for v in (updates.values() if isinstance(updates, dict)
+                                                else updates)])
+
+    runs = {}
+    for mp in ("no", "bf16", "fp16"):
+        cfg = tiny_cfg(steps=3, mixed_precision=mp, schedule=schedule, lr=1e-4, search_lr=0.1,
+                       seed=3, device=device)
+        d_theta, d_pi, eraser = run_updates(cfg, components=load_components("tiny"))
+        assert eraser.scaler.is_enabled() == (mp == "fp16")
+        runs[mp] = flat(d_theta), flat(d_pi)
+    ref_theta, ref_pi = runs.pop("no")
+    assert ref_theta.abs().max() > 0 and ref_pi.abs().max() > 0
+    cos = torch.nn.functional.cosine_similarity
+    return {mp: (float(cos(t, ref_theta, dim=0)), float(t.norm() / ref_theta.norm()),
+                 float(cos(p, ref_pi, dim=0))) for mp, (t, p) in runs.items()}
 
 
 @pytest.mark.parametrize("schedule", ["faithful", "shared"])
@@ -95,30 +121,9 @@ def test_low_precision_updates_follow_fp32(tiny_cfg, schedule):
     """bf16 and fp16 compute give the fp32 run's updates θ′ − θ₀ and π − π₀ (fp32 masters;
     fp16 with loss scaling), judged by direction and size, not by the Adam step budget.
 
-    Mutation checked: fp16 without loss scaling (GradScaler disabled) fails: AP's gradients
-    flush to zero in an unscaled fp16 backward.
+    Mutations checked: fp16 without loss scaling (GradScaler disabled) fails both schedules;
+    fp16 with a loss scale pinned at 1 fails the faithful schedule (its π-only search gradients
+    flush to zero in an unscaled fp16 backward).
     """
-    from ap_erase_fast.models import load_components
-
-    theta0 = None
-    runs = {}
-    for mp in ("no", "bf16", "fp16"):
-        comp = load_components("tiny")
-        cfg = tiny_cfg(steps=3, mixed_precision=mp, schedule=schedule, lr=1e-4, search_lr=0.1,
-                       seed=3)
-        eraser = Eraser(cfg, components=comp).setup()
-        theta0 = theta0 or {n: p.detach().clone() for n, p in eraser.trained}
-        pi0 = eraser.pi[0].detach().clone()
-        eraser.train()
-        res = type("R", (), {"trained": eraser.trained_state()})
-        runs[mp] = (_updates(res, theta0), eraser.pi[0].detach() - pi0, eraser)
-    ref_theta, ref_pi, _ = runs["no"]
-    assert ref_theta.abs().max() > 0 and ref_pi.abs().max() > 0
-    for mp in ("bf16", "fp16"):
-        d_theta, d_pi, eraser = runs[mp]
-        cos = torch.nn.functional.cosine_similarity(d_theta, ref_theta, dim=0)
-        assert cos > 0.9, (mp, float(cos))
-        assert 0.8 < float(d_theta.norm() / ref_theta.norm()) < 1.25, mp
-        cos_pi = torch.nn.functional.cosine_similarity(d_pi, ref_pi, dim=0)
-        assert cos_pi > 0.9, (mp, float(cos_pi))
-    assert runs["fp16"][2].scaler.is_enabled() and not runs["bf16"][2].scaler.is_enabled()
+    for mp, (cos, ratio, cos_pi) in low_precision_update_agreement(tiny_cfg, schedule).items():
+        assert cos > COS_MIN[mp] and 0.8 < ratio < 1.25 and cos_pi > 0.9, (mp, cos, ratio, cos_pi)
