@@ -1,0 +1,28 @@
+"""The step benchmark's bookkeeping: one t_enc sequence for every row, raw speed-ups per train
+method."""
+from ap_erase_fast.bench import CONFIGS, add_speedups, t_enc_sequence
+
+
+def test_t_enc_sequence_is_fixed_and_spread():
+    seq = t_enc_sequence(10, 50)
+    assert seq == t_enc_sequence(10, 50) and sorted(seq) == [2, 7, 12, 17, 22, 27, 32, 37, 42, 47]
+    assert sorted(t_enc_sequence(50, 50)) == list(range(50))
+
+
+def test_plan_takes_the_fixed_sequence(tiny_cfg):
+    from ap_erase_fast.engine import Eraser
+
+    er = Eraser(tiny_cfg(steps=2, schedule="shared")).setup()
+    er.plan.fix_t_enc([3, 7])
+    er.train()
+    assert [r["t_enc"] for r in er.log] == [3, 7]
+
+
+def test_speedups_are_raw_and_per_train_method():
+    rows = [{"config": name, "status": "ok", "outer_steps_per_s": s, "outer_steps_per_s_at_mean_length": m}
+            for name, s, m in [("reference/faithful/xattn", 1.0, 2.0), ("fast/faithful/xattn", 3.0, 4.0),
+                               ("reference/faithful/noxattn", 2.0, 1.0), ("fast/shared/noxattn", 5.0, 4.0)]]
+    assert all(r["config"] in CONFIGS for r in rows)
+    add_speedups(rows)
+    assert [r["speedup_vs_first"] for r in rows] == [1.0, 3.0, 1.0, 2.5]
+    assert [r["speedup_at_mean_length"] for r in rows] == [1.0, 2.0, 1.0, 4.0]
