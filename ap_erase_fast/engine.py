@@ -22,13 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -41,9 +38,6 @@ from .errors import UserError
 from .randomness import Draws, RandomnessPlan
 from .sampling import DDIMTables, output_to_eps, sample_until
 
-# Keys that may differ between a checkpointed run and its resumption.
-RUN_CONTROL_KEYS = ("steps", "output", "overwrite", "resume", "checkpoint_every", "quiet",
-                    "device", "embedding_cache", "deepspeed")  # (DeepSpeed: compared by content)
 RANDOM_WEIGHTS_NOTICE = ("The built-in 'tiny' model has RANDOM weights: this run demonstrates the "
                          "pipeline, it erases nothing meaningful. Pass --model with a real Stable "
                          "Diffusion checkpoint for a real erasure.")
@@ -478,100 +472,18 @@ class Eraser:
         return out
 
     def save_checkpoint(self, root: str) -> str:
-        """Everything a bit-exact resume needs, written to ``root/step-NNNNNN`` atomically.
+        """Everything a bit-exact resume needs, in ``root/step-NNNNNN`` (see
+        :mod:`ap_erase_fast.checkpoint`)."""
+        from .checkpoint import save_checkpoint
 
-        Single process: trained tensors, optimizer states, π, π's optimizer, generator states,
-        the log. Under DeepSpeed the θ' engine writes its own (ZeRO-partitioned) state into the
-        same folder and every rank adds its generator states.
-        """
-        from safetensors.torch import save_file
-
-        step = self.iteration // self.cfg.pgd_steps
-        tag = f"step-{step:06d}"
-        final = Path(root) / tag
-        tmp = Path(root) / f".{tag}.tmp"
-        if self.dist.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.dist.barrier()
-        if self.ds_engine is not None:
-            self.ds_engine.save_checkpoint(str(tmp), tag="engine")
-        save_file(self.plan.state(), str(tmp / f"rng-rank{self.dist.rank}.safetensors"))
-        if self.dist.is_main:
-            save_file(self.trained_state(), str(tmp / "trained.safetensors"))
-            save_file({f"pi.{k}": p.detach().cpu().contiguous() for k, p in enumerate(self.pi)},
-                      str(tmp / "pi.safetensors"))
-            state = {"pi_optimizer": self.pi_optimizer.state_dict(),
-                     "scaler": self.scaler.state_dict(), "pi_scaler": self.pi_scaler.state_dict(),
-                     "skipped_steps": dict(self.skipped_steps)}
-            if self.ds_engine is None:
-                state["optimizer"] = self.optimizer.state_dict()
-            torch.save(state, tmp / "state.pt")
-            meta = {"format": "ap_erase_fast.checkpoint/v2", "iteration": self.iteration,
-                    "step": step, "config": self.cfg.to_dict(), "calls": dict(self.calls),
-                    "timings": self.timings, "world_size": self.dist.world,
-                    "deepspeed_config": getattr(self, "ds_config", None),
-                    "library_version": __version__}
-            (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2))
-            with open(tmp / "log.jsonl", "w") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in self.log)
-        self.dist.barrier()
-        if self.dist.is_main:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        self.dist.barrier()
-        self.last_checkpoint = str(final)
-        return str(final)
+        path = save_checkpoint(self, root)
+        self.last_checkpoint = path
+        return path
 
     def load_checkpoint(self, path: str) -> None:
-        from safetensors.torch import load_file
+        from .checkpoint import load_checkpoint
 
-        ckpt = resolve_checkpoint(path)
-        meta = json.loads((ckpt / "checkpoint.json").read_text())
-        mine = {k: v for k, v in self.cfg.to_dict().items() if k not in RUN_CONTROL_KEYS}
-        theirs = {k: v for k, v in meta["config"].items() if k not in RUN_CONTROL_KEYS}
-        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-        if diff:
-            raise UserError(f"cannot resume from {ckpt}: settings differ from the checkpoint's "
-                            f"({', '.join(diff)}); resume with the same settings")
-        if meta.get("deepspeed_config") != getattr(self, "ds_config", None):
-            raise UserError(f"cannot resume from {ckpt}: its DeepSpeed config differs from this "
-                            f"run's; resume with the same one")
-        if meta.get("world_size", 1) != self.dist.world:
-            raise UserError(f"cannot resume from {ckpt}: it was written by {meta.get('world_size', 1)} "
-                            f"process(es), this run has {self.dist.world}")
-        if meta["step"] > self.cfg.steps:
-            raise UserError(f"checkpoint {ckpt} is at step {meta['step']}, beyond --steps "
-                            f"{self.cfg.steps}")
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-        if self.ds_engine is not None:
-            self.ds_engine.load_checkpoint(str(ckpt), tag="engine", load_module_strict=False)
-        else:
-            trained = load_file(str(ckpt / "trained.safetensors"))
-            params = dict(self.trained)
-            if set(trained) != set(params):
-                raise UserError(f"checkpoint {ckpt} holds other trained tensors than this run")
-            with torch.no_grad():
-                for name, value in trained.items():
-                    params[name].copy_(value)
-            self.optimizer.load_state_dict(state["optimizer"])
-        with torch.no_grad():
-            pis = load_file(str(ckpt / "pi.safetensors"))
-            for k, p in enumerate(self.pi):
-                p.copy_(pis[f"pi.{k}"])
-        self.pi_optimizer.load_state_dict(state["pi_optimizer"])
-        for key in ("scaler", "pi_scaler"):
-            if state.get(key):
-                getattr(self, key).load_state_dict(state[key])
-        self.skipped_steps = Counter(state.get("skipped_steps", {}))
-        self.plan.load_state(load_file(str(ckpt / f"rng-rank{self.dist.rank}.safetensors")))
-        self.iteration = int(meta["iteration"])
-        self.calls = Counter(meta["calls"])
-        self.timings.update({k: v for k, v in meta["timings"].items() if k == "train_s"})
-        with open(ckpt / "log.jsonl") as fh:
-            self.log = [json.loads(line) for line in fh if line.strip()]
-        self.last_checkpoint = str(ckpt)
+        load_checkpoint(self, path)
 
     # -- summary -----------------------------------------------------------------------------
     def run_info(self) -> dict[str, Any]:
@@ -660,16 +572,3 @@ def make_optimizer(cfg: EraseConfig, params: list[torch.nn.Parameter]) -> torch.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "paged optimizers are not supported on CPU"
         return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def resolve_checkpoint(path: str) -> Path:
-    p = Path(path)
-    if (p / "checkpoint.json").is_file():
-        return p
-    if p.is_dir():
-        steps = sorted(q for q in p.glob("step-*") if (q / "checkpoint.json").is_file())
-        if steps:
-            return steps[-1]
-    raise UserError(f"--resume {path}: not a checkpoint folder (expected a step-NNNNNN folder "
-                    f"with checkpoint.json, or a folder that holds them)")
-
