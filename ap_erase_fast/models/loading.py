@@ -42,6 +42,10 @@ class SDComponents:
     source: dict = field(default_factory=dict)
     pipeline_path: str | None = None
     default_resolution: int = 512
+    family: str = "sd"  # which backend in ap_erase_fast.backbones drives it
+    text_encoder_2: Any | None = None  # SDXL's second text encoder (with projection)
+    tokenizer_2: Any | None = None
+    extra: dict = field(default_factory=dict)  # family-specific settings (SDXL: force_zeros...)
 
     @property
     def sd_version(self) -> str | None:
