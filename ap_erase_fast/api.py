@@ -44,7 +44,8 @@ def erase(config: EraseConfig | None = None, write: bool = True, **overrides) ->
         trained = eraser.trained_state()
         path = None
         if out is not None:
-            write_outputs(Path(out.tmp), eraser.unet, trained, info, eraser.log)
+            write_outputs(Path(out.tmp), eraser.unet, trained, info, eraser.log,
+                          eraser.backbone.pipeline_class())
             path = out.commit()
         ok = True
         return EraseResult(path if write else None, info, eraser.log, trained)

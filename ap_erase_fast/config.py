@@ -61,6 +61,13 @@ class EraseConfig:
         "Which UNet parameters are fine-tuned: xattn (cross-attention; objects, artists), noxattn "
         "(all but cross-attention, time embedding and output layers; nudity), full, selfattn, "
         "xattn_kv.", "erase", default="xattn", choices=TRAIN_METHODS)
+    lora_rank: int = _opt(
+        "Erase with LoRA adapters of this rank on the layers --train-method selects (0: fine-tune "
+        "the selected weights themselves). θ is the model with the adapters off: no frozen copy; "
+        "the output is a LoRA (diffusers and kohya/A1111 formats).", "erase", default=0)
+    lora_alpha: float | None = _opt("LoRA alpha (scale alpha/rank); default: the rank.", "erase")
+    merge: bool = _opt("With --lora-rank: also write the denoiser with the adapters merged in "
+                       "(unet/), as a full fine-tuning run does.", "erase", default=False)
     negative_guidance: float = _opt(
         "η: strength of the negative-guidance target ε(\"\") − η·(ε(c_e) − ε(\"\")).", "erase",
         default=1.0)
@@ -192,6 +199,14 @@ class EraseConfig:
                             "--schedule faithful (use --profile fast for --schedule shared)")
         if self.deepspeed and self.profile != "fast":
             raise UserError("--deepspeed runs the fast profile; drop --profile reference")
+        if self.lora_rank < 0:
+            raise UserError(f"--lora-rank must be 0 (no LoRA) or positive (got {self.lora_rank})")
+        if self.lora_rank and self.profile == "reference":
+            raise UserError("--lora-rank runs the fast profile; drop --profile reference")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise UserError(f"--lora-alpha must be positive (got {self.lora_alpha})")
+        if self.merge and not self.lora_rank:
+            raise UserError("--merge merges LoRA adapters: it needs --lora-rank")
         if self.deepspeed and self.mixed_precision == "fp16":
             raise UserError("--mixed-precision fp16 is not supported with --deepspeed (its loss "
                             "scaling is single-process); use --mixed-precision bf16")
@@ -260,6 +275,8 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
     kind = type(default) if default is not None and default is not dataclasses.MISSING else None
     if name in ("resolution",):
         kind = int
+    if name in ("lora_alpha",):
+        kind = float
     try:
         if kind is bool:
             if isinstance(value, str):

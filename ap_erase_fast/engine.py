@@ -126,7 +126,13 @@ class Eraser:
 
         # θ' (trained) and θ (the original weights).
         self.unet = backbone.denoiser.to(self.device).train()
-        self.trained = select_trained(backbone, cfg.train_method)
+        if cfg.lora_rank:  # θ' = adapters on the selected layers (B = 0: θ'₀ = θ)
+            from .lora import attach
+
+            self.trained = attach(self.unet, backbone.lora_targets(cfg.train_method),
+                                  cfg.lora_rank, cfg.lora_alpha or float(cfg.lora_rank))
+        else:
+            self.trained = select_trained(backbone, cfg.train_method)
         self.trained_names = [n for n, _ in self.trained]
         params = [p for _, p in self.trained]
         if cfg.profile == "reference":
@@ -165,6 +171,13 @@ class Eraser:
                 mode = "reduce-overhead" if self.device.type == "cuda" else "default"
                 self.compiled_sampler = torch.compile(self.unet, mode=mode, dynamic=False)
             optimizer = self._make_fast_optimizer(params)
+        if cfg.lora_rank:  # θ = the same module with its adapters off: nothing is copied
+            from .lora import AdapterSwitch
+
+            self.frozen_tensors = {}
+            frozen_forward = AdapterSwitch(self.unet, params).frozen_forward
+            backbone.release_text_encoders()
+        elif cfg.profile != "reference":
             # θ = θ' with the original values of the trained tensors: no second UNet. Each copy
             # has the dtype its forward reads: the compute dtype where autocast casts the tensor
             # anyway (bit-identical to what θ' computes with), else the live tensor's own dtype

@@ -154,6 +154,12 @@ class Backbone:
                 out.append(name)
         return out
 
+    def pipeline_class(self):
+        """The diffusers pipeline class of this model family (LoRA saving, image generation)."""
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+
     def info(self) -> dict:
         """What run.json records about the backbone."""
         return {"family": self.family, "prediction_type": self.tables.prediction_type}
