@@ -130,7 +130,7 @@ class Eraser:
             from .lora import attach
 
             self.trained = attach(self.unet, backbone.lora_targets(cfg.train_method),
-                                  cfg.lora_rank, cfg.lora_alpha or float(cfg.lora_rank))
+                                  cfg.lora_rank, cfg.lora_alpha or float(cfg.lora_rank), cfg.seed)
         else:
             self.trained = select_trained(backbone, cfg.train_method)
         self.trained_names = [n for n, _ in self.trained]

@@ -9,6 +9,8 @@ kohya format that A1111 and ComfyUI load, and on request the merged denoiser.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import math
 
 import torch
 
@@ -26,9 +28,14 @@ def _peft():
                         "pip install peft)") from None
 
 
-def attach(denoiser: torch.nn.Module, targets: list[str], rank: int, alpha: float) -> list:
+def attach(denoiser: torch.nn.Module, targets: list[str], rank: int, alpha: float,
+           seed: int = 0) -> list:
     """Add the adapters to ``targets`` (module names) and make them the only trained tensors;
-    returns ``[(name, parameter)]`` of the adapter weights in module order."""
+    returns ``[(name, parameter)]`` of the adapter weights in module order.
+
+    A is drawn as peft draws it (Kaiming-uniform, a = √5) but from a CPU generator seeded by
+    ``seed`` and the tensor's name, so a run is reproducible on any device and whatever else
+    used the global generator; B is zero."""
     _peft()
     from peft import LoraConfig
 
@@ -40,9 +47,21 @@ def attach(denoiser: torch.nn.Module, targets: list[str], rank: int, alpha: floa
                         init_lora_weights=True, lora_dropout=0.0)
     denoiser.add_adapter(config, adapter_name=ADAPTER)
     trained = [(n, p) for n, p in denoiser.named_parameters() if f".{ADAPTER}." in n]
+    with torch.no_grad():
+        for n, p in trained:
+            if ".lora_A." in n:
+                g = torch.Generator().manual_seed(_name_seed(seed, n))
+                value = torch.empty(p.shape, dtype=torch.float32)
+                torch.nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=g)
+                p.copy_(value)
     for _, p in trained:
         p.requires_grad_(True)
     return trained
+
+
+def _name_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"ap_erase_fast/lora/{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 class AdapterSwitch:
