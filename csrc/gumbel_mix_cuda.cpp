@@ -133,16 +133,21 @@ std::tuple<Tensor, Tensor> mix_backward_cuda(const Tensor& table, const Tensor& 
     return {need_logits ? at::zeros({G, N}, weights.options()) : no_logits,
             need_table ? at::zeros({N, D}, table.options()) : no_table};
   if (G > kMaxG) {
+    // d w per chunk of draws; d table in one launch over all draws (rounded to its dtype once)
     Tensor dl_all = need_logits ? at::empty({G, N}, weights.options()) : no_logits;
-    Tensor dt_all = need_table ? at::zeros({N, D}, table.options().dtype(at::kFloat)) : Tensor();
-    for (int64_t g = 0; g < G; g += kMaxG) {
+    for (int64_t g = 0; g < G && need_logits; g += kMaxG) {
       const int64_t c = std::min<int64_t>(kMaxG, G - g);
       auto r = mix_backward_cuda(table, grad_out.narrow(0, g, c).contiguous(), weights.narrow(0, g, c).contiguous(),
-                                 table_weights.narrow(0, g, c).contiguous(), tau, need_logits, need_table);
-      if (need_logits) dl_all.narrow(0, g, c).copy_(std::get<0>(r));
-      if (need_table) dt_all.add_(std::get<1>(r).to(at::kFloat));
+                                 table_weights.narrow(0, g, c).contiguous(), tau, true, false);
+      dl_all.narrow(0, g, c).copy_(std::get<0>(r));
     }
-    return {dl_all, need_table ? dt_all.to(table.scalar_type()) : no_table};
+    if (!need_table) return {dl_all, no_table};
+    Tensor dT = at::empty({N, D}, table.options());
+    C10_CUDA_CHECK(cuda::launch_mix_backward(table_type(table), table.data_ptr(), table.stride(0),
+                                             grad_out.data_ptr(), table_weights.data_ptr<float>(), nullptr,
+                                             dT.data_ptr(), static_cast<int>(G), N, D, D, 1,
+                                             c10::cuda::getCurrentCUDAStream()));
+    return {dl_all, dT};
   }
   // split-D (only without d table: its tiles are written once, so a block then covers its row)
   int64_t split = need_table ? 1 : std::max<int64_t>(1, std::min(cdiv(target_blocks(), N), cdiv(D, 4 * kThreads)));

@@ -31,8 +31,8 @@ cudaError_t launch_mix_forward(TableType type, const void* T, int64_t stride_n, 
                                bool out_fp32, int G, int64_t N, int64_t D, int64_t rows_per_split,
                                int64_t split, cudaStream_t stream);
 
-// GWP[s, g, n] = <T[n, cols of split s], GO[g, ...]> (skipped when GWP is null) and
-// DT[n, :] = sum_g TW[g, n] GO[g, :] (skipped when DT is null; needs split == 1), G <= kMaxG.
+// GWP[s, g, n] = <T[n, cols of split s], GO[g, ...]> (skipped when GWP is null; needs G <= kMaxG)
+// and DT[n, :] = sum_g TW[g, n] GO[g, :] (skipped when DT is null; needs split == 1; any G).
 cudaError_t launch_mix_backward(TableType type, const void* T, int64_t stride_n, const void* GO,
                                 const float* TW, float* GWP, void* DT, int G, int64_t N, int64_t D,
                                 int64_t cols_per_split, int64_t split, cudaStream_t stream);

@@ -168,8 +168,10 @@ weights_kernel(const float* __restrict__ L, const float* __restrict__ GN, float*
 // --------------------------------------------------------------------------- forward mix
 // out[g, d] = sum_n W[g, n] T[n, d]; grid (column blocks, row splits). One thread owns one
 // column d and accumulates all kG draws; the weights of kRows rows are staged in shared memory.
+// Bounds for 4 resident blocks per SM (<= 64 registers): with the plain bound ptxas spills the
+// kG = 8 bf16/fp16 instantiations on sm_80 (nvcc 13).
 template <typename scalar_t, typename out_t, int kG>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 4)
 mix_forward_kernel(const scalar_t* __restrict__ T, int64_t stride_n, const float* __restrict__ W,
                    out_t* __restrict__ OUT, int G, int64_t N, int64_t D, int64_t rows_per_split) {
   __shared__ float ws[kG][kRows];
@@ -206,7 +208,8 @@ mix_forward_kernel(const scalar_t* __restrict__ T, int64_t stride_n, const float
 
 // --------------------------------------------------------------------------- backward
 // Grid (rows, column splits). One block per row n: GWP[s, g, n] = <T[n, cols of s], GO[g, ...]>
-// and, when DT is given, DT[n, :] = sum_g TW[g, n] GO[g, :] from the same pass.
+// (G <= kG) and, when DT is given, DT[n, :] = sum_g TW[g, n] GO[g, :] from the same pass (any G
+// when GWP is null).
 template <typename scalar_t, int kG>
 __global__ void __launch_bounds__(kThreads)
 mix_backward_kernel(const scalar_t* __restrict__ T, int64_t stride_n, const scalar_t* __restrict__ GO,
@@ -238,6 +241,9 @@ mix_backward_kernel(const scalar_t* __restrict__ T, int64_t stride_n, const scal
       float v = 0.f;
 #pragma unroll
       for (int g = 0; g < kG; ++g) v += tw[g] * go[g];
+      // d table over more draws than kG (a launch without GWP): the rest, so d table is rounded
+      // to its dtype once
+      for (int g = kG; g < G; ++g) v += TW[g * N + n] * to_f(GO[g * D + d]);
       DT[n * D + d] = from_f<scalar_t>(v);
     }
   }

@@ -100,10 +100,13 @@ def _try_jit(kind: str) -> str | None:
     missing = [s for s in srcs if not os.path.exists(s)]
     if missing:
         return f"the JIT build needs the csrc/ sources of a source checkout ({missing[0]} not found)"
-    if kind == "cuda" and native_build.find_nvcc() is None:
-        return "the JIT build needs nvcc: none found (put it on PATH or set CUDA_HOME)"
     try:
         from torch.utils import cpp_extension
+
+        if kind == "cuda":
+            problem = native_build.toolkit_problem(cpp_extension.CUDA_HOME)
+            if problem is not None:
+                return f"the JIT build cannot compile CUDA code: {problem}"
 
         verbose = os.environ.get("AP_ERASE_JIT_VERBOSE", "0") == "1"
         if kind == "cpu":

@@ -12,8 +12,11 @@ three always use the same sources and flags.
 """
 from __future__ import annotations
 
+import functools
 import os
+import re
 import shutil
+import subprocess
 
 CPU_EXT = "ap_erase_fast._C"
 CUDA_EXT = "ap_erase_fast._C_cuda"
@@ -103,6 +106,37 @@ def find_nvcc() -> str | None:
         return found
     path = "/usr/local/cuda/bin/nvcc"
     return path if os.access(path, os.X_OK) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _toolkit_root(nvcc: str) -> str:
+    try:
+        run = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+        m = re.search(r"^#\$ TOP=(.+)$", run.stderr + run.stdout, re.M)
+        if m:
+            return os.path.realpath(m.group(1).strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+def cuda_home(nvcc: str | None = None) -> str | None:
+    """Root of the CUDA toolkit that ``nvcc`` belongs to, as nvcc itself reports it (the nvcc on
+    PATH may be a wrapper script elsewhere, which torch would take for the toolkit root)."""
+    nvcc = nvcc or find_nvcc()
+    return None if nvcc is None else _toolkit_root(nvcc)
+
+
+def toolkit_problem(torch_cuda_home: str | None) -> str | None:
+    """Why the CUDA_HOME torch uses cannot build the CUDA library, with the fix; None if it can."""
+    if torch_cuda_home is None or find_nvcc() is None:
+        return "no CUDA toolkit found (put nvcc on PATH or set CUDA_HOME)"
+    if not os.path.exists(os.path.join(torch_cuda_home, "include", "cuda_runtime.h")):
+        real = cuda_home()
+        fix = f"set CUDA_HOME={real}" if real and real != torch_cuda_home else "set CUDA_HOME to the toolkit root"
+        return f"CUDA_HOME={torch_cuda_home} has no include/cuda_runtime.h (is the nvcc on PATH a wrapper?): {fix}"
+    return None
 
 
 def build_hint(kind: str) -> str:
