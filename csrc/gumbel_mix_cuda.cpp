@@ -143,10 +143,9 @@ std::tuple<Tensor, Tensor> mix_backward_cuda(const Tensor& table, const Tensor& 
     }
     if (!need_table) return {dl_all, no_table};
     Tensor dT = at::empty({N, D}, table.options());
-    C10_CUDA_CHECK(cuda::launch_mix_backward(table_type(table), table.data_ptr(), table.stride(0),
-                                             grad_out.data_ptr(), table_weights.data_ptr<float>(), nullptr,
-                                             dT.data_ptr(), static_cast<int>(G), N, D, D, 1,
-                                             c10::cuda::getCurrentCUDAStream()));
+    C10_CUDA_CHECK(cuda::launch_table_grad(table_type(table), grad_out.data_ptr(), table_weights.data_ptr<float>(),
+                                           dT.data_ptr(), static_cast<int>(G), N, D,
+                                           c10::cuda::getCurrentCUDAStream()));
     return {dl_all, dT};
   }
   // split-D (only without d table: its tiles are written once, so a block then covers its row)

@@ -31,11 +31,15 @@ cudaError_t launch_mix_forward(TableType type, const void* T, int64_t stride_n, 
                                bool out_fp32, int G, int64_t N, int64_t D, int64_t rows_per_split,
                                int64_t split, cudaStream_t stream);
 
-// GWP[s, g, n] = <T[n, cols of split s], GO[g, ...]> (skipped when GWP is null; needs G <= kMaxG)
-// and DT[n, :] = sum_g TW[g, n] GO[g, :] (skipped when DT is null; needs split == 1; any G).
+// GWP[s, g, n] = <T[n, cols of split s], GO[g, ...]> (skipped when GWP is null) and
+// DT[n, :] = sum_g TW[g, n] GO[g, :] (skipped when DT is null; needs split == 1), G <= kMaxG.
 cudaError_t launch_mix_backward(TableType type, const void* T, int64_t stride_n, const void* GO,
                                 const float* TW, float* GWP, void* DT, int G, int64_t N, int64_t D,
                                 int64_t cols_per_split, int64_t split, cudaStream_t stream);
+
+// DT[n, :] = sum_g TW[g, n] GO[g, :] for any G (the d table of more than kMaxG draws, in one pass).
+cudaError_t launch_table_grad(TableType type, const void* GO, const float* TW, void* DT, int G, int64_t N,
+                              int64_t D, cudaStream_t stream);
 
 // DL[g, n] = W[g, n] (GW[g, n] - <W[g], GW[g]>) * inv_tau.
 cudaError_t launch_softmax_backward(const float* W, const float* GW, float* DL, int64_t G, int64_t N,

@@ -208,8 +208,7 @@ mix_forward_kernel(const scalar_t* __restrict__ T, int64_t stride_n, const float
 
 // --------------------------------------------------------------------------- backward
 // Grid (rows, column splits). One block per row n: GWP[s, g, n] = <T[n, cols of s], GO[g, ...]>
-// (G <= kG) and, when DT is given, DT[n, :] = sum_g TW[g, n] GO[g, :] from the same pass (any G
-// when GWP is null).
+// and, when DT is given, DT[n, :] = sum_g TW[g, n] GO[g, :] from the same pass (G <= kG).
 template <typename scalar_t, int kG>
 __global__ void __launch_bounds__(kThreads)
 mix_backward_kernel(const scalar_t* __restrict__ T, int64_t stride_n, const scalar_t* __restrict__ GO,
@@ -241,9 +240,6 @@ mix_backward_kernel(const scalar_t* __restrict__ T, int64_t stride_n, const scal
       float v = 0.f;
 #pragma unroll
       for (int g = 0; g < kG; ++g) v += tw[g] * go[g];
-      // d table over more draws than kG (a launch without GWP): the rest, so d table is rounded
-      // to its dtype once
-      for (int g = kG; g < G; ++g) v += TW[g * N + n] * to_f(GO[g * D + d]);
       DT[n * D + d] = from_f<scalar_t>(v);
     }
   }
@@ -254,6 +250,21 @@ mix_backward_kernel(const scalar_t* __restrict__ T, int64_t stride_n, const scal
       const float v = block_sum(acc[g], sred);
       if (threadIdx.x == 0) GWP[(s * G + g) * N + n] = v;
     }
+  }
+}
+
+// DT[n, :] = sum_g TW[g, n] GO[g, :] for any number of draws (more than kMaxG: the host splits
+// d w into chunks, d table comes from here in one pass, so it is rounded to its dtype once).
+// Same summation order as mix_backward_kernel (g ascending, fp32).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+table_grad_kernel(const scalar_t* __restrict__ GO, const float* __restrict__ TW, scalar_t* __restrict__ DT,
+                  int G, int64_t N, int64_t D) {
+  const int64_t n = blockIdx.x;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    float v = 0.f;
+    for (int g = 0; g < G; ++g) v += TW[g * N + n] * to_f(GO[g * D + d]);
+    DT[n * D + d] = from_f<scalar_t>(v);
   }
 }
 
@@ -344,6 +355,16 @@ cudaError_t launch_mix_backward(TableType type, const void* T, int64_t stride_n,
           static_cast<const scalar_t*>(T), stride_n, static_cast<const scalar_t*>(GO), TW, GWP,
           static_cast<scalar_t*>(DT), G, N, D, cols_per_split);
     });
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_table_grad(TableType type, const void* GO, const float* TW, void* DT, int G, int64_t N,
+                              int64_t D, cudaStream_t stream) {
+  dispatch_table(type, [&](auto tt) {
+    using scalar_t = typename decltype(tt)::type;
+    table_grad_kernel<scalar_t><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+        static_cast<const scalar_t*>(GO), TW, static_cast<scalar_t*>(DT), G, N, D);
   });
   return cudaGetLastError();
 }

@@ -39,8 +39,8 @@ ARCHS = tuple(int(a.replace(".", "")) for a in native_build.CUDA_ARCHS)  # 80, 8
 # largest shared memory one block may use (opt-in), per compute capability
 MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 TRITON_KERNELS = ("_weights_kernel", "_mix_fwd_kernel", "_mix_bwd_kernel", "_softmax_bwd_kernel", "_l2_kernel")
-CUDA_KERNELS = ("weights_kernel", "mix_forward_kernel", "mix_backward_kernel", "softmax_backward_kernel",
-                "l2_kernel")
+CUDA_KERNELS = ("weights_kernel", "mix_forward_kernel", "mix_backward_kernel", "table_grad_kernel",
+                "softmax_backward_kernel", "l2_kernel")
 PROGRAMS = 4 * 132  # the split plans as on an H100 SXM (132 SMs); other counts pick the same configs
 
 
@@ -287,7 +287,8 @@ def start_cuda(archs=ARCHS) -> dict:
     tmp = tempfile.TemporaryDirectory()
     pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
     return {"archs": archs, "start": time.perf_counter(), "tmp": tmp, "sources": (kernels_cu, host_cpp),
-            "nvcc": subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1],
+            "nvcc": next((ln for ln in subprocess.run([nvcc, "--version"], capture_output=True, text=True)
+                          .stdout.splitlines() if "release" in ln), "unknown version"),
             "device": subprocess.Popen([nvcc, "-std=c++17", "-c", kernels_cu, "-o", os.path.join(tmp.name, "k.o"),
                                         *flags, "--threads", str(len(archs)), "--keep",
                                         "--keep-dir", tmp.name, "--compiler-options", "-fPIC"], **pipe),
@@ -319,6 +320,7 @@ def finish_cuda(job: dict) -> dict:
         report["notes"] = "no cuobjdump found: registers and spills not checked"
     if dev_rc == 0:
         threads = _block_threads()
+        report["ptx_lg2_approx"] = {a: "lg2.approx" in text for a, text in ptx.items()}
         for a, text in ptx.items():
             if "weights_kernel" not in text:
                 report["errors"].append(f"compute_{a}: no PTX for weights_kernel")
@@ -366,7 +368,12 @@ def main(argv=None) -> int:
     report = {}
     cuda = start_cuda(archs) if (both or args.cuda) else None  # compiles while Triton works
     if both or args.triton:
-        report["triton"] = check_triton(archs, args.workers)
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            report["triton"] = {"skipped": f"triton is not installed ({exc})", "errors": []}
+        else:
+            report["triton"] = check_triton(archs, args.workers)
     if cuda is not None:
         report["cuda"] = finish_cuda(cuda)
     if args.json:

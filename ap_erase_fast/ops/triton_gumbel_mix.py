@@ -185,15 +185,17 @@ def _mix_bwd_kernel(T, stride_tn, GO, TW, GW, DT, G, N, D, cols_per_split,
             gw += tl.sum(go[:, None, :] * t[None, :, :], axis=2)
         if NEED_DT:
             dt = tl.sum(tw[:, :, None] * go[:, None, :], axis=0)
-            # d table over more draws than one launch holds (G > BLOCK_G, without NEED_GW): the
-            # other chunks of draws are added here, so d table is rounded to its dtype only once
-            for g0 in range(BLOCK_G, G, BLOCK_G):
-                gg = g0 + gs
-                ggmask = gg < G
-                twc = tl.load(TW + gg[:, None] * N + n[None, :], mask=ggmask[:, None] & nmask[None, :], other=0.0)
-                goc = tl.load(GO + gg[:, None] * D + d[None, :], mask=ggmask[:, None] & dmask[None, :],
-                              other=0.0).to(tl.float32)
-                dt += tl.sum(twc[:, :, None] * goc[:, None, :], axis=0)
+            if not NEED_GW:
+                # d table over more draws than one launch holds (G > BLOCK_G): the other chunks
+                # of draws are added here, so d table is rounded to its dtype only once
+                for g0 in range(BLOCK_G, G, BLOCK_G):
+                    gg = g0 + gs
+                    ggmask = gg < G
+                    twc = tl.load(TW + gg[:, None] * N + n[None, :], mask=ggmask[:, None] & nmask[None, :],
+                                  other=0.0)
+                    goc = tl.load(GO + gg[:, None] * D + d[None, :], mask=ggmask[:, None] & dmask[None, :],
+                                  other=0.0).to(tl.float32)
+                    dt += tl.sum(twc[:, :, None] * goc[:, None, :], axis=0)
             tl.store(DT + n[:, None] * D + d[None, :], dt.to(DT.dtype.element_ty),
                      mask=nmask[:, None] & dmask[None, :])
     if NEED_GW:
