@@ -79,9 +79,8 @@ def _native_build():
         if torch.version.cuda is None:
             _skip("CUDA", "AP_ERASE_BUILD_CUDA", cuda_mode,
                   f"this torch ({torch.__version__}) is a CPU-only build; install a CUDA build of torch")
-        elif CUDA_HOME is None or nb.find_nvcc() is None:
-            _skip("CUDA", "AP_ERASE_BUILD_CUDA", cuda_mode,
-                  "no CUDA toolkit found (put nvcc on PATH or set CUDA_HOME)")
+        elif nb.toolkit_problem(CUDA_HOME) is not None:
+            _skip("CUDA", "AP_ERASE_BUILD_CUDA", cuda_mode, nb.toolkit_problem(CUDA_HOME))
         else:
             nvcc = list(nb.NVCC_FLAGS)
             if not os.environ.get("TORCH_CUDA_ARCH_LIST"):

@@ -8,12 +8,12 @@ Skipped only where a tool is genuinely absent: Triton not installed, or no nvcc 
 printed).
 
 Mutations checked (each made a test here fail): ``min<int64_t>(...)`` back in the CUDA kernels
-(nvcc 13 rejects it); ``__logf`` instead of ``logf`` in ``gumbel_from_uniform`` and
-``--use_fast_math`` in ``native_build.NVCC_FLAGS`` (lg2.approx in the PTX / refused flag);
-``__launch_bounds__`` removed from the CUDA weights kernel (more than 64 registers for its
-1024-thread blocks on sm_86+); ``tl.log`` replaced by libdevice ``fast_logf`` in the Triton noise
-(lg2.approx); ``GPU_TUNING.bwd_block_d`` 256 -> 8192 (shared memory beyond sm_86/89); a dtype
-dropped from the check's sweep (coverage test).
+(nvcc 13 rejects it); ``__logf`` instead of ``logf`` in ``gumbel_from_uniform`` on the device
+(lg2.approx in the PTX); ``tl.log`` replaced by libdevice ``fast_logf`` in the Triton noise
+(lg2.approx); ``GPU_TUNING.bwd_block_d`` 256 -> 8192 (register spills); bf16 dropped from the
+check's sweep (coverage test). Not reached by a mutation: the register limit of the 1024-thread
+CUDA kernels (without its launch bound the weights kernel needs 40 registers, under the 64
+allowed) and the shared-memory limits (these kernels use at most 4 KiB).
 """
 import itertools
 import json
