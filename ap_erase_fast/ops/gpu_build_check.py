@@ -284,6 +284,12 @@ def start_cuda(archs=ARCHS) -> dict:
     kernels_cu, host_cpp = (os.path.join(src_dir, n) for n in ("gumbel_mix_cuda_kernels.cu", "gumbel_mix_cuda.cpp"))
     flags = list(native_build.NVCC_FLAGS) + native_build.gencode_flags([f"{a // 10}.{a % 10}" for a in archs])
     native_build.check_nvcc_flags(flags)
+    try:  # the flags torch's extension builder adds to every nvcc call (half/bf16 macros, ...)
+        from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+        flags = list(COMMON_NVCC_FLAGS) + flags
+    except ImportError:
+        pass
     tmp = tempfile.TemporaryDirectory()
     pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
     return {"archs": archs, "start": time.perf_counter(), "tmp": tmp, "sources": (kernels_cu, host_cpp),

@@ -70,10 +70,12 @@ def test_triton_kernels_compile_for_every_target(report):
 
 def test_triton_gpu_plans_use_a_fixed_set_of_blocks():
     """On a GPU the launchers' constexpr block sizes do not depend on the shape (only BLOCK_G on
-    G), so the configurations the check compiles are all there are."""
+    G), so the configurations the check compiles are all there are; the grids stay within CUDA's
+    limits up to N = 2^24 rows, SDXL-sized rows and 170 SMs."""
     tgm = pytest.importorskip("ap_erase_fast.ops.triton_gumbel_mix", exc_type=ImportError)
     t = tgm.GPU_TUNING
-    for N, D, programs in itertools.product((1, 7, 1031, 50_000), (1, 13, 77 * 768, 77 * 2048), (1, 328, 528)):
+    for N, D, programs in itertools.product((1, 7, 1031, 50_000, 2**24 - 1), (1, 13, 77 * 768, 77 * 2048),
+                                            (1, 328, 528, 4 * 170)):
         assert tgm.plan_weights(N, t) == t.weights_block
         for G in range(1, t.max_g + 1):
             bg = 1 << (G - 1).bit_length()
@@ -84,6 +86,8 @@ def test_triton_gpu_plans_use_a_fixed_set_of_blocks():
                 assert (b.block_g, b.block_n, b.block_d) == (bg, t.bwd_block_n // bg, t.bwd_block_d)
                 assert b.split >= 1 and (b.split == 1 or not need_table)
             assert f.split * f.span >= N and f.grid[0] * f.block_d >= D
+            # CUDA grid limits: x < 2^31, y <= 65535
+            assert max(f.grid[0], b.grid[0]) < 2**31 and max(f.grid[1], b.grid[1]) <= 65535
         l2 = tgm.plan_l2(N, D, programs, t)
         assert (l2.block_n, l2.block_d) == (t.l2_block_n, t.l2_block_d)
 
