@@ -22,7 +22,6 @@ _lock = threading.Lock()
 _OPS = ("gumbel_weights", "mix_forward", "mix_backward", "l2_scores")
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LIB = {"cpu": "_C", "cuda": "_C_cuda"}
-_BACKEND = {"cpu": "cpp", "cuda": "cuda"}
 _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
 _state = {kind: {"loaded": False, "error": None, "tried_prebuilt": False, "tried_jit": False, "how": None}
           for kind in _LIB}
@@ -153,7 +152,6 @@ def load_error(kind: str = "cpu", allow_jit: bool = False) -> str | None:
 
     The CPU library (op schema) is loaded first in both cases.
     """
-    name = _BACKEND[kind]
     with _lock:
         if kind == "cuda" and torch.version.cuda is None:
             return (f"the cuda backend is not built: this torch ({torch.__version__}) is a CPU-only build; "

@@ -246,9 +246,14 @@ def _resources(obj: str) -> list[dict] | None:
     return out
 
 
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def _block_threads() -> dict:
     """Threads per block of each CUDA kernel, read from csrc/gumbel_mix_cuda.h."""
-    header = open(os.path.join(native_build.csrc_dir(), "gumbel_mix_cuda.h")).read()
+    header = _read(os.path.join(native_build.csrc_dir(), "gumbel_mix_cuda.h"))
     threads = int(re.search(r"kThreads = (\d+);", header).group(1))
     weight_threads = int(re.search(r"kWeightThreads = (\d+);", header).group(1))
     return {k: weight_threads if k in ("weights_kernel", "softmax_backward_kernel") else threads
@@ -318,7 +323,7 @@ def finish_cuda(job: dict) -> dict:
     ptx = {}
     for a in archs:
         path = os.path.join(tmp.name, f"gumbel_mix_cuda_kernels.compute_{a}.ptx")
-        ptx[a] = open(path).read() if os.path.exists(path) else ""
+        ptx[a] = _read(path) if os.path.exists(path) else ""
     resources = _resources(os.path.join(tmp.name, "k.o")) if dev_rc == 0 else []
     tmp.cleanup()
     report["kernels"] = resources or []

@@ -214,7 +214,7 @@ def _softmax_bwd_kernel(W, GWP, DL, N, S, GN_TOTAL, inv_tau, BLOCK_N: tl.constex
         mask = n < N
         gw = tl.zeros([BLOCK_N], tl.float32)
         part = GWP + base + n  # 64-bit pointer steps: S * G * N may exceed the int32 range
-        for s in range(0, S):  # fixed summation order over the split partials
+        for _ in range(0, S):  # fixed summation order over the split partials
             gw += tl.load(part, mask=mask, other=0.0)
             part += GN_TOTAL
         w = tl.load(W + base + n, mask=mask, other=0.0)

@@ -102,7 +102,7 @@ def test_triton_configs_cover_every_launcher_choice(report):
     for cc in ARCHS:
         ks = [k for k in tr["kernels"] if k["arch"] == cc]
 
-        def got(name, *fields):
+        def got(name, *fields, ks=ks):
             return {tuple(k["constexprs"][f] if f in k["constexprs"] else k["signature"][f] for f in fields)
                     for k in ks if k["kernel"] == name}
 
