@@ -47,13 +47,22 @@ CONFIGS: dict[str, dict] = {
                                               attention="classic"),
     "fast/faithful/noxattn+classic-attn": dict(profile="fast", train_method="noxattn",
                                                 attention="classic"),
+    # LoRA erasure: one denoiser, no frozen copy; rank 8 on the selected layers
+    "fast/faithful/xattn+lora8": dict(profile="fast", train_method="xattn", lora_rank=8),
+    "fast/faithful/noxattn+lora8": dict(profile="fast", train_method="noxattn", lora_rank=8),
+    "fast/faithful/xattn+lora8+ckpt": dict(profile="fast", train_method="xattn", lora_rank=8,
+                                           gradient_checkpointing=True),
+    "fast/faithful/noxattn+lora8+adamw8bit+ckpt": dict(
+        profile="fast", train_method="noxattn", lora_rank=8, optimizer="adamw8bit",
+        gradient_checkpointing=True),
 }
 DEFAULT_SETS = {
     "tiny": ["reference/faithful/xattn", "fast/faithful/xattn+classic-attn",
              "fast/faithful/xattn", "fast/shared/xattn",
              "reference/faithful/noxattn", "fast/faithful/noxattn+classic-attn",
              "fast/faithful/noxattn", "fast/shared/noxattn"],
-    "sd14": list(CONFIGS),
+    "sd14": [n for n in CONFIGS if "lora" not in n] + ["fast/faithful/xattn+lora8",
+                                                        "fast/faithful/noxattn+lora8"],
 }
 
 

@@ -27,7 +27,7 @@ def test_train_end_to_end_and_load_into_pipeline(tmp_path):
     assert f"output: {out}" in proc.stdout
     assert "RANDOM weights" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "RANDOM_WEIGHTS.txt", "log.jsonl", "run.json", "trained.safetensors", "unet"]
+        "RANDOM_WEIGHTS.txt", "README.md", "log.jsonl", "run.json", "trained.safetensors", "unet"]
 
     info = json.loads((out / "run.json").read_text())
     assert info["config"]["erase"] == ["garbage truck"] and info["model"]["random_weights"]

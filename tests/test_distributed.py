@@ -57,7 +57,7 @@ def test_two_ranks_equal_one_process_with_their_samples_as_a_batch(tmp_path, sma
     assert info["world_size"] == 2 and info["global_batch"] == 2
     assert info["ranks_agree"] == {"trained": True, "pi": True}  # θ' and π identical on ranks
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "RANDOM_WEIGHTS.txt", "log.jsonl", "run.json", "trained.safetensors", "unet"]
+        "RANDOM_WEIGHTS.txt", "README.md", "log.jsonl", "run.json", "trained.safetensors", "unet"]
     ddp_log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
     single = erase(EraseConfig(erase=["garbage truck", "church"], vocab=small_vocab, steps=2,
