@@ -33,9 +33,10 @@ def _gen(seed):
 
 
 def test_tiny_sdxl_is_deterministic_sdxl_shaped_and_cached(xl):
-    """Two builds give the same tensors, the caller's RNG is untouched, the parts are SDXL's.
-    Mutations checked: the UNet seeded from the global RNG (hash differs between builds);
-    tokenizer_2 padding with <|endoftext|>."""
+    """Two builds give the same tensors, the caller's RNG is untouched, the parts are SDXL's and
+    the cached folder loads back as the same SDXL model. Mutations checked: the UNet left with
+    torch's initialisation (differs from the cached folder; the pinned hash fails too); no
+    fork_rng around the build (the caller's RNG moves); tokenizer_2 padding with <|endoftext|>."""
     torch.manual_seed(123)
     state = torch.get_rng_state()
     again = load_components("tiny-sdxl")
@@ -95,7 +96,7 @@ def test_encode_matches_diffusers_sdxl_encode_prompt(xl, force_zeros):
     StableDiffusionXLPipeline.encode_prompt computes (with force_zeros_for_empty_prompt as
     the model says). Mutations checked: the last hidden state instead of the penultimate; the
     pooled vector from the first encoder's pooler output; the encoders' states in the other
-    order; "" encoded as text while force_zeros is on; tokenizer_2 padding with <|endoftext|>."""
+    order; "" encoded as text while force_zeros is on."""
     xl.extra["force_zeros_for_empty_prompt"] = force_zeros
     try:
         pipe = xl.to_pipeline()
@@ -246,8 +247,7 @@ def test_sdxl_diffusers_folder_loads_as_sdxl(xl, tmp_path):
 def test_sdxl_single_file_sgm_layout_loads(xl, tmp_path):
     """An SGM single file written from tiny-sdxl loads onto the shipped tiny-sdxl configs as
     the same model (tensors, conditioning, UNet outputs). Mutations checked: the second text
-    encoder read with the SD2 prefix; tokenizer_2 padding with <|endoftext|> (the conditioning
-    differs); add_embedding not converted (the UNet is rejected)."""
+    encoder read with the SD2 prefix (no tensors found)."""
     from safetensors.torch import save_file
 
     path = tmp_path / "xl.safetensors"
@@ -353,9 +353,10 @@ def test_definitions_hold_on_tiny_sdxl(tiny_cfg, combo):
     weight is exact in bf16/fp16): with one sample, θ = θ′₀ makes the first preservation term
     exactly 0; the erasure term is w(t)·(1+η)²·mse(ε_θ(z,c_e), ε_θ(z,"")) with "" = SDXL's
     zero conditioning and ᾱ from the scheduler's own table; drawn words are members of R.
-    Mutations checked: frozen tensors kept in the compute dtype (bf16/fp16 cases fail); "" not
-    zeroed in the target only (spying on the erasure anchor finds no zero rows); time ids
-    dropped from the frozen forward (the preservation term is not 0)."""
+    Mutations checked: every frozen tensor kept in the compute dtype, norms included (bf16
+    fails); time ids built from the batch dimension (θ and θ′ see batches of different sizes:
+    the preservation term is not 0); "" encoded as text; Cond.cat taking the first prompt's
+    pooled vector for the whole batch."""
     profile, schedule, mp = combo
     eta = 1.5
     cfg = tiny_cfg(model="tiny-sdxl", profile=profile, schedule=schedule, mixed_precision=mp,
@@ -384,9 +385,8 @@ def test_definitions_hold_on_tiny_sdxl(tiny_cfg, combo):
 
 def test_fast_profile_is_the_reference_computation_on_tiny_sdxl(tiny_cfg):
     """fp32 + classic attention: the fast profile reproduces the reference's draws, loss log
-    and updates on tiny-sdxl (tests/test_engine.py's tolerances). Mutations checked: the
-    frozen forward without added_cond_kwargs in the reference only (fails at once), the θ′
-    step on 2·loss."""
+    and updates on tiny-sdxl (tests/test_engine.py's tolerances). Mutations checked (fast path):
+    the θ′ backward of 2·loss; the π search gradient negated."""
     from test_engine import assert_fast_equals_reference
 
     assert_fast_equals_reference(lambda **kw: tiny_cfg(model="tiny-sdxl", **kw), "noxattn")
@@ -408,7 +408,8 @@ def test_bf16_shared_schedule_runs_on_tiny_sdxl(tiny_cfg):
 
 def test_cli_train_tiny_sdxl_end_to_end(tmp_path, small_vocab):
     """ap-erase train --model tiny-sdxl as a user runs it (subprocess, fast profile); the output
-    UNet drops into the model's StableDiffusionXLPipeline and generates."""
+    UNet drops into the model's StableDiffusionXLPipeline and generates. Mutations checked:
+    make_backbone giving SDXL components the SD backbone."""
     out = tmp_path / "erased"
     proc = subprocess.run(
         [sys.executable, "-m", "ap_erase_fast", "train", "--model", "tiny-sdxl", "--erase",
@@ -435,7 +436,8 @@ def test_cli_train_tiny_sdxl_end_to_end(tmp_path, small_vocab):
 
 def test_bench_sdxl_preset_builds_an_sdxl_run(monkeypatch):
     """The sdxl step-benchmark preset builds SDXL components the engine runs (configs swapped
-    for tiny-sdxl's here: the real architecture is for a GPU)."""
+    for tiny-sdxl's here: the real architecture is for a GPU). Mutations checked: the preset's
+    components without family="sdxl"."""
     from ap_erase_fast import EraseConfig
     from ap_erase_fast.bench import sdxl_components
     from ap_erase_fast.models import shipped
