@@ -74,8 +74,7 @@ def test_tiny_sdxl_weights_are_pinned(xl):
 
 
 def test_cond_flat_unflat_round_trip_with_two_parts():
-    """Mutations checked: unflat splitting the parts in the wrong order; flat without the
-    second part."""
+    """Mutations checked: unflat reading the row back to front; flat without the second part."""
     states = torch.randn(3, 5, 4, generator=_gen(0))
     pooled = torch.randn(3, 6, generator=_gen(1), requires_grad=True)
     cond = Cond((states, pooled))
@@ -145,8 +144,7 @@ def test_predict_passes_pooled_and_time_ids_as_the_sdxl_pipeline(xl):
 
 def test_parameter_counts_sdxl_on_meta():
     """The train-method rules on the real SDXL base UNet (shipped config, meta device).
-    Mutations checked: add_embedding trained under noxattn (+5,245,440); attn2 dropped from
-    the xattn rule."""
+    Mutations checked: add_embedding trained under noxattn (+5,245,440)."""
     counts = {m: count_trainable("sdxl", m) for m in TRAIN_METHODS}
     assert counts["full"] == 2_567_463_684
     assert counts["xattn"] == 545_670_400
