@@ -145,8 +145,14 @@ def test_predict_passes_pooled_and_time_ids_as_the_sdxl_pipeline(xl):
 def test_parameter_counts_sdxl_on_meta():
     """The train-method rules on the real SDXL base UNet (shipped config, meta device).
     Mutations checked: add_embedding trained under noxattn (+5,245,440)."""
-    counts = {m: count_trainable("sdxl", m) for m in TRAIN_METHODS}
-    assert counts["full"] == 2_567_463_684
+    from diffusers import UNet2DConditionModel
+
+    from ap_erase_fast.models import shipped
+
+    with torch.device("meta"):  # built once; count_trainable("sdxl", m) builds one per call
+        unet = UNet2DConditionModel.from_config(shipped.load_config("sdxl", "unet"))
+    counts = {m: count_trainable(unet, m) for m in TRAIN_METHODS}
+    assert counts["full"] == count_trainable("sdxl", "full") == 2_567_463_684
     assert counts["xattn"] == 545_670_400
     assert counts["noxattn"] == 2_014_485_120
     add_embedding = 2816 * 1280 + 1280 + 1280 * 1280 + 1280
