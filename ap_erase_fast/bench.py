@@ -113,8 +113,7 @@ def sdxl_components(device):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from .models import SDComponents, build_clip_tokenizer, ddim_scheduler
-    from .models import shipped
+    from .models import SDComponents, build_clip_tokenizer, ddim_scheduler, shipped
 
     def text_config(component):
         return CLIPTextConfig(**shipped.model_kwargs(shipped.load_config("sdxl", component)))

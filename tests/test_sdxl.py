@@ -11,13 +11,18 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from test_definitions import COMBOS, _spy_null_queries
+from test_models import _openclip_state_dict, _unet_to_ldm, _vae_to_ldm
 
 from ap_erase_fast.backbones import Cond, make_backbone
 from ap_erase_fast.engine import Eraser
-from ap_erase_fast.models import (TRAIN_METHODS, ModelLoadError, count_trainable, load_components,
-                                  module_content_hash)
-from test_definitions import COMBOS, _spy_null_queries
-from test_models import _openclip_state_dict, _unet_to_ldm, _vae_to_ldm
+from ap_erase_fast.models import (
+    TRAIN_METHODS,
+    ModelLoadError,
+    count_trainable,
+    load_components,
+    module_content_hash,
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +58,8 @@ def test_tiny_sdxl_is_deterministic_sdxl_shaped_and_cached(xl):
     assert (sched.beta_schedule, sched.beta_start, sched.beta_end, sched.prediction_type) == (
         "scaled_linear", 0.00085, 0.012, "epsilon")
     # the cached folder is a StableDiffusionXLPipeline folder that loads back as the same model
-    index = json.load(open(os.path.join(xl.pipeline_path, "model_index.json")))
+    with open(os.path.join(xl.pipeline_path, "model_index.json")) as fh:
+        index = json.load(fh)
     assert index["_class_name"] == "StableDiffusionXLPipeline"
     assert index["force_zeros_for_empty_prompt"] is True
     folder = load_components(xl.pipeline_path)
@@ -272,7 +278,11 @@ def test_full_size_sgm_layout_converts_exactly_on_meta():
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from ap_erase_fast.models import shipped
-    from ap_erase_fast.models.single_file import SDXL_OPENCLIP_PREFIX, _shape_mismatch, _text_encoder
+    from ap_erase_fast.models.single_file import (
+        SDXL_OPENCLIP_PREFIX,
+        _shape_mismatch,
+        _text_encoder,
+    )
 
     ucfg = shipped.load_config("sdxl", "unet")
     with torch.device("meta"):
@@ -419,7 +429,7 @@ def test_cli_train_tiny_sdxl_end_to_end(tmp_path, small_vocab):
         [sys.executable, "-m", "ap_erase_fast", "train", "--model", "tiny-sdxl", "--erase",
          "garbage truck", "--steps", "2", "--vocab", small_vocab, "--k-closest", "60",
          "--num-centers", "12", "--ddim-steps", "10", "--output", str(out)],
-        capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        check=False, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"output: {out}" in proc.stdout
     info = json.loads((out / "run.json").read_text())
