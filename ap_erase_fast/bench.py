@@ -5,7 +5,10 @@ Presets:
 
 * ``tiny`` — the built-in tiny model (CPU friendly);
 * ``sd14`` — the SD1.4 UNet and CLIP ViT-L/14 text-encoder architectures with random weights
-  (speed and memory do not depend on weight values), 512 px; meant for a GPU.
+  (speed and memory do not depend on weight values), 512 px; meant for a GPU;
+* ``tiny-sdxl`` — the built-in tiny SDXL-shaped model (CPU friendly);
+* ``sdxl`` — the SDXL base 1.0 UNet and both text-encoder architectures (CLIP ViT-L, OpenCLIP
+  ViT-bigG with projection) with random weights, 1024 px; meant for a GPU.
 
 Each configuration runs in its own process (clean peak-memory numbers): one warm-up outer step,
 then ``--steps`` timed outer steps. Every configuration follows the same t_enc sequence (one
@@ -63,7 +66,15 @@ DEFAULT_SETS = {
              "fast/faithful/noxattn", "fast/shared/noxattn"],
     "sd14": [n for n in CONFIGS if "lora" not in n] + ["fast/faithful/xattn+lora8",
                                                         "fast/faithful/noxattn+lora8"],
+    "tiny-sdxl": ["reference/faithful/xattn", "fast/faithful/xattn", "fast/shared/xattn",
+                  "reference/faithful/noxattn", "fast/faithful/noxattn", "fast/shared/noxattn"],
+    # SDXL's 2.6 B UNet: full fine-tuning of noxattn does not fit a 24 GB card; LoRA does
+    "sdxl": ["reference/faithful/xattn", "fast/faithful/xattn", "fast/shared/xattn",
+             "fast/faithful/xattn+lora8", "fast/faithful/xattn+lora8+ckpt",
+             "fast/faithful/noxattn+lora8+adamw8bit+ckpt"],
 }
+# presets whose model is a built-in one (the others build random-weight architectures)
+BUILTIN_MODELS = {"tiny": "tiny", "tiny-sdxl": "tiny-sdxl"}
 
 
 def t_enc_sequence(steps: int, ddim_steps: int) -> list[int]:
@@ -108,6 +119,32 @@ def sd14_components(device):
                         default_resolution=512)
 
 
+def sdxl_components(device):
+    """SDXL-base-shaped UNet and both text encoders with random weights (no VAE: 1024 px)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .models import SDComponents, build_clip_tokenizer, ddim_scheduler, shipped
+
+    def text_config(component):
+        return CLIPTextConfig(**shipped.model_kwargs(shipped.load_config("sdxl", component)))
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(shipped.load_config("sdxl", "unet"))
+    text = CLIPTextModel(text_config("text_encoder"))
+    text_2 = CLIPTextModelWithProjection(text_config("text_encoder_2"))
+    return SDComponents(unet=unet.to(device), text_encoder=text.to(device).eval(),
+                        tokenizer=build_clip_tokenizer(shipped.PAD_TOKENS["sdxl"]),
+                        text_encoder_2=text_2.to(device).eval(),
+                        tokenizer_2=build_clip_tokenizer(shipped.PAD_TOKENS_2["sdxl"]),
+                        scheduler=ddim_scheduler(shipped.load_config("sdxl", "scheduler")),
+                        vae=None, model_id="sdxl-architecture-random", content_hash="random",
+                        random_weights=True, source={"format": "benchmark"},
+                        default_resolution=8 * unet.config.sample_size, family="sdxl",
+                        extra={"force_zeros_for_empty_prompt": True})
+
+
 def _run_one(args) -> dict:
     """Child process: one configuration."""
     import torch
@@ -124,11 +161,12 @@ def _run_one(args) -> dict:
     if device.type == "cuda" and args.memory_cap_gib:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
-    cfg = EraseConfig(model="tiny", erase=["garbage truck"], steps=args.steps + 1, seed=0,
-                      quiet=True, device=args.device, **overrides)
-    if args.preset == "sd14":
+    cfg = EraseConfig(model=BUILTIN_MODELS.get(args.preset, "tiny"), erase=["garbage truck"],
+                      steps=args.steps + 1, seed=0, quiet=True, device=args.device, **overrides)
+    components = None
+    if args.preset not in BUILTIN_MODELS:
         cfg.embedding_cache = "none"
-    components = sd14_components(device) if args.preset == "sd14" else None
+        components = (sdxl_components if args.preset == "sdxl" else sd14_components)(device)
     eraser = Eraser(cfg, progress=False, components=components).setup()
     # the same trajectory lengths in every row: the warm-up step at the middle index, then the
     # shared sequence; every loop iteration of an outer step uses its outer step's value
@@ -197,7 +235,7 @@ def _environment(device: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ap-erase bench step", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", choices=("tiny", "sd14"), default="tiny")
+    ap.add_argument("--preset", choices=tuple(DEFAULT_SETS), default="tiny")
     ap.add_argument("--configs", default=None,
                     help=f"comma-separated names (default: the preset's set). Known: "
                          f"{', '.join(CONFIGS)}")
@@ -219,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.steps is None:
-        args.steps = 4 if args.preset == "tiny" else 2
+        args.steps = 4 if args.preset in BUILTIN_MODELS else 2
     if args._child:
         print("RESULT " + json.dumps(_run_one(args)), flush=True)
         return 0
