@@ -41,9 +41,11 @@ def _opt(help: str, group: str, **kw: Any) -> Any:
 class EraseConfig:
     # --- model -----------------------------------------------------------------------------
     model: str = _opt(
-        "The model to erase from: 'tiny' (built-in demo model with random weights), a diffusers "
-        "pipeline folder, a Hugging Face hub id (needs network or a filled cache), or a single "
-        "CompVis-layout .safetensors/.ckpt file.", "model", default="tiny")
+        "The model to erase from: 'tiny' or 'tiny-sdxl' (built-in SD1- and SDXL-shaped demo models "
+        "with random weights), 'shapes' (the built-in trained ShapesWorld model), a diffusers "
+        "pipeline folder (SD1.x, SD2.x, SDXL), a Hugging Face hub id (needs network or a filled "
+        "cache), or a single-file .safetensors/.ckpt checkpoint (CompVis layout for SD1/SD2, SGM "
+        "layout for SDXL).", "model", default="tiny")
     single_file_weights: str = _opt(
         "Which UNet weights to take from a single-file checkpoint that holds both: 'non-ema' (the "
         "authors' choice) or 'ema'.", "model", default="non-ema", choices=("non-ema", "ema"))

@@ -37,7 +37,7 @@ from .errors import UserError
 from .randomness import Draws, RandomnessPlan
 from .update import make_optimizer
 
-RANDOM_WEIGHTS_NOTICE = ("The built-in 'tiny' model has RANDOM weights: this run demonstrates the "
+RANDOM_WEIGHTS_NOTICE = ("The model {model!r} has RANDOM weights: this run demonstrates the "
                          "pipeline, it erases nothing meaningful. Pass --model with a real Stable "
                          "Diffusion checkpoint for a real erasure.")
 
@@ -477,7 +477,7 @@ class Eraser:
                                   "skipped_steps": dict(self.skipped_steps)}
         info["backbone"] = self.backbone.info()
         if comp.random_weights:
-            info["notice"] = RANDOM_WEIGHTS_NOTICE
+            info["notice"] = RANDOM_WEIGHTS_NOTICE.format(model=comp.model_id)
         return info
 
 
