@@ -201,10 +201,30 @@ def _run_one(args) -> dict:
         "outer_steps_per_s_at_mean_length": round(evals / elapsed / expected, 4),
         "peak_gib": round(peak, 3), "peak_kind": peak_kind,
         "trained_params": sum(p.numel() for _, p in eraser.trained),
+        **memory_accounting(eraser),
         "torch_threads": torch.get_num_threads(),
         "mixed_precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
             eraser.compute_dtype],
     }
+
+
+def _gib(tensors) -> float:
+    return round(sum(t.numel() * t.element_size() for t in tensors) / 2**30, 3)
+
+
+def memory_accounting(eraser) -> dict:
+    """Exact bytes of what the run keeps, device independent: the denoiser's parameters (θ′),
+    the copy θ needs (frozen tensors, or the reference's second UNet), gradients and optimizer
+    states of the trained tensors."""
+    import torch
+
+    frozen = (list(eraser.frozen.parameters()) if hasattr(eraser, "frozen")
+              else list(getattr(eraser, "frozen_tensors", {}).values()))
+    states = [v for st in eraser.optimizer.state.values() for v in st.values()
+              if isinstance(v, torch.Tensor)]
+    return {"params_gib": _gib(eraser.unet.parameters()), "theta_copy_gib": _gib(frozen),
+            "grads_gib": _gib(p.grad for _, p in eraser.trained if p.grad is not None),
+            "optimizer_state_gib": _gib(states)}
 
 
 def _environment(device: str) -> dict:
@@ -249,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads per run (default: torch's own choice)")
+    ap.add_argument("--ddim-steps", type=int, default=None,
+                    help="override the DDIM steps (e.g. 2 for a memory proxy on CPU)")
+    ap.add_argument("--resolution", type=int, default=None,
+                    help="override the resolution in pixels (default: the model's own)")
+    ap.add_argument("--mixed-precision", default=None, choices=("no", "bf16", "fp16"),
+                    help="override the fast profile's compute precision (default: auto)")
     ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -270,9 +296,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = []
     for name in names:
+        overrides = dict(CONFIGS[name])
+        for key in ("ddim_steps", "resolution", "mixed_precision"):
+            if getattr(args, key) is not None and not (key == "mixed_precision"
+                                                       and overrides.get("profile") == "reference"):
+                overrides[key] = getattr(args, key)
         cmd = [sys.executable, "-m", "ap_erase_fast.bench", "--_child", "--preset", args.preset,
                "--steps", str(args.steps), "--device", args.device,
-               "--overrides", json.dumps(CONFIGS[name])]
+               "--overrides", json.dumps(overrides)]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         if args.memory_cap_gib:
@@ -318,7 +349,8 @@ def add_speedups(rows: list[dict]) -> None:
 
 COLUMNS = ["config", "status", "outer_steps_per_s", "speedup_vs_first",
            "outer_steps_per_s_at_mean_length", "speedup_at_mean_length", "evals_per_outer_step", "expected_evals_per_step", "evals_per_s",
-           "peak_gib", "peak_kind", "mixed_precision", "trained_params", "torch_threads",
+           "peak_gib", "peak_kind", "params_gib", "theta_copy_gib", "grads_gib",
+           "optimizer_state_gib", "mixed_precision", "trained_params", "torch_threads",
            "memory_cap_gib", "outer_steps", "seconds"]
 
 
