@@ -415,3 +415,32 @@ def test_killed_rank_stops_the_run_without_hanging(small_vocab, tmp_path):
     assert not out.exists()
     assert verify_checkpoint(tmp_path / "run.checkpoints" / "step-000001") is None
     assert not (tmp_path / "run.checkpoints" / "step-000002").exists()
+
+
+def test_lock_without_os_file_locks_detects_a_dead_holder(tmp_path, monkeypatch):
+    """Where the filesystem has no file locks, the lock file's pid decides: a live holder
+    refuses, a dead one on this host is taken over, one on another host is reported with the
+    file to delete."""
+    import fcntl
+    import socket
+
+    from ap_erase_fast.outdir import FolderInUse, FolderLock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    target = tmp_path / "run"
+    held = FolderLock(target).acquire()
+    with pytest.raises(FolderInUse, match=f"in use by another run \\(pid {os.getpid()} "):
+        FolderLock(target).acquire()
+    held.release()
+    child = multiprocessing.get_context("fork").Process(target=os._exit, args=(0,))
+    child.start()
+    child.join()
+    lock = tmp_path / ".run.lock"
+    lock.write_text(json.dumps({"pid": child.pid, "host": socket.gethostname()}))
+    FolderLock(target).acquire().release()  # stale: taken over
+    lock.write_text(json.dumps({"pid": child.pid, "host": "another-host"}))
+    with pytest.raises(FolderInUse, match="delete .*run.lock if that run no longer exists"):
+        FolderLock(target).acquire()
