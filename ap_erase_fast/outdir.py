@@ -5,8 +5,9 @@ A run claims its output folder ``DIR`` up front and publishes it at the end:
 * **Lock.** ``.DIR.lock`` beside the folder, created atomically and held with an OS file lock
   for the whole run; it records pid, host, start time and command. A second run aimed at the
   same folder fails at once with one line naming the first. The kernel drops the lock when its
-  process dies, even on ``kill -9``, so a stale lock file is simply taken over (on a filesystem
-  without file locks: when its pid is no longer alive on this host).
+  process dies, even on ``kill -9``, so a stale lock file is simply taken over. On a filesystem
+  without file locks the lock file is created atomically (a hard link of a written file) and is
+  stale when its pid is no longer alive on this host.
 * **What may be replaced.** An existing folder must be empty, or ``overwrite`` must be set *and*
   the folder must be one this library wrote (it holds the marker file: ``run.json`` of a train
   run, ``report.json`` of an evaluation). The current folder, its parents, the home folder and
@@ -83,6 +84,10 @@ class FolderLock:
         self.fd: int | None = None
 
     def acquire(self) -> "FolderLock":
+        try:
+            import fcntl
+        except ImportError:  # no flock here (Windows)
+            return self._acquire_by_link()
         for _ in range(20):
             try:
                 fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
@@ -90,8 +95,6 @@ class FolderLock:
                 raise UserError(f"cannot write the output folder {self.target}: cannot create "
                                 f"the lock file {self.file}: {exc.strerror or exc}") from None
             try:
-                import fcntl
-
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = self._read()
@@ -99,9 +102,9 @@ class FolderLock:
                 raise FolderInUse(
                     f"output folder {self.target} is in use by another run ({_describe(holder)}); "
                     f"wait for it to finish or choose another --output") from None
-            except (ImportError, OSError):  # no flock here (Windows, some network filesystems)
+            except OSError:  # a filesystem without file locks (some network filesystems)
                 os.close(fd)
-                return self._acquire_exclusive_create()
+                return self._acquire_by_link()
             try:  # the file may have been released (unlinked) between our open and flock
                 same = os.fstat(fd).st_ino == os.stat(self.file).st_ino
             except FileNotFoundError:
@@ -116,27 +119,40 @@ class FolderLock:
         raise FolderInUse(f"output folder {self.target}: could not take its lock {self.file}; "
                           f"another run keeps claiming it")
 
-    def _acquire_exclusive_create(self) -> "FolderLock":
-        """The lock without OS file locks: an exclusively created file whose pid is checked."""
-        for _ in range(20):
+    def _acquire_by_link(self) -> "FolderLock":
+        """The lock without OS file locks: a lock file that appears atomically with its content
+        (a hard link of a written file); one whose pid is dead on this host is stale."""
+        mine = self.file.with_name(f"{self.file.name}.{os.getpid()}")
+        try:
+            mine.write_text(json.dumps(_holder()))
+            for _ in range(20):
+                try:
+                    os.link(mine, self.file)
+                except FileExistsError:
+                    holder = self._read()
+                    pid = holder.get("pid")
+                    local = holder.get("host") == socket.gethostname()
+                    if not holder or (local and isinstance(pid, int) and not _pid_alive(pid)):
+                        try:  # stale (its process is gone), or an empty file left by a probe
+                            os.unlink(self.file)
+                        except FileNotFoundError:
+                            pass
+                        continue
+                    raise FolderInUse(
+                        f"output folder {self.target} is in use by another run "
+                        f"({_describe(holder)}); wait for it to finish, or delete {self.file} "
+                        f"if that run no longer exists") from None
+                except OSError as exc:
+                    raise UserError(f"cannot write the output folder {self.target}: cannot "
+                                    f"create the lock file {self.file}: "
+                                    f"{exc.strerror or exc}") from None
+                self.fd = -1  # held, without a descriptor
+                return self
+        finally:
             try:
-                fd = os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                holder = self._read()
-                mine = holder.get("host") == socket.gethostname()
-                if mine and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
-                    try:  # stale: its process is gone
-                        os.unlink(self.file)
-                    except FileNotFoundError:
-                        pass
-                    continue
-                raise FolderInUse(
-                    f"output folder {self.target} is in use by another run ({_describe(holder)}); "
-                    f"wait for it to finish, or delete {self.file} if that run no longer "
-                    f"exists") from None
-            os.write(fd, json.dumps(_holder()).encode())
-            self.fd = fd
-            return self
+                mine.unlink()
+            except OSError:
+                pass
         raise FolderInUse(f"output folder {self.target}: could not take its lock {self.file}")
 
     def _read(self) -> dict:
@@ -153,7 +169,8 @@ class FolderLock:
             os.unlink(self.file)  # before closing: a waiter on the old file sees it is gone
         except OSError:
             pass
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
         self.fd = None
 
 
