@@ -194,6 +194,8 @@ class EraseConfig:
                      "gumbel_topk", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{_flag(name)} must be at least 1 (got {getattr(self, name)})")
+        if self.ddim_steps < 2:
+            raise UserError(f"--ddim-steps must be at least 2 (got {self.ddim_steps})")
         if self.pgd_steps < 2:
             raise UserError(f"--pgd-steps must be at least 2 (one outer step plus at least one "
                             f"search step; got {self.pgd_steps})")
@@ -232,8 +234,8 @@ class EraseConfig:
                 raise UserError(f"--{_flag(f.name)} must be positive (got {value})")
             if f.name in NON_NEGATIVE_FLOATS and value < 0:
                 raise UserError(f"--{_flag(f.name)} must be 0 or more (got {value})")
-        if self.seed < 0:
-            raise UserError(f"--seed must be 0 or more (got {self.seed})")
+        if not 0 <= self.seed < 2 ** 63:
+            raise UserError(f"--seed must be between 0 and 2^63 - 1 (got {self.seed})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
