@@ -328,3 +328,72 @@ def test_quiet_means_quiet(capsys, tmp_path):
                  "--output", str(tmp_path / "o")])
     out, err = capsys.readouterr()
     assert code == 0 and out == "" and err == "", (out, err)
+
+
+EVAL_BAD_VALUES = {
+    "run": ["{tmp}/no-run", "{tmp}/empty.txt"],
+    "base_only": ["=1"],
+    "model": ["{tmp}/no-such-model"],
+    "erase": ["concepts_missing.txt", " , "],
+    "single_file_weights": ["both"],
+    "allow_model_mismatch": ["=1"],
+    "output": [".", "{tmp}/empty.txt/sub"],
+    "overwrite": ["=1"],
+    "device": ["tpu", "cuda:x"],
+    "quiet": ["=1"],
+    "concepts": ["{tmp}/missing.txt", "{tmp}/empty.txt"],
+    "eps_seeds": ["0", "x"],
+    "eps_timesteps": ["0"],
+    "eps_ddim_steps": ["0", "1", "100000"],
+    "eps_guidance": [NAN, INF, "-1"],
+    "negative_guidance": [NAN, "-1"],
+    "eps_batch_size": ["0"],
+    "no_images": ["=1"],
+    "prompts": ["{tmp}/missing.csv", "{tmp}/empty.txt"],
+    "images_per_prompt": ["0"],
+    "detectors": ["fid", "resnet50"],  # resnet50: its weights are not in --weights
+    "weights": None,  # only read by a detector that needs weights (covered above)
+    "steps": ["0", "-5"],
+    "guidance": [NAN, INF, "-7.5"],
+    "scheduler": ["euler"],
+    "resolution": ["0", "33"],
+    "batch_size": ["0"],
+    "no_save_images": ["=1"],
+    "grid_size": ["-1"],
+    "nudenet_classes": None,  # only read by the nudenet detector
+    "nudenet_model": None,  # only read by the nudenet detector
+}
+
+
+def test_every_eval_option_with_bad_values_is_one_line_and_exit_2(capsys, tmp_path, small_vocab,
+                                                                   monkeypatch):
+    """The same promise for 'ap-erase eval': each option with bad values gives one 'error:'
+    line and exit 2, and no report folder."""
+    import torch
+
+    from ap_erase_fast.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    dests = sorted(a.dest for a in sub.choices["eval"]._actions if a.dest != "help")
+    assert sorted(EVAL_BAD_VALUES) == dests, "add the new eval option to EVAL_BAD_VALUES"
+    run = tmp_path / "run"
+    assert main(["train", "--erase", "x", "--vocab", small_vocab, "--output", str(run), *FAST]) == 0
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    monkeypatch.chdir(tmp_path)
+    for name, values in EVAL_BAD_VALUES.items():
+        for value in values or []:
+            if name == "device" and value.startswith("cuda") and torch.cuda.is_available():
+                continue
+            value = value.replace("{tmp}", str(tmp_path))
+            flag = "--" + name.replace("_", "-")
+            arg = [flag + value] if value.startswith("=") else [flag, value]
+            argv = ["eval", *(["--run", str(run)] if name != "run" else []), "--weights",
+                    str(tmp_path / "no-weights"), *arg]
+            code = main(argv)
+            err = capsys.readouterr().err
+            # what a terminal shows: the last \r-segment of each line (progress bars clear)
+            shown = [ln.split("\r")[-1] for ln in err.split("\n")]
+            lines = [ln for ln in shown if ln.strip() and not ln.startswith(("note:", "warning:"))]
+            assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (flag, value, err)
+            assert not (run / "eval").exists(), (flag, value)

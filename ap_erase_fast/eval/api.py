@@ -66,11 +66,9 @@ class EvalConfig:
 
 
 def _device(name: str) -> str:
-    import torch
+    from ..engine import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return str(resolve_device(name))
 
 
 def _versions(detectors) -> dict:
@@ -120,6 +118,8 @@ def check_config(cfg: EvalConfig) -> None:
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise UserError(f"--{name.replace('_', '-')} must be a finite number, 0 or more "
                             f"(got {value})")
+    if cfg.eps_ddim_steps is not None and cfg.eps_ddim_steps < 2:
+        raise UserError(f"--eps-ddim-steps must be at least 2 (got {cfg.eps_ddim_steps})")
     if cfg.resolution is not None and cfg.resolution <= 0:
         raise UserError(f"--resolution must be positive (got {cfg.resolution})")
     if cfg.grid_size < 0:

@@ -74,7 +74,10 @@ def config_from_args(args: argparse.Namespace):
 
     from ..config import parse_concepts
 
-    erase = parse_concepts(args.erase) if args.erase else None
+    erase = parse_concepts(args.erase) if args.erase is not None else None
+    if erase == []:
+        raise UserError(f"--erase {args.erase!r} names no concept; give the erased concepts, or "
+                        f"leave --erase out to take the run's")
     detectors = None
     if args.detectors is not None:
         detectors = [d.strip().lower() for d in args.detectors.split(",")
