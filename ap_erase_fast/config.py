@@ -167,9 +167,13 @@ class EraseConfig:
         "settings. ZeRO stages 0-2, fp32 or bf16.", "distributed")
     # --- output -----------------------------------------------------------------------------
     output: str | None = _opt(
-        "Output folder (must be empty or absent unless --overwrite). Default: "
+        "Output folder (must be empty or absent unless --overwrite; locked while the run is "
+        "on, so a second run aimed at it stops at once). Default: "
         "outputs/<concepts>-<model>-seed<seed>-<date-time>.", "output")
-    overwrite: bool = _opt("Replace a non-empty output folder.", "output", default=False)
+    overwrite: bool = _opt(
+        "Replace a non-empty output folder, only if ap_erase_fast wrote it (it holds this "
+        "library's run.json); the old folder is removed only after the new one is in place.",
+        "output", default=False)
     checkpoint_every: int = _opt(
         "Write a resumable checkpoint every N outer steps into <output>.checkpoints/ (0: never).",
         "output", default=0)

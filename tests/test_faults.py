@@ -144,6 +144,33 @@ def test_kill_at_a_random_moment_then_resume(reference, small_vocab, tmp_path):
     assert leftovers(tmp_path / "run") == [], delay
 
 
+def _main_child(argv: list[str]) -> None:
+    os._exit(main(argv))
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_terminate_or_interrupt_removes_temporary_files(sig, code, small_vocab, tmp_path):
+    """SIGTERM (what schedulers and the DeepSpeed launcher send) and Ctrl-C mid-run: exit 143 /
+    130 with one line, no output, no temporary folder, no lock left behind.
+
+    Mutation checked: no SIGTERM handler (the process dies at once: the temporary folder and
+    the lock file stay)."""
+    out = tmp_path / "run"
+    argv = ["train", "--erase", "garbage truck", "--vocab", small_vocab, "--steps", "200",
+            "--k-closest", "60", "--num-centers", "12", "--ddim-steps", "10", "--quiet",
+            "--output", str(out)]
+    proc = multiprocessing.get_context("fork").Process(target=_main_child, args=(argv,))
+    proc.start()
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".run.tmp*")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.kill(proc.pid, sig)
+    proc.join(60)
+    assert proc.exitcode == code
+    assert not out.exists() and leftovers(out) == []
+
+
 # ---- a full disk -----------------------------------------------------------------------------
 @pytest.fixture(params=["injected", "tmpfs"])
 def small_disk(request, tmp_path, monkeypatch):
