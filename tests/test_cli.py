@@ -397,3 +397,27 @@ def test_every_eval_option_with_bad_values_is_one_line_and_exit_2(capsys, tmp_pa
             lines = [ln for ln in shown if ln.strip() and not ln.startswith(("note:", "warning:"))]
             assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (flag, value, err)
             assert not (run / "eval").exists(), (flag, value)
+
+
+class _RunsCode:
+    """A pickle payload that would create a file when unpickled without weights_only."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_malicious_ckpt_is_refused_in_one_whole_sentence(capsys, tmp_path):
+    """A .ckpt whose pickle would run code: nothing runs, and the refusal is one complete line
+    that says why and what to do (not a message cut off mid-sentence, no warning lines)."""
+    import pickle
+
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(pickle.dumps({"state_dict": _RunsCode(str(tmp_path / "PWNED"))}, protocol=4))
+    err = _bad(capsys, "train", "--model", str(evil), "--erase", "x", "--output",
+               str(tmp_path / "o"), *FAST)
+    assert not (tmp_path / "PWNED").exists()
+    assert err.startswith(f"error: refused to load checkpoint '{evil}': it holds Python objects")
+    assert err.endswith("convert it to .safetensors with a tool you trust")

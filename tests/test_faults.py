@@ -144,6 +144,23 @@ def test_kill_at_a_random_moment_then_resume(reference, small_vocab, tmp_path):
     assert leftovers(tmp_path / "run") == [], delay
 
 
+def test_next_run_sweeps_what_a_killed_run_left(small_vocab, tmp_path):
+    """kill -9 mid-run leaves its hidden temporary folder; the next run aimed at the same
+    folder removes it (and the stale lock), whatever it does itself."""
+    out = tmp_path / "run"
+    cfg = config(small_vocab, out, steps=200, checkpoint_every=0)
+    proc = multiprocessing.get_context("fork").Process(target=_child, args=(cfg.to_dict(), ""))
+    proc.start()
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".run.tmp*")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(60)
+    assert (tmp_path / f".run.tmp{proc.pid}").is_dir()
+    erase(config(small_vocab, out, steps=1, checkpoint_every=0))
+    assert (out / "run.json").is_file() and leftovers(out) == []
+
+
 def _main_child(argv: list[str]) -> None:
     os._exit(main(argv))
 

@@ -189,20 +189,25 @@ def test_bench_quality_quick(tmp_path, capsys):
     assert len((tmp_path / "quality_t.jsonl").read_text().splitlines()) == 6
 
 
-def test_bench_quality_writes_a_new_folder_and_reports_progress_first(tmp_path, monkeypatch, capsys):
-    """By default the benchmark writes into a new folder under the current one, with its own
-    file names for --quick (never the committed report's), and says what it does before the
-    first job ends."""
+def test_bench_quality_quick_erases_in_a_new_folder_and_reports_progress_first(tmp_path, monkeypatch,
+                                                                                capsys):
+    """--quick (here with two of its methods and 2 images per shape) shows a real erasure: the
+    erased circle is no longer drawn while the base model draws it. By default the files go to
+    a new folder under the current one, named for --quick (never the committed report's), and
+    the benchmark says what it does before its first job ends."""
+    import json
+
     from ap_erase_fast.cli import main
 
     monkeypatch.chdir(tmp_path)
-    assert main(["bench", "quality", "--quick", "--methods", "base", "--images", "1"]) == 0
+    assert main(["bench", "quality", "--quick", "--methods", "base,esd", "--images", "2"]) == 0
     (folder,) = tmp_path.glob("bench-quality-*")
     assert sorted(p.name for p in folder.glob("quality_*.md")) == ["quality_shapes_quick.md"]
+    rows = {r["method"]: r for r in map(json.loads, (folder / "quality_shapes_quick.jsonl").open())}
+    assert rows["base"]["esr"] == 0.0 and rows["esd"]["esr"] >= 0.5, rows
     lines = capsys.readouterr().err.splitlines()
-    assert "1 runs (0 already in quality_shapes_quick.jsonl)" in lines[0] and str(folder) in lines[0]
+    assert "2 runs (0 already in quality_shapes_quick.jsonl)" in lines[0] and str(folder) in lines[0]
     assert "loading the ShapesWorld model" in lines[1] and "generating" in lines[2]
-    assert "ESR" in lines[3]
 
 
 def test_bench_quality_rejects_bad_input(tmp_path, capsys):

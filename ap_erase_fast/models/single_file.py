@@ -48,17 +48,25 @@ def read_checkpoint(path: str) -> tuple[dict, dict]:
 
             return load_file(path, device="cpu"), {}
         if lower.endswith(".ckpt"):
+            import warnings
+
             import torch
 
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # "Detected pickle protocol N": noise before a refusal
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         else:
             raise ModelLoadError(f"unsupported checkpoint extension for {name!r}; expected .safetensors or .ckpt")
     except ModelLoadError:
         raise
     except Exception as exc:  # corrupted, truncated, or unsafe pickle content
+        if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
+            raise ModelLoadError(
+                f"refused to load checkpoint {path!r}: it holds Python objects besides tensors, "
+                f"which could run code when unpickled (only weights-only pickles are loaded); "
+                f"convert it to .safetensors with a tool you trust") from None
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = " (only weights-only pickles are loaded; convert it to .safetensors)" if "weights_only" in str(exc) else ""
-        raise ModelLoadError(f"cannot read checkpoint {path!r}: {text[:200]}{hint}") from None
+        raise ModelLoadError(f"cannot read checkpoint {path!r}: {text[:200]}") from None
     if not isinstance(obj, dict):
         raise ModelLoadError(f"checkpoint {path!r} does not hold a state dict (got {type(obj).__name__})")
     extras = {k: obj[k] for k in ("global_step", "epoch") if k in obj and isinstance(obj[k], (int, float))}
