@@ -392,22 +392,32 @@ def test_two_runs_one_folder_and_a_stale_lock(small_vocab, tmp_path, capsys):
     assert (out / "run.json").is_file() and leftovers(out) == []
 
 
-def test_commit_that_cannot_replace_keeps_the_result(small_vocab, tmp_path, monkeypatch, capsys):
-    """The existing folder cannot be moved (an immutable or busy folder): the run exits 3 with
-    one line naming where the finished result is kept; the previous folder is untouched.
+@pytest.mark.parametrize("how", ["injected", "immutable"])
+def test_commit_that_cannot_replace_keeps_the_result(how, small_vocab, tmp_path, monkeypatch, capsys,
+                                                     request):
+    """The existing folder cannot be moved (an immutable or busy folder; "immutable": a real
+    ``chattr +i``, root and ext4 needed, else skipped): the run exits 3 with one line naming
+    where the finished result is kept; the previous folder is untouched.
 
     Mutation checked: the temporary folder deleted on a failed commit (fails)."""
     out = tmp_path / "run"
     erase(config(small_vocab, out, steps=1, checkpoint_every=0))
     before = (out / "log.jsonl").read_text()
-    real = os.replace
+    if how == "immutable":
+        if shutil.which("chattr") is None or subprocess.run(
+                ["chattr", "+i", str(out)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not available here (needs root and ext4)")
+        request.addfinalizer(lambda: subprocess.run(["chattr", "-i", str(out)]))
+    else:
+        real = os.replace
 
-    def replace(src, dst):
-        if Path(src) == out:
-            raise PermissionError(errno.EPERM, "Operation not permitted", str(src))
-        return real(src, dst)
+        def replace(src, dst):
+            if Path(src) == out:
+                raise PermissionError(errno.EPERM, "Operation not permitted", str(src))
+            return real(src, dst)
 
-    monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(os, "replace", replace)
+    capsys.readouterr()
     code = main(["train", "--erase", "garbage truck", "--vocab", small_vocab, "--steps", "2",
                  "--k-closest", "60", "--num-centers", "12", "--ddim-steps", "10", "--quiet",
                  "--output", str(out), "--overwrite"])
