@@ -61,10 +61,16 @@ def read_checkpoint(path: str) -> tuple[dict, dict]:
         raise
     except Exception as exc:  # corrupted, truncated, or unsafe pickle content
         if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
+            import re
+
+            found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(\n\n|Check the documentation|$)",
+                              str(exc), re.S)
+            detail = (" ".join(found.group(1).split()).split(". ")[0].rstrip(".")[:160] if found
+                      else "not a plain tensor pickle")
             raise ModelLoadError(
-                f"refused to load checkpoint {path!r}: it holds Python objects besides tensors, "
-                f"which could run code when unpickled (only weights-only pickles are loaded); "
-                f"convert it to .safetensors with a tool you trust") from None
+                f"cannot read checkpoint {path!r}: the weights-only loader refused it ({detail}); "
+                f"it is damaged, or it holds Python objects besides tensors, which could run code "
+                f"when unpickled; convert it to .safetensors with a tool you trust") from None
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot read checkpoint {path!r}: {text[:200]}") from None
     if not isinstance(obj, dict):

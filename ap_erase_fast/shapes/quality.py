@@ -463,12 +463,11 @@ def main(argv: list[str] | None = None) -> int:
     from ..errors import UserError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    if args.quick:  # the quick settings, except where a flag was given
-        given = {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")}
-        for key, value in QUICK.items():
-            if key not in given:
-                setattr(args, key, value)
+    parser = build_parser()
+    quick = parser.parse_known_args(argv)[0].quick
+    # --quick: its settings stand in for the defaults (argparse keeps values already in the
+    # namespace unless their flag is given)
+    args = parser.parse_args(argv, argparse.Namespace(**copy.deepcopy(QUICK)) if quick else None)
     args.tag = args.tag or ("shapes_quick" if args.quick else "shapes_cpu")
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
