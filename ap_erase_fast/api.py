@@ -83,7 +83,8 @@ def _write(out: OutputDir, eraser: Eraser, trained: dict, info: dict) -> None:
     from .checkpoint import write_error_reason
 
     try:
-        write_outputs(Path(out.tmp), eraser.unet, trained, info, eraser.log)
+        write_outputs(Path(out.tmp), eraser.unet, trained, info, eraser.log,
+                      eraser.backbone.pipeline_class())
     except Exception as exc:  # noqa: BLE001 - classified: write failures are the user's to fix
         reason = write_error_reason(exc, Path(out.tmp))
         if reason is None:

@@ -5,7 +5,10 @@ Presets:
 
 * ``tiny`` — the built-in tiny model (CPU friendly);
 * ``sd14`` — the SD1.4 UNet and CLIP ViT-L/14 text-encoder architectures with random weights
-  (speed and memory do not depend on weight values), 512 px; meant for a GPU.
+  (speed and memory do not depend on weight values), 512 px; meant for a GPU;
+* ``tiny-sdxl`` — the built-in tiny SDXL-shaped model (CPU friendly);
+* ``sdxl`` — the SDXL base 1.0 UNet and both text-encoder architectures (CLIP ViT-L, OpenCLIP
+  ViT-bigG with projection) with random weights, 1024 px; meant for a GPU.
 
 Each configuration runs in its own process (clean peak-memory numbers): one warm-up outer step,
 then ``--steps`` timed outer steps. Every configuration follows the same t_enc sequence (one
@@ -48,14 +51,31 @@ CONFIGS: dict[str, dict] = {
                                               attention="classic"),
     "fast/faithful/noxattn+classic-attn": dict(profile="fast", train_method="noxattn",
                                                 attention="classic"),
+    # LoRA erasure: one denoiser, no frozen copy; rank 8 on the selected layers
+    "fast/faithful/xattn+lora8": dict(profile="fast", train_method="xattn", lora_rank=8),
+    "fast/faithful/noxattn+lora8": dict(profile="fast", train_method="noxattn", lora_rank=8),
+    "fast/faithful/xattn+lora8+ckpt": dict(profile="fast", train_method="xattn", lora_rank=8,
+                                           gradient_checkpointing=True),
+    "fast/faithful/noxattn+lora8+adamw8bit+ckpt": dict(
+        profile="fast", train_method="noxattn", lora_rank=8, optimizer="adamw8bit",
+        gradient_checkpointing=True),
 }
 DEFAULT_SETS = {
     "tiny": ["reference/faithful/xattn", "fast/faithful/xattn+classic-attn",
              "fast/faithful/xattn", "fast/shared/xattn",
              "reference/faithful/noxattn", "fast/faithful/noxattn+classic-attn",
              "fast/faithful/noxattn", "fast/shared/noxattn"],
-    "sd14": list(CONFIGS),
+    "sd14": [n for n in CONFIGS if "lora" not in n] + ["fast/faithful/xattn+lora8",
+                                                        "fast/faithful/noxattn+lora8"],
+    "tiny-sdxl": ["reference/faithful/xattn", "fast/faithful/xattn", "fast/shared/xattn",
+                  "reference/faithful/noxattn", "fast/faithful/noxattn", "fast/shared/noxattn"],
+    # SDXL's 2.6 B UNet: full fine-tuning of noxattn does not fit a 24 GB card; LoRA does
+    "sdxl": ["reference/faithful/xattn", "fast/faithful/xattn", "fast/shared/xattn",
+             "fast/faithful/xattn+lora8", "fast/faithful/xattn+lora8+ckpt",
+             "fast/faithful/noxattn+lora8+adamw8bit+ckpt"],
 }
+# presets whose model is a built-in one (the others build random-weight architectures)
+BUILTIN_MODELS = {"tiny": "tiny", "tiny-sdxl": "tiny-sdxl"}
 
 
 def t_enc_sequence(steps: int, ddim_steps: int) -> list[int]:
@@ -100,6 +120,32 @@ def sd14_components(device):
                         default_resolution=512)
 
 
+def sdxl_components(device):
+    """SDXL-base-shaped UNet and both text encoders with random weights (no VAE: 1024 px)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .models import SDComponents, build_clip_tokenizer, ddim_scheduler, shipped
+
+    def text_config(component):
+        return CLIPTextConfig(**shipped.model_kwargs(shipped.load_config("sdxl", component)))
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(shipped.load_config("sdxl", "unet"))
+    text = CLIPTextModel(text_config("text_encoder"))
+    text_2 = CLIPTextModelWithProjection(text_config("text_encoder_2"))
+    return SDComponents(unet=unet.to(device), text_encoder=text.to(device).eval(),
+                        tokenizer=build_clip_tokenizer(shipped.PAD_TOKENS["sdxl"]),
+                        text_encoder_2=text_2.to(device).eval(),
+                        tokenizer_2=build_clip_tokenizer(shipped.PAD_TOKENS_2["sdxl"]),
+                        scheduler=ddim_scheduler(shipped.load_config("sdxl", "scheduler")),
+                        vae=None, model_id="sdxl-architecture-random", content_hash="random",
+                        random_weights=True, source={"format": "benchmark"},
+                        default_resolution=8 * unet.config.sample_size, family="sdxl",
+                        extra={"force_zeros_for_empty_prompt": True})
+
+
 def _run_one(args) -> dict:
     """Child process: one configuration."""
     import torch
@@ -116,11 +162,12 @@ def _run_one(args) -> dict:
     if device.type == "cuda" and args.memory_cap_gib:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
-    cfg = EraseConfig(model="tiny", erase=["garbage truck"], steps=args.steps + 1, seed=0,
-                      quiet=True, device=args.device, **overrides)
-    if args.preset == "sd14":
+    cfg = EraseConfig(model=BUILTIN_MODELS.get(args.preset, "tiny"), erase=["garbage truck"],
+                      steps=args.steps + 1, seed=0, quiet=True, device=args.device, **overrides)
+    components = None
+    if args.preset not in BUILTIN_MODELS:
         cfg.embedding_cache = "none"
-    components = sd14_components(device) if args.preset == "sd14" else None
+        components = (sdxl_components if args.preset == "sdxl" else sd14_components)(device)
     eraser = Eraser(cfg, progress=False, components=components).setup()
     # the same trajectory lengths in every row: the warm-up step at the middle index, then the
     # shared sequence; every loop iteration of an outer step uses its outer step's value
@@ -155,10 +202,30 @@ def _run_one(args) -> dict:
         "outer_steps_per_s_at_mean_length": round(evals / elapsed / expected, 4),
         "peak_gib": round(peak, 3), "peak_kind": peak_kind,
         "trained_params": sum(p.numel() for _, p in eraser.trained),
+        **memory_accounting(eraser),
         "torch_threads": torch.get_num_threads(),
         "mixed_precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
             eraser.compute_dtype],
     }
+
+
+def _gib(tensors) -> float:
+    return round(sum(t.numel() * t.element_size() for t in tensors) / 2**30, 3)
+
+
+def memory_accounting(eraser) -> dict:
+    """Exact bytes of what the run keeps, device independent: the denoiser's parameters (θ′),
+    the copy θ needs (frozen tensors, or the reference's second UNet), gradients and optimizer
+    states of the trained tensors."""
+    import torch
+
+    frozen = (list(eraser.frozen.parameters()) if hasattr(eraser, "frozen")
+              else list(getattr(eraser, "frozen_tensors", {}).values()))
+    states = [v for st in eraser.optimizer.state.values() for v in st.values()
+              if isinstance(v, torch.Tensor)]
+    return {"params_gib": _gib(eraser.unet.parameters()), "theta_copy_gib": _gib(frozen),
+            "grads_gib": _gib(p.grad for _, p in eraser.trained if p.grad is not None),
+            "optimizer_state_gib": _gib(states)}
 
 
 def new_results_dir(kind: str) -> Path:
@@ -199,7 +266,7 @@ def _environment(device: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ap-erase bench step", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", choices=("tiny", "sd14"), default="tiny")
+    ap.add_argument("--preset", choices=tuple(DEFAULT_SETS), default="tiny")
     ap.add_argument("--configs", default=None,
                     help=f"comma-separated names (default: the preset's set). Known: "
                          f"{', '.join(CONFIGS)}")
@@ -216,6 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads per run (default: torch's own choice)")
+    ap.add_argument("--ddim-steps", type=int, default=None,
+                    help="override the DDIM steps (e.g. 2 for a memory proxy on CPU)")
+    ap.add_argument("--resolution", type=int, default=None,
+                    help="override the resolution in pixels (default: the model's own)")
+    ap.add_argument("--mixed-precision", default=None, choices=("no", "bf16", "fp16"),
+                    help="override the fast profile's compute precision (default: auto)")
     ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -224,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.steps is None:
-        args.steps = 4 if args.preset == "tiny" else 2
+        args.steps = 4 if args.preset in BUILTIN_MODELS else 2
     if args._child:
         print("RESULT " + json.dumps(_run_one(args)), flush=True)
         return 0
@@ -240,9 +313,14 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     rows = []
     for name in names:
+        overrides = dict(CONFIGS[name])
+        for key in ("ddim_steps", "resolution", "mixed_precision"):
+            if getattr(args, key) is not None and not (key == "mixed_precision"
+                                                       and overrides.get("profile") == "reference"):
+                overrides[key] = getattr(args, key)
         cmd = [sys.executable, "-m", "ap_erase_fast.bench", "--_child", "--preset", args.preset,
                "--steps", str(args.steps), "--device", args.device,
-               "--overrides", json.dumps(CONFIGS[name])]
+               "--overrides", json.dumps(overrides)]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         if args.memory_cap_gib:
@@ -288,7 +366,8 @@ def add_speedups(rows: list[dict]) -> None:
 
 COLUMNS = ["config", "status", "outer_steps_per_s", "speedup_vs_first",
            "outer_steps_per_s_at_mean_length", "speedup_at_mean_length", "evals_per_outer_step", "expected_evals_per_step", "evals_per_s",
-           "peak_gib", "peak_kind", "mixed_precision", "trained_params", "torch_threads",
+           "peak_gib", "peak_kind", "params_gib", "theta_copy_gib", "grads_gib",
+           "optimizer_state_gib", "mixed_precision", "trained_params", "torch_threads",
            "memory_cap_gib", "outer_steps", "seconds"]
 
 

@@ -84,26 +84,28 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str], batch_size: int 
     return torch.cat(out) if out else torch.empty(0)
 
 
-def embedding_cache_key(text_encoder_hash: str, tokenizer, words: list[str]) -> str:
+def embedding_cache_key(encoder_key: str, words: list[str]) -> str:
     h = hashlib.sha256()
-    h.update(b"ap_erase_fast.vocab_embeddings.v1\0")
-    h.update(text_encoder_hash.encode())
-    h.update(f"\0{tokenizer.model_max_length}\0{len(tokenizer)}\0".encode())
+    h.update(b"ap_erase_fast.vocab_embeddings.v2\0")
+    h.update(encoder_key.encode())
+    h.update(b"\0")
     h.update("\n".join(words).encode("utf-8"))
     return h.hexdigest()[:32]
 
 
-def vocabulary_embeddings(text_encoder, tokenizer, words: list[str], text_encoder_hash: str,
+def vocabulary_embeddings(encode_rows, words: list[str], encoder_key: str,
                           cache_dir: str | os.PathLike | None) -> tuple[torch.Tensor, bool]:
-    """Embeddings of ``words`` [N, L, D] fp32 on CPU, read from or written to the cache.
+    """The conditioning rows of ``words`` [N, F] fp32 on CPU (``encode_rows(prompts)`` gives
+    them: a backbone's ``encode(prompts).flat()``), read from or written to the cache under a key
+    of ``encoder_key`` (the backbone's text-encoder hash) and the words.
 
-    Returns (embeddings, cache_hit). ``cache_dir`` None disables the cache.
+    Returns (rows, cache_hit). ``cache_dir`` None disables the cache.
     """
     from safetensors.torch import load_file, save_file
 
     path = None
     if cache_dir is not None:
-        key = embedding_cache_key(text_encoder_hash, tokenizer, words)
+        key = embedding_cache_key(encoder_key, words)
         path = Path(cache_dir) / f"vocab-{key}.safetensors"
         if path.is_file():
             try:
@@ -112,7 +114,7 @@ def vocabulary_embeddings(text_encoder, tokenizer, words: list[str], text_encode
                     return emb, True
             except Exception:  # noqa: BLE001 - a broken cache file is recomputed
                 pass
-    emb = encode_prompts(text_encoder, tokenizer, words).cpu().contiguous()
+    emb = encode_rows(words).float().cpu().contiguous()
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -45,9 +45,11 @@ def _opt(help: str, group: str, **kw: Any) -> Any:
 class EraseConfig:
     # --- model -----------------------------------------------------------------------------
     model: str = _opt(
-        "The model to erase from: 'tiny' (built-in demo model with random weights), a diffusers "
-        "pipeline folder, a Hugging Face hub id (needs network or a filled cache), or a single "
-        "CompVis-layout .safetensors/.ckpt file.", "model", default="tiny")
+        "The model to erase from: 'tiny' or 'tiny-sdxl' (built-in SD1- and SDXL-shaped demo models "
+        "with random weights), 'shapes' (the built-in trained ShapesWorld model), a diffusers "
+        "pipeline folder (SD1.x, SD2.x, SDXL), a Hugging Face hub id (needs network or a filled "
+        "cache), or a single-file .safetensors/.ckpt checkpoint (CompVis layout for SD1/SD2, SGM "
+        "layout for SDXL).", "model", default="tiny")
     single_file_weights: str = _opt(
         "Which UNet weights to take from a single-file checkpoint that holds both: 'non-ema' (the "
         "authors' choice) or 'ema'.", "model", default="non-ema", choices=("non-ema", "ema"))
@@ -65,6 +67,13 @@ class EraseConfig:
         "Which UNet parameters are fine-tuned: xattn (cross-attention; objects, artists), noxattn "
         "(all but cross-attention, time embedding and output layers; nudity), full, selfattn, "
         "xattn_kv.", "erase", default="xattn", choices=TRAIN_METHODS)
+    lora_rank: int = _opt(
+        "Erase with LoRA adapters of this rank on the layers --train-method selects (0: fine-tune "
+        "the selected weights themselves). θ is the model with the adapters off: no frozen copy; "
+        "the output is a LoRA (diffusers and kohya/A1111 formats).", "erase", default=0)
+    lora_alpha: float | None = _opt("LoRA alpha (scale alpha/rank); default: the rank.", "erase")
+    merge: bool = _opt("With --lora-rank: also write the denoiser with the adapters merged in "
+                       "(unet/), as a full fine-tuning run does.", "erase", default=False)
     negative_guidance: float = _opt(
         "η: strength of the negative-guidance target ε(\"\") − η·(ε(c_e) − ε(\"\")).", "erase",
         default=1.0)
@@ -208,6 +217,14 @@ class EraseConfig:
                             "--schedule faithful (use --profile fast for --schedule shared)")
         if self.deepspeed and self.profile != "fast":
             raise UserError("--deepspeed runs the fast profile; drop --profile reference")
+        if self.lora_rank < 0:
+            raise UserError(f"--lora-rank must be 0 (no LoRA) or positive (got {self.lora_rank})")
+        if self.lora_rank and self.profile == "reference":
+            raise UserError("--lora-rank runs the fast profile; drop --profile reference")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise UserError(f"--lora-alpha must be positive (got {self.lora_alpha})")
+        if self.merge and not self.lora_rank:
+            raise UserError("--merge merges LoRA adapters: it needs --lora-rank")
         if self.deepspeed and self.mixed_precision == "fp16":
             raise UserError("--mixed-precision fp16 is not supported with --deepspeed (its loss "
                             "scaling is single-process); use --mixed-precision bf16")
@@ -228,7 +245,8 @@ class EraseConfig:
         sign their meaning needs."""
         for f in fields(self):
             value = getattr(self, f.name)
-            if not isinstance(EraseConfig.__dataclass_fields__[f.name].default, float):
+            if not (isinstance(EraseConfig.__dataclass_fields__[f.name].default, float)
+                    or (isinstance(value, float) and not isinstance(value, bool))):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise UserError(f"--{_flag(f.name)} must be a number (got {value!r})")
@@ -321,6 +339,8 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
     kind = type(default) if default is not None and default is not dataclasses.MISSING else None
     if name in ("resolution",):
         kind = int
+    if name in ("lora_alpha",):
+        kind = float
     try:
         if kind is bool:
             if isinstance(value, str):

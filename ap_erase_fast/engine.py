@@ -20,25 +20,24 @@ outer step serves both updates; see :func:`ap_erase_fast.steps.shared_outer_step
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from . import __version__
-from .concepts import (PreservationSet, check_concept_has_tokens, describe_sets, encode_prompts,
-                       fixed_preservation_set, select_preservation_set, vocabulary_embeddings)
+from .concepts import (check_concept_has_tokens, describe_sets, fixed_preservation_set,
+                       select_preservation_set, vocabulary_embeddings)
 from .config import EraseConfig
 from .errors import UserError
 from .randomness import Draws, RandomnessPlan
-from .sampling import DDIMTables, output_to_eps, sample_until
+from .update import make_optimizer
 
-RANDOM_WEIGHTS_NOTICE = ("The built-in 'tiny' model has RANDOM weights: this run demonstrates the "
+RANDOM_WEIGHTS_NOTICE = ("The model {model!r} has RANDOM weights: this run demonstrates the "
                          "pipeline, it erases nothing meaningful. Pass --model with a real Stable "
                          "Diffusion checkpoint for a real erasure.")
 
@@ -72,7 +71,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Eraser:
-    """Sets up one AP erasure and runs it. Use :func:`ap_erase_fast.erase` for the whole job."""
+    """Sets up one AP erasure and runs it. Use :func:`ap_erase_fast.erase` for the whole job.
+
+    After :meth:`setup` the run is made of four parts, each in its own module: the backbone
+    (:mod:`ap_erase_fast.backbones`, the model family), the model calls θ′/θ
+    (:class:`~ap_erase_fast.calls.ModelCalls`), the search over R
+    (:class:`~ap_erase_fast.search.Search`) and the θ′ update
+    (:class:`~ap_erase_fast.update.ThetaUpdate`); the iteration strategies of
+    :mod:`ap_erase_fast.steps` receive exactly these.
+    """
 
     def __init__(self, cfg: EraseConfig, progress: bool | None = None, components=None):
         """``components``: an already loaded :class:`~ap_erase_fast.models.SDComponents` to use
@@ -86,62 +93,46 @@ class Eraser:
         self.device = self.dist.device(cfg.device) if cfg.deepspeed else resolve_device(cfg.device)
         self.ds_engine = None
         self.compiled_sampler = None
-        self.calls: Counter = Counter()  # UNet sample-evaluations (batch entries) by kind
         self.log: list[dict] = []
         self.iteration = 0
         self.timings: dict[str, float] = {"setup_s": 0.0, "train_s": 0.0}
         self.last_checkpoint: str | None = None
+        self.skipped_steps: Counter = Counter()  # updates skipped for a non-finite fp16 gradient
 
     # -- set-up -----------------------------------------------------------------------------
     def setup(self) -> "Eraser":
-        from .models import load_components, select_trainable, set_attention_backend
-        from .models.vocab import load_vocabulary
+        from .backbones import make_backbone
+        from .calls import ModelCalls
+        from .models import load_components, set_attention_backend
+        from .search import Search
+        from .steps import StepContext
+        from .update import ThetaUpdate
 
         t0 = time.perf_counter()
         cfg = self.cfg
-        vocab_words = None if cfg.preserve_set else load_vocabulary(
-            cfg.vocab or ("shapes" if cfg.model == "shapes" else None))
         comp = self.components or load_components(
             cfg.model, single_file_weights=cfg.single_file_weights, torch_dtype=torch.float32,
             device=self.device)
         self.components = comp
         for concept in cfg.erase:
             check_concept_has_tokens(comp.tokenizer, concept)
+        backbone = make_backbone(comp, self.device, cfg.ddim_steps)
+        self.backbone = backbone
+        self.tables = backbone.tables
+        self.latent_shape = backbone.latent_shape(cfg.resolution)
 
-        self.tables = DDIMTables.from_scheduler(comp.scheduler, cfg.ddim_steps)
-        self.latent_shape = self._latent_shape(comp, cfg.resolution)
-
-        text_encoder = comp.text_encoder.to(self.device).eval().requires_grad_(False)
-        self.text_encoder, self.tokenizer = text_encoder, comp.tokenizer
-        self.emb_null = self.encode("")
-        self.emb_concepts = [self.encode(c) for c in cfg.erase]
-
-        # Preservation sets R, one per erased concept, as text-embedding tables on the device.
-        from .models import cache_root, module_content_hash
-
-        if cfg.preserve_set:  # R given by the user: no vocabulary search
-            vocab_emb = encode_prompts(text_encoder, comp.tokenizer, cfg.preserve_set).cpu()
-            self.cache_hit = False
-            self.sets: list[PreservationSet] = [
-                fixed_preservation_set(c, e[0].cpu(), cfg.preserve_set, vocab_emb)
-                for c, e in zip(cfg.erase, self.emb_concepts)]
-        else:
-            cache = None
-            if (cfg.embedding_cache or "").lower() != "none":
-                cache = cfg.embedding_cache or os.path.join(cache_root(), "embeddings")
-            te_hash = module_content_hash(text_encoder)
-            vocab_emb, self.cache_hit = vocabulary_embeddings(text_encoder, comp.tokenizer,
-                                                              vocab_words, te_hash, cache)
-            self.sets = [
-                select_preservation_set(c, e[0].cpu(), vocab_words, vocab_emb, cfg.k_closest,
-                                        cfg.num_centers, cfg.exclude_erased)
-                for c, e in zip(cfg.erase, self.emb_concepts)]
-        self.r_tables = [vocab_emb[s.indices].to(self.device) for s in self.sets]
-        del vocab_emb
+        null, concepts = backbone.encode([""]), [backbone.encode([c]) for c in cfg.erase]
+        sets, tables = self._preservation_sets(backbone, concepts)
 
         # θ' (trained) and θ (the original weights).
-        self.unet = comp.unet.to(self.device).train()
-        self.trained = select_trainable(self.unet, cfg.train_method)
+        self.unet = backbone.denoiser.to(self.device).train()
+        if cfg.lora_rank:  # θ' = adapters on the selected layers (B = 0: θ'₀ = θ)
+            from .lora import attach
+
+            self.trained = attach(self.unet, backbone.lora_targets(cfg.train_method),
+                                  cfg.lora_rank, cfg.lora_alpha or float(cfg.lora_rank), cfg.seed)
+        else:
+            self.trained = select_trained(backbone, cfg.train_method)
         self.trained_names = [n for n, _ in self.trained]
         params = [p for _, p in self.trained]
         if cfg.profile == "reference":
@@ -151,8 +142,9 @@ class Eraser:
             for model in (self.unet, self.frozen):
                 set_attention_backend(model, "classic")
             self.unet.requires_grad_(True)
-            self.optimizer = torch.optim.Adam(params, lr=cfg.lr)
+            optimizer = torch.optim.Adam(params, lr=cfg.lr)
             self.compute_dtype = None
+            frozen_forward = self.frozen
         else:
             self.compute_dtype = _compute_dtype(cfg.mixed_precision, self.device)
             if cfg.deepspeed:  # a DeepSpeed bf16 config casts the module: compute in bf16
@@ -178,7 +170,14 @@ class Eraser:
             if cfg.compile:  # the same module and parameters, traced for the sampling calls
                 mode = "reduce-overhead" if self.device.type == "cuda" else "default"
                 self.compiled_sampler = torch.compile(self.unet, mode=mode, dynamic=False)
-            self.optimizer = self._make_fast_optimizer(params)
+            optimizer = self._make_fast_optimizer(params)
+        if cfg.lora_rank:  # θ = the same module with its adapters off: nothing is copied
+            from .lora import AdapterSwitch
+
+            self.frozen_tensors = {}
+            frozen_forward = AdapterSwitch(self.unet, params).frozen_forward
+            backbone.release_text_encoders()
+        elif cfg.profile != "reference":
             # θ = θ' with the original values of the trained tensors: no second UNet. Each copy
             # has the dtype its forward reads: the compute dtype where autocast casts the tensor
             # anyway (bit-identical to what θ' computes with), else the live tensor's own dtype
@@ -188,25 +187,52 @@ class Eraser:
                                                         and n in self.autocast_cast) else p.dtype,
                                  copy=True)
                 for n, p in self.trained}
-            # the text encoder's work is done once: "" and c_e embeddings are cached
-            self.text_encoder = None
-            comp.text_encoder = None
+            frozen_forward = functional_forward(self.unet, self.frozen_tensors)
+            # the text encoders' work is done once: "" and c_e embeddings are kept
+            backbone.release_text_encoders()
 
-        # π: one logits vector per erased concept, uniform 1/|R|, one Adam for all of them.
-        self.pi = [torch.nn.Parameter(torch.full((len(s.words),), 1.0 / len(s.words),
-                                                 device=self.device)) for s in self.sets]
-        self.pi_optimizer = torch.optim.Adam(self.pi, lr=cfg.search_lr)
-        # fp16 compute: dynamic loss scaling, one scale for the θ' backward (which also carries
-        # π's gradient in the shared schedule) and one for the π-only search backward. AP's
-        # gradients are tiny (π's are ~1e-8): unscaled fp16 backwards would flush them to zero.
-        fp16 = self.compute_dtype == torch.float16
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
-        self.pi_scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
-        self.skipped_steps = Counter()  # updates skipped for a non-finite fp16 gradient
+        self.models = ModelCalls(backbone, frozen_forward, self.compute_dtype,
+                                 self.compiled_sampler, cfg.start_guidance)
+        self.models.null, self.models.concepts = null, concepts
+        self.search = Search(cfg, sets, tables, null.shapes(), self.device, self.dist,
+                             self.compute_dtype, self.skipped_steps)
+        self.theta = ThetaUpdate(optimizer, params, self.device, self.compute_dtype,
+                                 self.ds_engine, self.skipped_steps)
         b, rank = cfg.batch_size, self.dist.rank
         self.plan = RandomnessPlan(cfg.seed, [rank * b + k for k in range(b)])
+        self.ctx = StepContext(cfg, self.models, self.search, self.theta, self.check_finite,
+                               self.plan.draw_gumbel,
+                               (lambda p: backbone.encode([p])) if cfg.profile == "reference"
+                               else None)
         self.timings["setup_s"] = time.perf_counter() - t0
         return self
+
+    def _preservation_sets(self, backbone, concepts):
+        """R per erased concept and its rows (flattened conditionings) on the device."""
+        from .models import cache_root
+        from .models.vocab import load_vocabulary
+
+        cfg = self.cfg
+
+        def rows(prompts):
+            return backbone.encode(prompts).flat().cpu()
+
+        if cfg.preserve_set:  # R given by the user: no vocabulary search
+            table = rows(cfg.preserve_set)
+            self.cache_hit = False
+            sets = [fixed_preservation_set(c, e.flat()[0].cpu(), cfg.preserve_set, table)
+                    for c, e in zip(cfg.erase, concepts)]
+        else:
+            words = load_vocabulary(cfg.vocab or ("shapes" if cfg.model == "shapes" else None))
+            cache = None
+            if (cfg.embedding_cache or "").lower() != "none":
+                cache = cfg.embedding_cache or os.path.join(cache_root(), "embeddings")
+            table, self.cache_hit = vocabulary_embeddings(
+                rows, words, backbone.text_encoder_hash(), cache)
+            sets = [select_preservation_set(c, e.flat()[0].cpu(), words, table, cfg.k_closest,
+                                            cfg.num_centers, cfg.exclude_erased)
+                    for c, e in zip(cfg.erase, concepts)]
+        return sets, [table[s.indices].to(self.device) for s in sets]
 
     def _make_fast_optimizer(self, params):
         """The θ' optimizer; under --deepspeed, the DeepSpeed engine's (config or client one)."""
@@ -227,81 +253,70 @@ class Eraser:
         self.ds_config = ds
         return optimizer
 
-    @staticmethod
-    def _latent_shape(comp, resolution: int | None) -> tuple[int, int, int, int]:
-        factor = (2 ** (len(comp.vae.config.block_out_channels) - 1)) if comp.vae is not None else 8
-        res = resolution or comp.default_resolution
-        multiple = factor * 2 ** (len(comp.unet.config.down_block_types) - 1)
-        if res % multiple:
-            raise UserError(f"--resolution {res} is not a multiple of {multiple} (VAE factor "
-                            f"{factor} times the UNet's downsampling)")
-        return (1, comp.unet.config.in_channels, res // factor, res // factor)
+    # -- the parts, for callers and tests ----------------------------------------------------
+    @property
+    def pi(self):
+        return self.search.pi
 
-    @torch.no_grad()
-    def encode(self, prompt: str) -> torch.Tensor:
-        return encode_prompts(self.text_encoder, self.tokenizer, [prompt], device=self.device)
+    @property
+    def pi_optimizer(self):
+        return self.search.optimizer
 
-    # -- model calls --------------------------------------------------------------------------
-    def autocast(self):
-        if self.compute_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+    @property
+    def pi_scaler(self):
+        return self.search.scaler
 
-    def unet_fn(self, which: str, kind: str) -> Callable:
-        """UNet output for (x, t, text) from θ' (``which="trained"``) or θ (``"frozen"``),
-        counting sample-evaluations under ``kind``. Outputs are fp32."""
-        unet = self.unet
-        if which == "trained" and kind == "sampling" and self.compiled_sampler is not None:
-            forward = self.compiled_sampler
-        elif which == "trained":
-            forward = unet
-        elif self.cfg.profile == "reference":
-            forward = self.frozen
-        else:
-            def forward(x, t, encoder_hidden_states, return_dict):
-                return torch.func.functional_call(
-                    unet, self.frozen_tensors, (x, t),
-                    {"encoder_hidden_states": encoder_hidden_states, "return_dict": return_dict},
-                    strict=False)
+    @property
+    def optimizer(self):
+        return self.theta.optimizer
 
-        def call(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-            self.calls[kind] += x.shape[0]
-            with self.autocast():
-                return forward(x, t, encoder_hidden_states=text, return_dict=False)[0].float()
-        return call
+    @property
+    def scaler(self):
+        return self.theta.scaler
 
-    def query(self, which: str, kind: str, z: torch.Tensor, t: torch.Tensor,
-              text: torch.Tensor) -> torch.Tensor:
-        """ε-prediction of θ/θ' for latents z [N, ...] at DDPM timesteps t [N] (long)."""
-        out = self.unet_fn(which, kind)(z, t, text)
-        if self.tables.prediction_type == "epsilon":
-            return out
-        alpha = self.tables.alphas_cumprod.to(z.device)[t].float().view(-1, 1, 1, 1)
-        return output_to_eps(out, z, alpha, self.tables.prediction_type)
+    @property
+    def sets(self):
+        return self.search.sets
 
-    def sample(self, x_T: torch.Tensor, cond: torch.Tensor, t_enc: int) -> torch.Tensor:
-        """Truncated trajectories with θ' for a batch of conditions (one UNet call per step)."""
-        b = cond.shape[0]
-        x = x_T.expand(b, *x_T.shape[1:]) if x_T.shape[0] != b else x_T
-        uncond = self.emb_null.expand(b, *self.emb_null.shape[1:])
-        return sample_until(self.unet_fn("trained", "sampling"), x, cond, uncond, self.tables,
-                            t_enc, self.cfg.start_guidance)
+    @property
+    def r_tables(self):
+        return self.search.tables
 
-    def draw_adversarial(self, concept: int, gumbel: torch.Tensor,
-                         with_grad: bool = True) -> tuple[torch.Tensor, int]:
-        """c_a from π[c_e]: [1, L, D] (differentiable in π when ``with_grad``) and the index of
-        the drawn word."""
-        from .ops import gumbel_mix
+    @property
+    def emb_null(self):
+        return self.models.null
 
-        cfg = self.cfg
-        pi = self.pi[concept] if with_grad else self.pi[concept].detach()
-        out, index = gumbel_mix(pi[None], self.r_tables[concept], tau=cfg.tau,
-                                hard=cfg.gumbel_mode == "hard",
-                                topk=cfg.gumbel_topk if cfg.gumbel_mode == "topk" else None,
-                                gumbel=gumbel[None].to(self.device),
-                                backend="torch" if cfg.profile == "reference" else "auto",
-                                return_index=True)
-        return out, int(index[0])
+    @property
+    def emb_concepts(self):
+        return self.models.concepts
+
+    @property
+    def text_encoder(self):
+        return self.components.text_encoder
+
+    @property
+    def calls(self) -> Counter:
+        return self.models.calls
+
+    @calls.setter
+    def calls(self, value) -> None:  # checkpoint resume
+        self.models.calls.clear()
+        self.models.calls.update(value)
+
+    def query(self, which, kind, z, t, cond):
+        return self.models.query(which, kind, z, t, cond)
+
+    def sample(self, x_T, cond, t_enc):
+        return self.models.sample(x_T, cond, t_enc)
+
+    def draw_adversarial(self, concept: int, gumbel: torch.Tensor, with_grad: bool = True):
+        return self.search.draw(concept, gumbel, with_grad)
+
+    def step_pi(self, grads, scaler=None) -> None:
+        self.search.step(grads, scaler)
+
+    def step_optimizer(self, loss: torch.Tensor) -> None:
+        self.theta(loss)
 
     # -- loop iterations ----------------------------------------------------------------------
     def draw(self) -> Draws:
@@ -313,7 +328,8 @@ class Eraser:
 
         step = reference_iteration if self.cfg.profile == "reference" else fast_iteration
         d = self.draw()
-        return self._log(d, [step(self, d)])[0]
+        outer = self.iteration % self.cfg.pgd_steps == 0
+        return self._log(d, [step(self.ctx, d, outer)])[0]
 
     def run_outer_step(self) -> list[dict]:
         """One outer step: P faithful iterations, or the shared schedule's joint update."""
@@ -321,7 +337,7 @@ class Eraser:
 
         if self.cfg.schedule == "shared":
             d = self.draw()
-            records = self._log(d, shared_outer_step(self, d))
+            records = self._log(d, shared_outer_step(self.ctx, d))
             # an outer step spans P iterations whatever the schedule computes inside it
             self.iteration += self.cfg.pgd_steps - len(records)
             return records
@@ -347,81 +363,6 @@ class Eraser:
             records.append(rec)
             self.iteration += 1
         return records
-
-    @contextlib.contextmanager
-    def trained_tensors_frozen(self):
-        """θ' forwards inside build no graph into the trained tensors (π-only backward)."""
-        for _, p in self.trained:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for _, p in self.trained:
-                p.requires_grad_(True)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        """Gradients of ``loss`` for θ' (and π where the graph reaches it), loss-scaled in fp16;
-        through the DeepSpeed engine when there is one. Follow with :meth:`step_theta`."""
-        if self.ds_engine is not None:
-            self.ds_engine.backward(loss)
-            return
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-
-    def step_theta(self) -> None:
-        """Descent step of θ' on the gradients of the last :meth:`backward` (skipped, and the
-        loss scale lowered, when an fp16 gradient overflowed)."""
-        if self.ds_engine is not None:
-            self.ds_engine.step()
-            return
-        self._scaled_step(self.scaler, self.optimizer, "theta")
-
-    def step_optimizer(self, loss: torch.Tensor) -> None:
-        """Descent step of θ' on ``loss``."""
-        self.backward(loss)
-        self.step_theta()
-
-    def _scaled_step(self, scaler, optimizer, name: str) -> None:
-        scale = scaler.get_scale() if scaler.is_enabled() else None
-        scaler.step(optimizer)
-        scaler.update()
-        if scale is not None and scaler.get_scale() < scale:
-            self.skipped_steps[name] += 1
-
-    def search_gradients(self, loss: torch.Tensor, pis: list[torch.Tensor]):
-        """Gradients of ``loss`` in ``pis`` alone, scaled by the π loss scale in fp16 (pass them
-        to :meth:`step_pi` as they are)."""
-        return torch.autograd.grad(self.pi_scaler.scale(loss), pis)
-
-    def step_pi(self, grads: dict[int, torch.Tensor], scaler=None) -> None:
-        """Step the π's along ``grads`` (concept → gradient of the loss to minimise).
-
-        ``scaler``: the loss scaler the gradients were scaled by (default: the π search
-        scaler; pass :attr:`scaler` for gradients of the θ' backward, before
-        :meth:`step_theta`). A step of non-finite fp16 gradients is skipped.
-        Data-parallel: gradients are averaged over ranks (a π no rank drew keeps no gradient,
-        as in a single process), so π and its Adam state stay identical everywhere.
-        Under ``--search random`` π is never stepped: it stays uniform, every draw is uniform.
-        """
-        self.pi_optimizer.zero_grad(set_to_none=True)
-        if self.cfg.search == "random":
-            return
-        if self.dist.world > 1:
-            flat = torch.cat([grads[c].detach().float().reshape(-1) if c in grads
-                              else torch.zeros(len(p), device=p.device)
-                              for c, p in enumerate(self.pi)])
-            used = torch.tensor([1.0 if c in grads else 0.0 for c in range(len(self.pi))])
-            flat = self.dist.mean_(flat.cpu()).to(self.device)
-            used = self.dist.mean_(used)
-            sizes = [len(p) for p in self.pi]
-            grads = {c: g.view_as(self.pi[c]) for c, g in enumerate(flat.split(sizes))
-                     if used[c] > 0}
-        for c, g in grads.items():
-            self.pi[c].grad = g
-        if scaler is None or scaler is self.pi_scaler:
-            self._scaled_step(self.pi_scaler, self.pi_optimizer, "pi")
-        else:  # the θ' scaler: its update follows in step_theta
-            scaler.step(self.pi_optimizer)
 
     def check_finite(self, loss: torch.Tensor) -> None:
         """Stop (on every rank) when a loss is NaN or infinite; the last checkpoint stays."""
@@ -537,8 +478,9 @@ class Eraser:
         if self.scaler.is_enabled():
             info["loss_scale"] = {"theta": self.scaler.get_scale(), "pi": self.pi_scaler.get_scale(),
                                   "skipped_steps": dict(self.skipped_steps)}
+        info["backbone"] = self.backbone.info()
         if comp.random_weights:
-            info["notice"] = RANDOM_WEIGHTS_NOTICE
+            info["notice"] = RANDOM_WEIGHTS_NOTICE.format(model=comp.model_id)
         return info
 
 
@@ -558,20 +500,26 @@ def _compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def make_optimizer(cfg: EraseConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    try:
-        import bitsandbytes as bnb
-    except Exception as exc:  # noqa: BLE001 - missing or broken install
-        raise UserError(f"--optimizer {cfg.optimizer} needs bitsandbytes ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}); install it with "
-                        f"pip install 'ap_erase_fast[bnb]' or use --optimizer adam") from None
-    cls = bnb.optim.AdamW8bit if cfg.optimizer == "adamw8bit" else bnb.optim.PagedAdamW8bit
-    import warnings
+def functional_forward(module: torch.nn.Module, tensors: dict[str, torch.Tensor]):
+    """``module``'s forward with ``tensors`` in place of its parameters of the same names."""
+    def forward(*args, **kwargs):
+        return torch.func.functional_call(module, tensors, args, kwargs, strict=False)
+    return forward
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "paged optimizers are not supported on CPU"
-        return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+def select_trained(backbone, method: str) -> list:
+    """[(name, parameter)] of the denoiser that ``method`` trains (requires_grad set on them,
+    cleared on all others), in module order."""
+    from .models.errors import ModelLoadError
+    from .models.trainable import check_train_method
+
+    check_train_method(method)
+    selected = []
+    for name, param in backbone.denoiser.named_parameters():
+        trained = backbone.is_trained(name, method)
+        param.requires_grad_(trained)
+        if trained:
+            selected.append((name, param))
+    if not selected:
+        raise ModelLoadError(f"train method {method!r} selects no parameter of this model")
+    return selected

@@ -46,10 +46,20 @@ def trained_metadata(info: dict) -> dict[str, str]:
     }
 
 
-def write_outputs(folder: Path, unet, trained: dict, info: dict, log: list[dict]) -> None:
+def write_outputs(folder: Path, unet, trained: dict, info: dict, log: list[dict],
+                  pipeline_class=None) -> None:
+    """The run's outputs: ``unet/`` (or, with LoRA, ``lora/``, ``lora_kohya.safetensors`` and,
+    with ``--merge``, ``unet/``), the trained tensors, run.json, log.jsonl and the model card."""
     from safetensors.torch import save_file
 
-    unet.save_pretrained(str(folder / "unet"), safe_serialization=True)
+    from .modelcard import write_model_card
+
+    if info["config"].get("lora_rank"):
+        from .lora import write_lora_outputs
+
+        write_lora_outputs(folder, unet, trained, pipeline_class, merge=info["config"]["merge"])
+    else:
+        unet.save_pretrained(str(folder / "unet"), safe_serialization=True)
     fault_point("outputs-write")
     save_file(trained, str(folder / "trained.safetensors"), metadata=trained_metadata(info))
     (folder / "run.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -57,3 +67,4 @@ def write_outputs(folder: Path, unet, trained: dict, info: dict, log: list[dict]
         fh.writelines(json.dumps(rec) + "\n" for rec in log)
     if info["model"]["random_weights"]:
         (folder / "RANDOM_WEIGHTS.txt").write_text(info["notice"] + "\n")
+    write_model_card(folder, info)

@@ -20,8 +20,9 @@ from typing import Callable
 
 import torch
 
-# Predicts the model output for (latents [B,4,h,w], timesteps [B] long, text states [B,77,D]).
-UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# Predicts the model output for (latents [B,4,h,w], timesteps [B] long, conditioning of B
+# prompts: a backbones.Cond).
+UNetFn = Callable[[torch.Tensor, torch.Tensor, "object"], torch.Tensor]
 
 
 def alphas_cumprod_from_scheduler(scheduler) -> torch.Tensor:
@@ -124,12 +125,15 @@ def sample_until(
 ) -> torch.Tensor:
     """Sample from x_T with classifier-free guidance until DDIM index t_enc (see module doc).
 
-    ``x_T`` is [B, C, h, w]; ``cond`` and ``uncond`` are [B, L, D] (B trajectories at once). Each
-    step is one UNet call on the batch [uncond; cond] of size 2B.
+    ``x_T`` is [B, C, h, w]; ``cond`` and ``uncond`` are conditionings of B prompts
+    (:class:`~ap_erase_fast.backbones.Cond`; B trajectories at once). Each step is one UNet call
+    on the batch [uncond; cond] of size 2B.
     """
+    from .backbones import Cond
+
     x = x_T
     b = x.shape[0]
-    text = torch.cat([uncond, cond])
+    text = Cond.cat([uncond, cond])
     for k in tables.trajectory_indices(t_enc):
         t = torch.full((2 * b,), tables.timesteps[k], dtype=torch.long, device=x.device)
         out = unet_fn(torch.cat([x, x]), t, text)

@@ -1,5 +1,5 @@
-// CPU kernels of the ap_erase_fast ops and the op schema (one namespace for CPU and CUDA, so
-// torch.compile and the dispatcher see a single op per stage).
+// CPU kernels of the ap_erase_fast ops. The op schema is in ops_schema.cpp (same library);
+// the CUDA kernels register for the same ops from a separate library (gumbel_mix_cuda.cu).
 //
 // Determinism: every reduction has a fixed order that does not depend on the thread count
 // (parallel loops split output elements, never a sum), so results are bit-reproducible.
@@ -346,14 +346,6 @@ Tensor l2_scores_cpu(const Tensor& query, const Tensor& table) {
 }
 
 }  // namespace
-
-TORCH_LIBRARY(ap_erase_fast, m) {
-  m.def("gumbel_weights(Tensor logits, Tensor? gumbel, int seed, float tau, int topk) -> (Tensor, Tensor)");
-  m.def("mix_forward(Tensor table, Tensor weights) -> Tensor");
-  m.def("mix_backward(Tensor table, Tensor grad_out, Tensor weights, Tensor table_weights, float tau, "
-        "bool need_logits, bool need_table) -> (Tensor, Tensor)");
-  m.def("l2_scores(Tensor query, Tensor table) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(ap_erase_fast, CPU, m) {
   m.impl("gumbel_weights", &gumbel_weights_cpu);

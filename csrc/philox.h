@@ -36,6 +36,12 @@ AP_HD float philox_uniform(uint64_t seed, uint32_t offset) {
 }
 
 // g = -log(-log(u + 1e-10) + 1e-10)  (ALGORITHM.md section 3)
+// The logarithms must be the accurate logf (about 1 ulp) that every backend uses. The hardware
+// approximation (lg2.approx, what nvcc's --use_fast_math turns logf into, with no macro to
+// detect it here) has an absolute, not a relative, error bound: where -log(u) is small (u near 1)
+// the noise would differ from the other backends' far beyond fp32 rounding. The CUDA build flags
+// (ap_erase_fast/ops/native_build.py) have no fast-math, and tests/ops/test_gpu_build.py checks
+// the compiled PTX for lg2.approx.
 AP_HD float gumbel_from_uniform(float u) {
   return -logf(-logf(u + 1e-10f) + 1e-10f);
 }

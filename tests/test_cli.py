@@ -27,7 +27,7 @@ def test_train_end_to_end_and_load_into_pipeline(tmp_path):
     assert f"output: {out}" in proc.stdout
     assert "RANDOM weights" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == [
-        "RANDOM_WEIGHTS.txt", "log.jsonl", "run.json", "trained.safetensors", "unet"]
+        "RANDOM_WEIGHTS.txt", "README.md", "log.jsonl", "run.json", "trained.safetensors", "unet"]
 
     info = json.loads((out / "run.json").read_text())
     assert info["config"]["erase"] == ["garbage truck"] and info["model"]["random_weights"]
@@ -164,6 +164,9 @@ BAD_VALUES = {
     "device": ["tpu", "cuda:x"],
     "erase": ["", " , ", "concepts_missing.txt", "{tmp}/lists/", "./missing/c.list"],
     "train_method": ["attn3"],
+    "lora_rank": ["-1", "x"],
+    "lora_alpha": [NAN, INF, "0", "-1"],
+    "merge": ["=1"],
     "negative_guidance": [NAN, INF, "-1", "x"],
     "preserve_weight": [NAN, "-inf", "-0.5"],
     "loss_space": ["l1"],

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ap_erase_fast.backbones import Cond
 from ap_erase_fast.engine import Eraser
 from ap_erase_fast.objective import erasure_loss, preservation_loss
 from ap_erase_fast.steps import fast_iteration, reference_iteration, shared_outer_step
@@ -43,16 +44,18 @@ def _spy_null_queries(er):
     """Record the (z, t) rows of every frozen query made with the empty prompt: the z of each
     sample, in sample order, whatever the batching of the profile."""
     seen = []
-    original = er.query
+    original = er.models.query
 
     def spy(which, kind, z, t, text):
         if which == "frozen":
+            null = er.emb_null.flat()[0]
+            rows = text.flat()
             for i in range(z.shape[0]):
-                if torch.equal(text[i], er.emb_null[0]):
+                if torch.equal(rows[i], null):
                     seen.append((z[i:i + 1].detach().clone(), t[i:i + 1].clone()))
         return original(which, kind, z, t, text)
 
-    er.query = spy
+    er.models.query = spy
     return seen
 
 
@@ -87,8 +90,8 @@ def test_first_step_theta_equals_theta_prime_and_the_erasure_identity(tiny_cfg, 
     # the erasure identity, with ε_θ recomputed outside the step at the step's own z
     n = len(first["samples"])
     z, t = torch.cat([x for x, _ in seen[:n]]), torch.cat([y for _, y in seen[:n]])
-    cond = torch.cat([er.emb_concepts[er.cfg.erase.index(s["concept"])] for s in first["samples"]])
-    null = er.emb_null.expand(n, *er.emb_null.shape[1:])
+    cond = Cond.cat([er.emb_concepts[er.cfg.erase.index(s["concept"])] for s in first["samples"]])
+    null = er.emb_null.expand(n)
     with torch.no_grad():
         e_c = er.query("frozen", "check", z, t, cond)
         e_0 = er.query("frozen", "check", z, t, null)
@@ -126,11 +129,11 @@ def _terms(er, d, z, z_r, e_ref=None):
     authors detach θ(z_r, c_a), so π ascends mse(θ′(z_r, c_a(π)), θ(z_r, c_a) held))."""
     cfg = er.cfg
     with torch.no_grad():
-        c_a = torch.cat([er.draw_adversarial(s.concept, s.gumbel, with_grad=False)[0]
-                         for s in d.samples])
-        emb_e = torch.cat([er.emb_concepts[s.concept] for s in d.samples])
+        c_a = Cond.cat([er.draw_adversarial(s.concept, s.gumbel, with_grad=False)[0]
+                        for s in d.samples])
+        emb_e = Cond.cat([er.emb_concepts[s.concept] for s in d.samples])
         t = torch.tensor([s.t_ddpm for s in d.samples], device=er.device)
-        null = er.emb_null.expand(len(d.samples), *er.emb_null.shape[1:])
+        null = er.emb_null.expand(len(d.samples))
         alpha = er.tables.x0_alpha(d.t_enc)
         e0 = er.query("frozen", "check", z, t, null)
         en = er.query("frozen", "check", z, t, emb_e)
@@ -145,9 +148,9 @@ def _terms(er, d, z, z_r, e_ref=None):
 
 def _latents(er, d):
     with torch.no_grad():
-        c_a = torch.cat([er.draw_adversarial(s.concept, s.gumbel, with_grad=False)[0]
-                         for s in d.samples])
-        emb_e = torch.cat([er.emb_concepts[s.concept] for s in d.samples])
+        c_a = Cond.cat([er.draw_adversarial(s.concept, s.gumbel, with_grad=False)[0]
+                        for s in d.samples])
+        emb_e = Cond.cat([er.emb_concepts[s.concept] for s in d.samples])
         x_T = torch.cat([s.x_T for s in d.samples])
         return er.sample(x_T, emb_e, d.t_enc), er.sample(x_T, c_a, d.t_enc)
 
@@ -183,9 +186,10 @@ def test_updates_move_the_losses_the_right_way(tiny_cfg, combo):
         pi_old = [p.detach().clone() for p in er.pi]
         le0, lp0, e_ref0 = _terms(er, d, z, z_r)
         if schedule == "shared":
-            shared_outer_step(er, d)
+            shared_outer_step(er.ctx, d)
         else:
-            (reference_iteration if profile == "reference" else fast_iteration)(er, d)
+            (reference_iteration if profile == "reference" else fast_iteration)(
+                er.ctx, d, kind == "outer")
         er.iteration += er.cfg.pgd_steps if schedule == "shared" else 1
         theta_new = {n: p.detach().clone() for n, p in er.trained}
         pi_new = [p.detach().clone() for p in er.pi]

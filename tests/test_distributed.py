@@ -57,7 +57,7 @@ def test_two_ranks_equal_one_process_with_their_samples_as_a_batch(tmp_path, sma
     assert info["world_size"] == 2 and info["global_batch"] == 2
     assert info["ranks_agree"] == {"trained": True, "pi": True}  # θ' and π identical on ranks
     assert sorted(p.name for p in out.iterdir()) == [
-        "RANDOM_WEIGHTS.txt", "log.jsonl", "run.json", "trained.safetensors", "unet"]
+        "RANDOM_WEIGHTS.txt", "README.md", "log.jsonl", "run.json", "trained.safetensors", "unet"]
     ddp_log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
     single = erase(EraseConfig(erase=["garbage truck", "church"], vocab=small_vocab, steps=2,
@@ -108,3 +108,23 @@ def test_unsupported_deepspeed_settings_are_clear_errors(tmp_path, capsys):
     assert main(["train", "--config", str(bad), "--erase", "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: DeepSpeed config") and "learning_rate" in err
+
+
+def test_lora_zero2_ranks_agree_and_resume(tmp_path, small_vocab):
+    """LoRA under DeepSpeed ZeRO-2: both ranks end with the same adapters and π, the LoRA
+    outputs are written, and a resumed run ends bit-identical."""
+    ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}}
+    flags = [*common(small_vocab), "--steps", "2", "--lora-rank", "4", "--quiet"]
+    full = tmp_path / "lora"
+    launch(tmp_path, ds, *flags, "--output", str(full), "--checkpoint-every", "1")
+    info = json.loads((full / "run.json").read_text())
+    assert info["ranks_agree"] == {"trained": True, "pi": True}
+    assert (full / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (full / "lora_kohya.safetensors").is_file() and not (full / "unet").exists()
+    assert all(".lora_" in n for n in load_file(str(full / "trained.safetensors")))
+    resumed = tmp_path / "resumed"
+    launch(tmp_path, ds, *flags, "--output", str(resumed),
+           "--resume", str(tmp_path / "lora.checkpoints" / "step-000001"))
+    a = load_file(str(full / "trained.safetensors"))
+    b = load_file(str(resumed / "trained.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)

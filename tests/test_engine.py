@@ -50,14 +50,14 @@ def test_gradient_routing(tiny_cfg):
     """Outer steps move only θ'; search steps move only π, through θ'(z_r, c_a)."""
     eraser = Eraser(tiny_cfg(profile="reference")).setup()
     outputs = []
-    original = eraser.query
+    original = eraser.models.query
 
     def spy(which, kind, z, t, text):
         out = original(which, kind, z, t, text)
         outputs.append((kind, out.requires_grad, text.requires_grad))
         return out
 
-    eraser.query = spy
+    eraser.models.query = spy
     theta0 = {n: p.detach().clone() for n, p in eraser.trained}
     pi0 = eraser.pi[0].detach().clone()
     eraser.run_iteration()  # outer

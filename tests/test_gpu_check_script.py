@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["environment", "native-build", "kernel-tests", "engine", "compile-cuda-graphs",
-         "xformers", "gumbel-mix-bench", "step-matrix", "cap-22gib"]
+         "xformers", "gumbel-mix-bench", "step-matrix", "cap-22gib", "sdxl-lora-cap-22gib"]
 
 
 def test_gpu_check_cpu_dry_run(tmp_path):

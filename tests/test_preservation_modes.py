@@ -16,7 +16,7 @@ def test_parse_prompt_list_keeps_the_empty_prompt():
 def test_fixed_preservation_set_is_used_as_given(tiny_cfg):
     er = Eraser(tiny_cfg(preserve_set=["", "a dog"], schedule="shared", steps=3)).setup()
     assert er.sets[0].words == ["", "a dog"] and er.r_tables[0].shape[0] == 2
-    assert torch.equal(er.r_tables[0][0:1], er.emb_null.cpu())
+    assert torch.equal(er.r_tables[0][0:1], er.emb_null.flat().cpu())
     er.train()
     drawn = {s["adv_word"] for rec in er.log for s in rec["samples"]}
     assert drawn <= {"", "a dog"}

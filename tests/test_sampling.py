@@ -5,6 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
+from ap_erase_fast.backbones import Cond
 from ap_erase_fast.sampling import DDIMTables, ddim_step, output_to_eps, sample_until
 
 
@@ -78,14 +79,15 @@ def test_v_prediction_converts_to_eps():
 def test_sample_until_calls_and_guidance(tables):
     calls = []
 
-    def fake_unet(x, t, text):
+    def fake_unet(x, t, cond):
         calls.append((x.shape[0], int(t[0])))
         # "uncond" rows predict 0, "cond" rows predict 1: CFG gives s·1
+        (text,) = cond.parts
         return text[:, :1, :1].expand(-1, x.shape[1], 1).unsqueeze(-1).expand_as(x).clone()
 
     x_T = torch.randn(1, 4, 2, 2, dtype=torch.float64)
-    cond = torch.ones(1, 3, 5, dtype=torch.float64)
-    uncond = torch.zeros(1, 3, 5, dtype=torch.float64)
+    cond = Cond((torch.ones(1, 3, 5, dtype=torch.float64),))
+    uncond = Cond((torch.zeros(1, 3, 5, dtype=torch.float64),))
     z = sample_until(fake_unet, x_T, cond, uncond, tables, t_enc=47, guidance=3.0)
     assert [c[1] for c in calls] == [961, 941, 921]
     assert all(c[0] == 2 for c in calls)

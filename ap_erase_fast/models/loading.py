@@ -1,5 +1,6 @@
-"""``load_components``: one entry point for the built-in tiny model, diffusers folders, hub ids
-and single-file CompVis checkpoints. Every bad input raises :class:`ModelLoadError`."""
+"""``load_components``: one entry point for the built-in models (``tiny``, ``tiny-sdxl``,
+``shapes``), diffusers folders, hub ids and single-file checkpoints (CompVis layout for SD1/SD2,
+SGM layout for SDXL). Every bad input raises :class:`ModelLoadError`."""
 from __future__ import annotations
 
 import os
@@ -42,15 +43,28 @@ class SDComponents:
     source: dict = field(default_factory=dict)
     pipeline_path: str | None = None
     default_resolution: int = 512
+    family: str = "sd"  # which backend in ap_erase_fast.backbones drives it
+    text_encoder_2: Any | None = None  # SDXL's second text encoder (with projection)
+    tokenizer_2: Any | None = None
+    extra: dict = field(default_factory=dict)  # family-specific settings (SDXL: force_zeros...)
 
     @property
     def sd_version(self) -> str | None:
         return self.source.get("sd_version")
 
     def to_pipeline(self):
-        """A ``StableDiffusionPipeline`` sharing these modules (needs a VAE; safety checker off)."""
+        """A diffusers pipeline sharing these modules (needs a VAE): ``StableDiffusionPipeline``
+        (safety checker off), or ``StableDiffusionXLPipeline`` for SDXL (no watermarker, the
+        model's ``force_zeros_for_empty_prompt``)."""
         if self.vae is None:
             raise ModelLoadError(f"model {self.model_id!r} has no VAE; cannot build an image pipeline")
+        if self.family == "sdxl":
+            from .tiny import assemble_sdxl_pipeline
+
+            return assemble_sdxl_pipeline(
+                self.unet, self.text_encoder, self.text_encoder_2, self.tokenizer, self.tokenizer_2,
+                self.scheduler, self.vae,
+                force_zeros_for_empty_prompt=self.extra.get("force_zeros_for_empty_prompt", True))
         from .tiny import assemble_pipeline
 
         return assemble_pipeline(self.unet, self.text_encoder, self.tokenizer, self.scheduler, self.vae)
@@ -75,7 +89,8 @@ def ddim_scheduler(config: dict | None = None):
 
 
 def sd_version_of(unet_config) -> str:
-    """``"1.x"`` (context dim 768), ``"2.x"`` (1024), else ``"custom"``."""
+    """``"1.x"`` (context dim 768), ``"2.x"`` (1024), else ``"custom"`` (SDXL is recognised
+    from its added conditioning before this is asked)."""
     dim = unet_config.get("cross_attention_dim") if hasattr(unet_config, "get") else None
     return {768: "1.x", 1024: "2.x"}.get(dim, "custom")
 
@@ -86,24 +101,23 @@ def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def _finish(
-    unet, text_encoder, tokenizer, scheduler, vae, *, model_id, random_weights, source, pipeline_path, torch_dtype, device
-) -> SDComponents:
+def _finish(parts: dict, *, model_id, random_weights, source, pipeline_path, torch_dtype, device) -> SDComponents:
+    """SDComponents of loaded ``parts`` (the SDComponents fields ``unet``, ``text_encoder``,
+    ``tokenizer``, ``scheduler``, ``vae``, and for SDXL ``text_encoder_2``, ``tokenizer_2``,
+    ``family``, ``extra``), moved to ``device`` and ``torch_dtype``, in eval mode."""
     from .hashing import module_content_hash
 
-    for m in (unet, text_encoder, vae):
+    for key in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        m = parts.get(key)
         if m is not None:
             m.to(device)
             if m.dtype != torch_dtype:  # skip no-op casts: diffusers warns on every .to(dtype)
                 m.to(dtype=torch_dtype)
             m.eval()
+    unet, vae = parts["unet"], parts.get("vae")
     res = int(unet.config.sample_size) * vae_scale_factor(vae)
     return SDComponents(
-        unet=unet,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        vae=vae,
+        **parts,
         model_id=model_id,
         content_hash=module_content_hash(unet),
         random_weights=random_weights,
@@ -123,10 +137,12 @@ def load_components(
 ) -> SDComponents:
     """Load the UNet, text encoder, tokenizer, DDIM scheduler and VAE of ``model``.
 
-    ``model``: ``"tiny"`` (built-in demo model, random weights), ``"shapes"`` (the built-in
-    ShapesWorld model, trained: see ``ap_erase_fast.shapes``), a local diffusers pipeline
-    folder, a Hugging Face hub id (only from the local cache when ``HF_HUB_OFFLINE=1``), or a
-    single-file CompVis checkpoint (``.safetensors`` / ``.ckpt``). ``single_file_weights``
+    ``model``: ``"tiny"`` (built-in demo model, random weights), ``"tiny-sdxl"`` (built-in
+    SDXL-shaped demo model, random weights), ``"shapes"`` (the built-in ShapesWorld model,
+    trained: see ``ap_erase_fast.shapes``), a local diffusers pipeline folder (SD1.x, SD2.x or
+    SDXL), a Hugging Face hub id (only from the local cache when ``HF_HUB_OFFLINE=1``), or a
+    single-file checkpoint (``.safetensors`` / ``.ckpt``; CompVis layout for SD1.x/SD2.x, SGM
+    layout for SDXL). ``single_file_weights``
     (``"non-ema"`` or ``"ema"``) picks the UNet copy of a single file. ``prediction_type``
     (``"epsilon"`` / ``"v_prediction"``) overrides the scheduler's (for single files whose
     parameterisation the heuristic gets wrong). ``torch_dtype`` defaults to float32.
@@ -139,7 +155,7 @@ def load_components(
     if single_file_weights not in ("ema", "non-ema"):
         raise ModelLoadError(f"single_file_weights must be 'ema' or 'non-ema', got {single_file_weights!r}")
     if not isinstance(model, (str, os.PathLike)) or not str(model).strip():
-        raise ModelLoadError(f"model must be 'tiny', 'shapes', a folder, a hub id or a .safetensors/.ckpt file, got {model!r}")
+        raise ModelLoadError(f"model must be 'tiny', 'tiny-sdxl', 'shapes', a folder, a hub id or a .safetensors/.ckpt file, got {model!r}")
     model = os.fspath(model)
     common = dict(torch_dtype=torch_dtype, device=device)
 
@@ -152,13 +168,13 @@ def load_components(
                                  "the package or retrain it (python -m ap_erase_fast.shapes.train)")
         comps = _load_diffusers_folder(folder, model_id=model, fmt="builtin", **common)
         comps.source["sd_version"] = "shapes"
-    elif model == "tiny":
-        parts, path = _load_tiny()
+    elif model in ("tiny", "tiny-sdxl"):
+        parts, path = _load_tiny(model)
         comps = _finish(
-            *parts,
+            parts,
             model_id=model,
             random_weights=True,
-            source={"format": "builtin", "path": None, "weights": None, "sd_version": "tiny"},
+            source={"format": "builtin", "path": None, "weights": None, "sd_version": model},
             pipeline_path=path,
             **common,
         )
@@ -177,7 +193,7 @@ def load_components(
             comps = _load_diffusers_folder(folder, model_id=model, fmt="hub", **common)
         else:
             raise ModelLoadError(
-                f"model {model!r} does not exist; pass 'tiny', 'shapes', a local diffusers folder, a hub id "
+                f"model {model!r} does not exist; pass 'tiny', 'tiny-sdxl', 'shapes', a local diffusers folder, a hub id "
                 "(org/name) or a .safetensors/.ckpt file"
             )
     if prediction_type is not None and comps.scheduler.config.prediction_type != prediction_type:
@@ -187,11 +203,16 @@ def load_components(
     return comps
 
 
-def _load_tiny():
-    from .tiny import build_tiny_modules, ensure_tiny_pipeline_folder
+def _load_tiny(variant: str) -> tuple[dict, str | None]:
+    from .tiny import build_tiny_modules, build_tiny_sdxl_modules, ensure_tiny_pipeline_folder
 
-    parts = build_tiny_modules()
-    return parts, ensure_tiny_pipeline_folder(parts)
+    if variant == "tiny":
+        modules = build_tiny_modules()
+        path = ensure_tiny_pipeline_folder(modules)
+        return dict(zip(("unet", "text_encoder", "tokenizer", "scheduler", "vae"), modules)), path
+    parts = build_tiny_sdxl_modules()
+    path = ensure_tiny_pipeline_folder(parts, variant)
+    return {**parts, "family": "sdxl", "extra": {"force_zeros_for_empty_prompt": True}}, path
 
 
 def _load_file(path, *, model_id, weights, prediction_type, torch_dtype, device) -> SDComponents:
@@ -203,7 +224,7 @@ def _load_file(path, *, model_id, weights, prediction_type, torch_dtype, device)
 
     parts, source = load_single_file(path, weights=weights, prediction_type=prediction_type)
     return _finish(
-        *parts,
+        parts,
         model_id=model_id,
         random_weights=False,
         source=source,
@@ -230,8 +251,10 @@ _HUB_PATTERNS = [
     "*/config.json",
     "scheduler/*.json",
     "tokenizer/*",
+    "tokenizer_2/*",
     "unet/diffusion_pytorch_model.safetensors",
     "text_encoder/model.safetensors",
+    "text_encoder_2/model.safetensors",
     "vae/diffusion_pytorch_model.safetensors",
 ]
 
@@ -261,9 +284,22 @@ def _hub_snapshot(repo_id: str) -> str:
 _REQUIRED_SUBFOLDERS = ("unet", "text_encoder", "scheduler")
 
 
+def _read_json(path: str, what: str) -> dict:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {what}: {_first_line(exc)}") from None
+
+
 def _load_diffusers_folder(folder, *, model_id, fmt, torch_dtype, device) -> SDComponents:
+    """SD1.x / SD2.x, or SDXL when the UNet's added conditioning is ``text_time`` (then
+    ``text_encoder_2/`` is required and ``force_zeros_for_empty_prompt`` comes from
+    ``model_index.json``, default true as in diffusers' SDXL pipelines)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         if os.path.isfile(os.path.join(folder, "config.json")):
@@ -271,47 +307,53 @@ def _load_diffusers_folder(folder, *, model_id, fmt, torch_dtype, device) -> SDC
         else:
             hint = ""
         raise ModelLoadError(f"folder {model_id!r} is not a diffusers pipeline folder: no model_index.json{hint}")
-    missing = [s for s in _REQUIRED_SUBFOLDERS if not os.path.isdir(os.path.join(folder, s))]
+    has = {s: os.path.isdir(os.path.join(folder, s)) for s in (*_REQUIRED_SUBFOLDERS, "text_encoder_2")}
+    unet_cfg = None
+    if os.path.isfile(os.path.join(folder, "unet", "config.json")):
+        unet_cfg = _read_json(os.path.join(folder, "unet", "config.json"), f"{model_id}/unet/config.json")
+    sdxl = unet_cfg is not None and unet_cfg.get("addition_embed_type") == "text_time"
+    if sdxl and not has["text_encoder"] and has["text_encoder_2"]:
+        raise ModelLoadError(f"model {model_id!r} is an SDXL refiner-type model (only text_encoder_2/): not "
+                             "supported; use an SDXL base model (text_encoder/ and text_encoder_2/)")
+    required = (*_REQUIRED_SUBFOLDERS, "text_encoder_2") if sdxl else _REQUIRED_SUBFOLDERS
+    missing = [s for s in required if not has[s]]
     if missing:
         raise ModelLoadError(f"diffusers folder {model_id!r} lacks the subfolder(s) {', '.join(missing)}")
-    import json
-
-    try:
-        with open(os.path.join(folder, "unet", "config.json"), encoding="utf-8") as fh:
-            unet_cfg = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {model_id}/unet/config.json: {_first_line(exc)}") from None
-    if unet_cfg.get("addition_embed_type") == "text_time":
-        raise ModelLoadError(f"model {model_id!r} is SDXL, which is not supported yet (SD1.x and SD2.x are)")
-    sd_version = sd_version_of(unet_cfg)
+    if unet_cfg is None:
+        raise ModelLoadError(f"cannot read {model_id}/unet/config.json: no such file")
+    sd_version = "xl" if sdxl else sd_version_of(unet_cfg)
     step = "unet"
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
         step = "text_encoder"
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
         step = "tokenizer"
-        if os.path.isdir(os.path.join(folder, "tokenizer")):
-            tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
-            tokenizer_source = "folder"
-        else:
-            from .tokenizer import build_clip_tokenizer
-
-            tokenizer = build_clip_tokenizer(
-                "!" if sd_version == "2.x" else "<|endoftext|>",
-                model_max_length=int(getattr(text_encoder.config, "max_position_embeddings", 77)))
-            tokenizer_source = "vendored"
+        max_len = int(getattr(text_encoder.config, "max_position_embeddings", 77))
+        tokenizer, tokenizer_source = _folder_tokenizer(
+            folder, "tokenizer", "!" if sd_version == "2.x" else "<|endoftext|>", max_len)
+        parts = {"unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer}
+        if sdxl:
+            step = "text_encoder_2"
+            parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                folder, subfolder="text_encoder_2", local_files_only=True)
+            step = "tokenizer_2"
+            parts["tokenizer_2"], _ = _folder_tokenizer(folder, "tokenizer_2", "!", max_len)
         step = "scheduler"
-        sched_cfg = _read_scheduler_config(os.path.join(folder, "scheduler"))
-        scheduler = ddim_scheduler(sched_cfg)
+        parts["scheduler"] = ddim_scheduler(_read_scheduler_config(os.path.join(folder, "scheduler")))
         step = "vae"
-        vae = None
+        parts["vae"] = None
         if os.path.isdir(os.path.join(folder, "vae")):
-            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
+            parts["vae"] = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
     except ModelLoadError:
         raise
     except Exception as exc:  # corrupted weights, bad configs, safetensors errors, …
         raise ModelLoadError(f"cannot load the {step} of {model_id!r}: {_first_line(exc)}") from None
-    if getattr(text_encoder.config, "hidden_size", None) != unet.config.cross_attention_dim:
+    if sdxl:
+        index = _read_json(os.path.join(folder, "model_index.json"), f"{model_id}/model_index.json")
+        parts.update(family="sdxl", extra={
+            "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))})
+        check_sdxl_widths(parts, model_id)
+    elif getattr(text_encoder.config, "hidden_size", None) != unet.config.cross_attention_dim:
         raise ModelLoadError(
             f"model {model_id!r}: text encoder width {text_encoder.config.hidden_size} does not match the UNet's "
             f"cross-attention dim {unet.config.cross_attention_dim}"
@@ -324,18 +366,44 @@ def _load_diffusers_folder(folder, *, model_id, fmt, torch_dtype, device) -> SDC
         "tokenizer": tokenizer_source,
     }
     return _finish(
-        unet,
-        text_encoder,
-        tokenizer,
-        scheduler,
-        vae,
+        parts,
         model_id=model_id,
         random_weights=False,
         source=source,
-        pipeline_path=os.path.abspath(folder) if vae is not None else None,
+        pipeline_path=os.path.abspath(folder) if parts["vae"] is not None else None,
         torch_dtype=torch_dtype,
         device=device,
     )
+
+
+def _folder_tokenizer(folder: str, sub: str, pad_token: str, max_length: int):
+    """``(tokenizer, "folder" | "vendored")``: the folder's own tokenizer, else the vendored
+    CLIP BPE with ``pad_token`` and the text encoder's context length."""
+    from transformers import CLIPTokenizer
+
+    if os.path.isdir(os.path.join(folder, sub)):
+        return CLIPTokenizer.from_pretrained(folder, subfolder=sub, local_files_only=True), "folder"
+    from .tokenizer import build_clip_tokenizer
+
+    return build_clip_tokenizer(pad_token, model_max_length=max_length), "vendored"
+
+
+def check_sdxl_widths(parts: dict, model_id: str) -> None:
+    """The SDXL UNet's inputs match its text encoders: per-token states are both encoders'
+    hidden states side by side (768 + 1280 = 2048 in SDXL base), and the added-conditioning
+    MLP reads the pooled projection plus six embedded time ids (1280 + 6·256 = 2816)."""
+    unet, te1, te2 = parts["unet"].config, parts["text_encoder"].config, parts["text_encoder_2"].config
+    width = te1.hidden_size + te2.hidden_size
+    if width != unet.cross_attention_dim:
+        raise ModelLoadError(
+            f"model {model_id!r}: text encoder widths {te1.hidden_size} + {te2.hidden_size} do not match the "
+            f"UNet's cross-attention dim {unet.cross_attention_dim}")
+    added = te2.projection_dim + 6 * unet.addition_time_embed_dim
+    if added != unet.projection_class_embeddings_input_dim:
+        raise ModelLoadError(
+            f"model {model_id!r}: the UNet's added conditioning takes {unet.projection_class_embeddings_input_dim} "
+            f"values, but the pooled text ({te2.projection_dim}) and six time ids "
+            f"({6 * unet.addition_time_embed_dim}) give {added} (an SDXL refiner-type UNet?)")
 
 
 def _read_scheduler_config(sub: str) -> dict | None:

@@ -1,7 +1,9 @@
 """Configs shipped inside the package (``models/configs/<variant>/<component>/…json``).
 
 Variants: ``tiny`` (the built-in demo model), ``sd1`` (SD1.x, 512 px, epsilon), ``sd2`` (SD2.x
-base, 512 px, epsilon), ``sd2-v`` (SD2.x 768-v, v-prediction). Nothing is fetched from a hub.
+base, 512 px, epsilon), ``sd2-v`` (SD2.x 768-v, v-prediction), ``sdxl`` (SDXL base 1.0, 1024 px,
+epsilon; the scheduler config is SDXL's own Euler one, whose noise schedule the DDIM tables
+take), ``tiny-sdxl`` (the built-in SDXL-shaped demo model). Nothing is fetched from a hub.
 """
 from __future__ import annotations
 
@@ -10,16 +12,21 @@ import functools
 import json
 import os
 
-VARIANTS = ("tiny", "sd1", "sd2", "sd2-v")
+VARIANTS = ("tiny", "sd1", "sd2", "sd2-v", "sdxl", "tiny-sdxl")
+SDXL_VARIANTS = ("sdxl", "tiny-sdxl")
 _FILES = {
     "unet": "config.json",
     "text_encoder": "config.json",
+    "text_encoder_2": "config.json",
     "vae": "config.json",
     "scheduler": "scheduler_config.json",
 }
 # Padding token of the tokenizer each family ships with: OpenAI CLIP pads with <|endoftext|>,
-# the OpenCLIP-based SD2 tokenizer pads with "!" (id 0).
-PAD_TOKENS = {"tiny": "<|endoftext|>", "sd1": "<|endoftext|>", "sd2": "!", "sd2-v": "!"}
+# the OpenCLIP-based SD2 tokenizer pads with "!" (id 0). SDXL: its first tokenizer (CLIP ViT-L)
+# pads with <|endoftext|>, its second (OpenCLIP ViT-bigG, ``tokenizer_2``) with "!".
+PAD_TOKENS = {"tiny": "<|endoftext|>", "sd1": "<|endoftext|>", "sd2": "!", "sd2-v": "!",
+              "sdxl": "<|endoftext|>", "tiny-sdxl": "<|endoftext|>"}
+PAD_TOKENS_2 = {"sdxl": "!", "tiny-sdxl": "!"}
 
 
 def configs_dir() -> str:

@@ -1,10 +1,13 @@
-"""Single-file Stable Diffusion checkpoints in the original CompVis (``ldm``) layout.
+"""Single-file Stable Diffusion checkpoints in the original CompVis (``ldm``) layout, and SDXL
+checkpoints in Stability's SGM layout.
 
 Keys: ``model.diffusion_model.*`` (UNet), ``model_ema.*`` (EMA copy of the UNet, names with the
 dots removed: ``model.diffusion_model.input_blocks.0.0.weight`` ↔
 ``model_ema.diffusion_modelinput_blocks00weight``), ``cond_stage_model.transformer.*`` (SD1.x
 OpenAI CLIP, already in transformers' naming), ``cond_stage_model.model.*`` (SD2.x OpenCLIP),
-``first_stage_model.*`` (VAE).
+``first_stage_model.*`` (VAE). SDXL (SGM) files keep the UNet and VAE names and hold two text
+encoders: ``conditioner.embedders.0.transformer.*`` (OpenAI CLIP ViT-L, transformers naming) and
+``conditioner.embedders.1.model.*`` (OpenCLIP ViT-bigG, with its ``text_projection``).
 
 Everything is built from the configs shipped in ``models/configs``; nothing is fetched. The key
 conversion uses diffusers' pure-dict converters (``diffusers.loaders.single_file_utils``); the
@@ -12,8 +15,10 @@ result must match the target model's parameter names and shapes exactly, else th
 rejected with a one-line reason.
 
 Which config: the family comes from the text encoder keys (OpenAI CLIP → SD1.x, OpenCLIP →
-SD2.x); among that family's shipped configs the first whose UNet names and shapes match the
-checkpoint is used (``sd1``, then ``tiny`` for the built-in model's own exports). SD2.x files do
+SD2.x, SGM conditioner → SDXL); among that family's shipped configs the first whose UNet names and shapes match the
+checkpoint is used (``sd1``, then ``tiny`` for the built-in model's own exports; ``sdxl``, then
+``tiny-sdxl``). SDXL files are epsilon at 1024 px and do not record ``force_zeros_for_empty_prompt``:
+SDXL base's ``true`` is used. SD2.x files do
 not record their parameterisation: like diffusers, a ``.ckpt`` whose ``global_step`` is 875000
 (SD 2.0-base) is taken as epsilon at 512 px, every other SD2.x file as v-prediction at 768 px
 (SD 2.0/2.1 768-v); pass ``prediction_type="epsilon"`` to ``load_components`` for 2.x-base files.
@@ -30,6 +35,8 @@ EMA_PREFIX = "model_ema."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
 VAE_PREFIX = "first_stage_model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 SD2_BASE_GLOBAL_STEP = 875000
 
 
@@ -94,8 +101,7 @@ def unet_state_dict(state: dict, weights: str, path: str) -> dict:
         )
     if weights == "non-ema":
         return {k: state[k] for k in keys}
-    has_ema = any(k.startswith(EMA_PREFIX) and k not in (EMA_PREFIX + "decay", EMA_PREFIX + "num_updates") for k in state)
-    if not has_ema:
+    if not _has_ema(state):
         raise ModelLoadError(
             f"checkpoint {path!r} has no EMA weights (model_ema.*); load it with non-ema weights "
             "(pruned checkpoints keep a single UNet copy)"
@@ -115,7 +121,12 @@ def _family(state: dict, path: str) -> str:
     if any(k.startswith(OPENCLIP_PREFIX) for k in state):
         return "openclip"
     if any(k.startswith("conditioner.embedders.") for k in state):
-        raise ModelLoadError(f"checkpoint {path!r} is SDXL, which is not supported (SD1.x and SD2.x are)")
+        if any(k.startswith(SDXL_CLIP_PREFIX) for k in state) and any(
+                k.startswith(SDXL_OPENCLIP_PREFIX) for k in state):
+            return "sdxl"
+        raise ModelLoadError(
+            f"checkpoint {path!r} is an SGM checkpoint without SDXL base's two text encoders "
+            f"({SDXL_CLIP_PREFIX}* and {SDXL_OPENCLIP_PREFIX}*), e.g. an SDXL refiner: not supported")
     raise ModelLoadError(
         f"checkpoint {path!r} has no text encoder (cond_stage_model.*): not a full Stable Diffusion checkpoint"
     )
@@ -162,11 +173,15 @@ def _convert_unet(unet_sd: dict, candidates, path: str):
     )
 
 
-def _text_encoder(state: dict, family: str, variant: str, path: str):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _text_encoder(state: dict, family: str, variant: str, path: str, component: str = "text_encoder",
+                  prefix: str = OPENCLIP_PREFIX):
+    """The ``component`` text encoder (``text_encoder_2``: ``CLIPTextModelWithProjection``) from
+    OpenAI CLIP keys (``family="clip"``) or OpenCLIP keys under ``prefix``."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    cfg = CLIPTextConfig(**shipped.model_kwargs(shipped.load_config(variant, "text_encoder")))
-    model = _empty(lambda: CLIPTextModel(cfg))
+    cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
+    cfg = CLIPTextConfig(**shipped.model_kwargs(shipped.load_config(variant, component)))
+    model = _empty(lambda: cls(cfg))
     if family == "clip":
         from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 
@@ -174,7 +189,7 @@ def _text_encoder(state: dict, family: str, variant: str, path: str):
     else:
         from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
-        converted = convert_open_clip_checkpoint(model, state)
+        converted = convert_open_clip_checkpoint(model, state, prefix=prefix)
     expected = model.state_dict()
     # Checkpoints name tensors "text_model.embeddings…" (or, in old exports, "embeddings…");
     # transformers 5's CLIPTextModel has no "text_model" level. Match either way.
@@ -189,12 +204,12 @@ def _text_encoder(state: dict, family: str, variant: str, path: str):
     missing = sorted(k for k in expected if k not in converted and not k.endswith("position_ids"))
     if missing:
         raise ModelLoadError(
-            f"checkpoint {path!r}: the text encoder lacks {len(missing)} tensors, e.g. {missing[0]}"
+            f"checkpoint {path!r}: the {component} lacks {len(missing)} tensors, e.g. {missing[0]}"
         )
     bad = [k for k, v in converted.items() if tuple(v.shape) != tuple(expected[k].shape)]
     if bad:
         raise ModelLoadError(
-            f"checkpoint {path!r}: text encoder tensor {bad[0]} has shape {tuple(converted[bad[0]].shape)}, "
+            f"checkpoint {path!r}: {component} tensor {bad[0]} has shape {tuple(converted[bad[0]].shape)}, "
             f"expected {tuple(expected[bad[0]].shape)}"
         )
     model.load_state_dict(converted, strict=False, assign=True)
@@ -221,8 +236,41 @@ def _vae(state: dict, variant: str, path: str):
     return model
 
 
+def _has_ema(state: dict) -> bool:
+    return any(k.startswith(EMA_PREFIX) and k not in (EMA_PREFIX + "decay", EMA_PREFIX + "num_updates")
+               for k in state)
+
+
+def _load_sdxl(state: dict, unet_sd: dict, path: str, weights: str):
+    """SDXL from an SGM-layout file: shipped ``sdxl`` (or ``tiny-sdxl``) configs, both text
+    encoders, both tokenizers (the second pads with "!")."""
+    from .loading import check_sdxl_widths, ddim_scheduler
+    from .tokenizer import build_clip_tokenizer
+
+    variant, unet = _convert_unet(unet_sd, shipped.SDXL_VARIANTS, path)
+    parts = {
+        "unet": unet,
+        "text_encoder": _text_encoder(state, "clip", variant, path),
+        "text_encoder_2": _text_encoder(state, "openclip", variant, path, "text_encoder_2",
+                                        SDXL_OPENCLIP_PREFIX),
+        "tokenizer": build_clip_tokenizer(shipped.PAD_TOKENS[variant]),
+        "tokenizer_2": build_clip_tokenizer(shipped.PAD_TOKENS_2[variant]),
+        "scheduler": ddim_scheduler(shipped.load_config(variant, "scheduler")),
+        "vae": _vae(state, variant, path),
+        "family": "sdxl",
+        "extra": {"force_zeros_for_empty_prompt": True},
+    }
+    check_sdxl_widths(parts, path)
+    source = {"format": "single_file", "path": os.path.abspath(path), "weights": weights,
+              "has_ema": _has_ema(state), "sd_version": "xl" if variant == "sdxl" else variant,
+              "config": variant}
+    return parts, source
+
+
 def load_single_file(path: str, *, weights: str = "non-ema", prediction_type: str | None = None):
-    """``((unet, text_encoder, tokenizer, scheduler, vae), source)`` from a CompVis checkpoint."""
+    """``(parts, source)`` from a CompVis (SD1.x/SD2.x) or SGM (SDXL) checkpoint: ``parts`` is a
+    dict of :class:`~ap_erase_fast.models.SDComponents` fields (modules, tokenizers, scheduler;
+    for SDXL also ``family`` and ``extra``)."""
     from .loading import ddim_scheduler
     from .tokenizer import build_clip_tokenizer
 
@@ -231,6 +279,8 @@ def load_single_file(path: str, *, weights: str = "non-ema", prediction_type: st
         raise ModelLoadError(f"checkpoint {path!r} contains no tensors")
     unet_sd = unet_state_dict(state, weights, path)
     family = _family(state, path)
+    if family == "sdxl":
+        return _load_sdxl(state, unet_sd, path, weights)
     if family == "clip":
         candidates = ("sd1", "tiny")
         v_rule = None
@@ -249,12 +299,11 @@ def load_single_file(path: str, *, weights: str = "non-ema", prediction_type: st
     vae = _vae(state, variant, path)
     scheduler = ddim_scheduler(shipped.load_config(variant, "scheduler"))
     tokenizer = build_clip_tokenizer(shipped.PAD_TOKENS[variant])
-    has_ema = any(k.startswith(EMA_PREFIX) and k != EMA_PREFIX + "decay" and k != EMA_PREFIX + "num_updates" for k in state)
     source = {
         "format": "single_file",
         "path": os.path.abspath(path),
         "weights": weights,
-        "has_ema": has_ema,
+        "has_ema": _has_ema(state),
         "sd_version": {"sd1": "1.x", "sd2": "2.x", "sd2-v": "2.x", "tiny": "tiny"}[variant],
         "config": variant,
     }
@@ -262,4 +311,6 @@ def load_single_file(path: str, *, weights: str = "non-ema", prediction_type: st
         source["prediction_type_rule"] = v_rule
     if "global_step" in extras:
         source["global_step"] = int(extras["global_step"])
-    return (unet, text_encoder, tokenizer, scheduler, vae), source
+    parts = {"unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler,
+             "vae": vae}
+    return parts, source

@@ -1,8 +1,11 @@
-"""The built-in tiny Stable-Diffusion-shaped model: random weights, fixed seed, built in seconds.
+"""The built-in tiny models: random weights, fixed seed, built in seconds.
 
-It has the structure of SD1.x (UNet with cross-attention, CLIP text encoder with the real CLIP
-tokenizer, KL autoencoder, DDIM scheduler) at toy size, so the whole library runs on a fresh
-machine without downloads. It is a demo and a test fixture: its images are noise.
+``tiny`` has the structure of SD1.x (UNet with cross-attention, CLIP text encoder with the real
+CLIP tokenizer, KL autoencoder, DDIM scheduler) at toy size, so the whole library runs on a fresh
+machine without downloads. ``tiny-sdxl`` has the structure of SDXL (a UNet whose added
+conditioning is SDXL's ``text_time`` embedding, two CLIP text encoders, the second with a
+projection, two tokenizers, KL autoencoder). Both are demos and test fixtures: their images are
+noise.
 
 Determinism: the weights do not come from torch's module initialisers (whose algorithms and
 vectorised random paths may differ between torch versions and CPUs) but from
@@ -28,29 +31,42 @@ from .paths import cache_root
 TINY_SEED = 20240527
 # Bump when the construction or initialisation below changes: it is part of the cache key.
 TINY_BUILD_VERSION = 1
+TINY_SDXL_BUILD_VERSION = 1
 TINY_MODEL_ID = "tiny"
+TINY_SDXL_MODEL_ID = "tiny-sdxl"
+# The components of each built-in model and the subfolders of its cached pipeline folder.
+_COMPONENTS = {
+    "tiny": ("unet", "text_encoder", "vae", "scheduler"),
+    "tiny-sdxl": ("unet", "text_encoder", "text_encoder_2", "vae", "scheduler"),
+}
+_SUBFOLDERS = {
+    "tiny": ("unet", "text_encoder", "tokenizer", "scheduler", "vae"),
+    "tiny-sdxl": ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler", "vae"),
+}
 
 
-def tiny_config_hash() -> str:
-    """12 hex digits identifying the tiny model's configs, seed and init scheme (the cache key)."""
+def tiny_config_hash(variant: str = TINY_MODEL_ID) -> str:
+    """12 hex digits identifying a tiny model's configs, seed and init scheme (the cache key)."""
     import diffusers
     import transformers
 
     payload = {
-        "configs": {c: shipped.load_config("tiny", c) for c in ("unet", "text_encoder", "vae", "scheduler")},
+        "configs": {c: shipped.load_config(variant, c) for c in _COMPONENTS[variant]},
         "seed": TINY_SEED,
         "build_version": TINY_BUILD_VERSION,
         # The saved folder format follows the library versions; rebuild when they change.
         "diffusers": ".".join(diffusers.__version__.split(".")[:2]),
         "transformers": ".".join(transformers.__version__.split(".")[:2]),
     }
+    if variant != TINY_MODEL_ID:  # (the tiny model's payload, hence its cache key, is unchanged)
+        payload.update(variant=variant, build_version=TINY_SDXL_BUILD_VERSION)
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def tiny_cache_dir() -> str:
-    """The folder the tiny pipeline is (or will be) cached in."""
-    return os.path.join(cache_root(), f"tiny-{tiny_config_hash()}")
+def tiny_cache_dir(variant: str = TINY_MODEL_ID) -> str:
+    """The folder a tiny pipeline is (or will be) cached in."""
+    return os.path.join(cache_root(), f"{variant}-{tiny_config_hash(variant)}")
 
 
 def _uniform(name: str, shape, bound: float):
@@ -113,6 +129,41 @@ def build_tiny_modules():
     return unet, text_encoder, tokenizer, scheduler, vae
 
 
+def build_tiny_sdxl_modules() -> dict:
+    """The modules of the tiny SDXL-shaped model, fp32 on CPU: a dict with ``unet``,
+    ``text_encoder`` (``CLIPTextModel``), ``text_encoder_2`` (``CLIPTextModelWithProjection``),
+    ``tokenizer`` (pads with ``<|endoftext|>``), ``tokenizer_2`` (pads with ``"!"``, as SDXL's
+    second tokenizer does), ``scheduler`` (DDIM on SDXL's noise schedule) and ``vae``."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .loading import ddim_scheduler
+    from .tokenizer import build_clip_tokenizer
+
+    variant = TINY_SDXL_MODEL_ID
+
+    def text_config(component):
+        return CLIPTextConfig(**shipped.model_kwargs(shipped.load_config(variant, component)))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        mods = {
+            "unet": UNet2DConditionModel.from_config(shipped.load_config(variant, "unet")),
+            "vae": AutoencoderKL.from_config(shipped.load_config(variant, "vae")),
+            "text_encoder": CLIPTextModel(text_config("text_encoder")),
+            "text_encoder_2": CLIPTextModelWithProjection(text_config("text_encoder_2")),
+        }
+    for name, m in mods.items():
+        if m.dtype != torch.float32:  # (diffusers warns on every .to(dtype))
+            m.to(torch.float32)
+        _deterministic_init(m, name)
+        m.eval()
+    return {**mods, "tokenizer": build_clip_tokenizer(shipped.PAD_TOKENS[variant]),
+            "tokenizer_2": build_clip_tokenizer(shipped.PAD_TOKENS_2[variant]),
+            "scheduler": ddim_scheduler(shipped.load_config(variant, "scheduler"))}
+
+
 def assemble_pipeline(unet, text_encoder, tokenizer, scheduler, vae):
     """A ``StableDiffusionPipeline`` from parts, safety checker off (the models are the caller's)."""
     from diffusers import StableDiffusionPipeline
@@ -129,28 +180,46 @@ def assemble_pipeline(unet, text_encoder, tokenizer, scheduler, vae):
     )
 
 
-def _folder_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "model_index.json")) and all(
-        os.path.isdir(os.path.join(path, sub)) for sub in ("unet", "text_encoder", "tokenizer", "scheduler", "vae")
+def assemble_sdxl_pipeline(unet, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler, vae,
+                           force_zeros_for_empty_prompt: bool = True):
+    """A ``StableDiffusionXLPipeline`` from parts (no watermarker; the models are the caller's)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+        add_watermarker=False,
     )
 
 
-def save_pipeline_atomically(parts, target: str) -> str:
-    """Write the parts as a diffusers pipeline folder at ``target`` (temp folder + rename).
+def _folder_complete(path: str, subfolders=_SUBFOLDERS[TINY_MODEL_ID]) -> bool:
+    return os.path.isfile(os.path.join(path, "model_index.json")) and all(
+        os.path.isdir(os.path.join(path, sub)) for sub in subfolders
+    )
+
+
+def save_pipeline_atomically(pipeline, target: str, subfolders=_SUBFOLDERS[TINY_MODEL_ID]) -> str:
+    """Write ``pipeline`` as a diffusers pipeline folder at ``target`` (temp folder + rename).
 
     If another process finished the same folder first, its copy is kept and ours discarded.
     """
-    if _folder_complete(target):
+    if _folder_complete(target, subfolders):
         return target
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(target) + ".tmp-", dir=parent)
     try:
-        assemble_pipeline(*parts).save_pretrained(tmp, safe_serialization=True)
+        pipeline.save_pretrained(tmp, safe_serialization=True)
         try:
             os.rename(tmp, target)
         except OSError:
-            if not _folder_complete(target):
+            if not _folder_complete(target, subfolders):
                 raise
     finally:
         if os.path.isdir(tmp):
@@ -158,19 +227,24 @@ def save_pipeline_atomically(parts, target: str) -> str:
     return target
 
 
-def ensure_tiny_pipeline_folder(parts=None) -> str | None:
-    """Path of the cached tiny pipeline folder, writing it if missing; None if not writable."""
-    target = tiny_cache_dir()
-    if _folder_complete(target):
+def ensure_tiny_pipeline_folder(parts=None, variant: str = TINY_MODEL_ID) -> str | None:
+    """Path of a tiny model's cached pipeline folder, writing it if missing; None if not
+    writable. ``parts``: the modules already built (the tuple of :func:`build_tiny_modules`
+    or the dict of :func:`build_tiny_sdxl_modules`)."""
+    target = tiny_cache_dir(variant)
+    subfolders = _SUBFOLDERS[variant]
+    if _folder_complete(target, subfolders):
         return target
-    if parts is None:
-        parts = build_tiny_modules()
+    if variant == TINY_MODEL_ID:
+        pipeline = assemble_pipeline(*(parts or build_tiny_modules()))
+    else:
+        pipeline = assemble_sdxl_pipeline(**(parts or build_tiny_sdxl_modules()))
     try:
-        return save_pipeline_atomically(parts, target)
+        return save_pipeline_atomically(pipeline, target, subfolders)
     except OSError as exc:
         import warnings
 
-        warnings.warn(f"cannot write the tiny pipeline cache {target}: {exc}; pipeline_path will be None")
+        warnings.warn(f"cannot write the {variant} pipeline cache {target}: {exc}; pipeline_path will be None")
         return None
 
 

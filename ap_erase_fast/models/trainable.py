@@ -13,6 +13,14 @@ ESD selects parameters by CompVis module name; the diffusers equivalents are:
 * ``xattn_kv`` only the key and value projection weights of the cross-attention layers
                (``attn2.to_k.weight`` and ``attn2.to_v.weight``; SD has no bias there);
 * ``full``     all parameters (859,520,964 in SD1.4).
+
+SDXL (same diffusers names, plus the added-conditioning MLP ``add_embedding``, SGM ``label_emb``,
+which embeds the pooled text vector and the six size/crop time ids and is added to the time
+embedding): ``xattn`` is still the ``attn2`` layers of every transformer block (545,670,400 of
+SDXL base's 2,567,463,684); ``noxattn`` also leaves ``add_embedding`` alone (2,014,485,120): it
+belongs to the same per-sample embedding path as ``time_embedding`` (emb = time_embedding(t) +
+add_embedding(pooled, time ids)), which ESD does not train, and it is a text pathway, which
+``noxattn`` is meant to leave to cross-attention. Only ``full`` trains it.
 """
 from __future__ import annotations
 
@@ -20,7 +28,8 @@ from .errors import ModelLoadError
 
 TRAIN_METHODS = ("xattn", "noxattn", "full", "selfattn", "xattn_kv")
 
-_NOXATTN_EXCLUDED_PREFIXES = ("time_embedding.", "conv_norm_out.", "conv_out.")
+# add_embedding exists only in SDXL-type UNets (see the module doc)
+_NOXATTN_EXCLUDED_PREFIXES = ("time_embedding.", "add_embedding.", "conv_norm_out.", "conv_out.")
 
 
 def _is_xattn_kv(name: str) -> bool:
@@ -75,7 +84,8 @@ def count_trainable(unet_config_or_unet, method: str) -> int:
     """Number of parameters ``method`` trains, for a UNet or a UNet config (dict or path).
 
     A config is instantiated on the meta device, so counting the full SD1.4 UNet costs no
-    memory and well under a second. ``"sd1"`` / ``"sd2"`` / ``"tiny"`` name the shipped configs.
+    memory and well under a second (SDXL base: under 2 s). ``"sd1"`` / ``"sd2"`` / ``"sdxl"`` /
+    ``"tiny"`` / ``"tiny-sdxl"`` name the shipped configs.
     Does not touch ``requires_grad``.
     """
     import torch

@@ -70,12 +70,7 @@ def why_unavailable(name: str, device_type: str, explicit: bool = True) -> str |
             return f"the {name} backend runs on {want} tensors, got {device_type} tensors"
         from . import _native
 
-        err = _native.load_error(allow_jit=_jit_allowed(explicit))
-        if err is not None:
-            return err
-        if not _native.has_kernel(want):
-            return f"the native extension was built without {name.upper()} kernels"
-        return None
+        return _native.load_error(want, allow_jit=_jit_allowed(explicit))
     raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS + ('auto',)}")
 
 

@@ -1,0 +1,160 @@
+"""The README.md model card of an output folder, in the Hugging Face format (YAML front matter,
+then markdown), so the folder can be pushed to a hub as it is.
+
+It is written with the run's outputs (:func:`write_model_card` from ``run.json``) and rewritten by
+``ap-erase eval`` with its summary (``eval/report.json``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+CARD = "README.md"
+EMPTY = '""'  # how the empty prompt is shown
+
+
+def _yaml_list(items) -> str:
+    return "\n".join(f"- {json.dumps(str(x))}" for x in items)
+
+
+def _base_model(info: dict) -> str | None:
+    """A hub id the base model can be named by (hub cards link it), else None."""
+    model = info["model"]
+    source = model.get("source") or {}
+    if source.get("format") == "hub":
+        return str(model["id"])
+    return None
+
+
+def model_card(info: dict, eval_report: dict | None = None) -> str:
+    cfg = info["config"]
+    model = info["model"]
+    concepts = cfg["erase"]
+    lora = bool(cfg.get("lora_rank"))
+    family = (info.get("backbone") or {}).get("family", "sd")
+    pipeline = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
+    tags = ["text-to-image", "diffusers", "concept-erasure", "adversarial-preservation",
+            "ap-erase", "stable-diffusion-xl" if family == "sdxl" else "stable-diffusion"]
+    if lora:
+        tags.append("lora")
+    front = ["---", "library_name: diffusers", "pipeline_tag: text-to-image", "tags:",
+             _yaml_list(tags)]
+    base = _base_model(info)
+    if base:
+        front += [f"base_model: {json.dumps(base)}"]
+    front += ["---", ""]
+
+    names = ", ".join(f'"{c}"' for c in concepts)
+    lines = [f"# {names} erased from {model['id']} with Adversarial Preservation", ""]
+    if model.get("random_weights"):
+        lines += ["> **Demo only.** The base model has random weights: this folder shows the "
+                  "pipeline working, it erases nothing meaningful.", ""]
+    lines += [
+        f"This {'LoRA' if lora else 'model'} was made with "
+        f"[ap_erase_fast](https://pypi.org/project/ap_erase_fast/) {info['library_version']}: "
+        "Adversarial Preservation (Bui et al., *Erasing Undesirable Concepts in Diffusion Models "
+        "with Adversarial Preservation*, NeurIPS 2024) fine-tunes the denoiser so that the erased "
+        "concepts follow a negative-guidance target, while an adversarial search over a "
+        "preservation set R keeps the concepts the erasure would hurt most unchanged.", "",
+        "## Base model", "",
+        f"* model: `{model['id']}` ({(model.get('source') or {}).get('format', 'unknown')} format)",
+        f"* sha256 of the base denoiser's tensors: `{model['sha256']}`",
+        f"* prediction type: {model.get('prediction_type', 'epsilon')}", "",
+        "## Erased concepts", "", *[f"* {c}" for c in concepts], "",
+        "## Method and settings", "",
+        "| setting | value |", "|---|---|"]
+    keys = ["train_method", "lora_rank", "lora_alpha", "steps", "pgd_steps", "schedule", "profile",
+            "lr", "optimizer", "search", "search_lr", "tau", "gumbel_mode", "negative_guidance",
+            "preserve_weight", "loss_space", "k_closest", "num_centers", "exclude_erased",
+            "ddim_steps", "start_guidance", "batch_size", "mixed_precision", "seed"]
+    lines += [f"| {k} | {cfg.get(k)} |" for k in keys if k in cfg and (lora or not k.startswith("lora"))]
+    lines += ["", f"Outer steps run: {info['outer_steps']}; the full configuration is in "
+              "`run.json`, the per-iteration log in `log.jsonl`.", "",
+              "## Preservation set R", ""]
+    for concept, r in info.get("preservation_sets", {}).items():
+        words = r["words"]
+        shown = ", ".join(w or EMPTY for w in words[:40])
+        more = f" … ({len(words)} in all)" if len(words) > 40 else ""
+        lines += [f"* **{concept}** ({len(words)} of {r['candidates']} candidates): {shown}{more}"]
+    top = info.get("final_pi_top") or {}
+    if top:
+        lines += ["", "Where the search ended (top of π):", ""]
+        for concept, entries in top.items():
+            shown = ", ".join(f"{e['word'] or EMPTY} {e['prob']:.3f}" for e in entries[:5])
+            lines += [f"* {concept}: {shown}"]
+    lines += ["", "## Evaluation", ""]
+    if eval_report:
+        lines += _eval_summary(eval_report)
+    else:
+        lines += ["Not evaluated yet: run `ap-erase eval --run <this folder>` (it rewrites this "
+                  "card with its summary)."]
+    lines += ["", "## How to use", "", "```python", "import torch"]
+    if lora:
+        lines += [f"from diffusers import {pipeline}", "",
+                  f'pipe = {pipeline}.from_pretrained("<base model>", torch_dtype=torch.float16)',
+                  'pipe.load_lora_weights("<this folder>/lora")',
+                  "```", "",
+                  "`lora_kohya.safetensors` is the same LoRA in the kohya format that AUTOMATIC1111 "
+                  "and ComfyUI load (put it in their LoRA folder)."
+                  + (" `unet/` holds the denoiser with the LoRA merged in." if cfg.get("merge") else "")]
+    else:
+        lines += [f"from diffusers import {pipeline}, UNet2DConditionModel", "",
+                  'unet = UNet2DConditionModel.from_pretrained("<this folder>/unet", '
+                  "torch_dtype=torch.float16)",
+                  f'pipe = {pipeline}.from_pretrained("<base model>", unet=unet, '
+                  "torch_dtype=torch.float16)", "```"]
+    lines += ["", "## Intended use and limitations", "",
+              "For research on concept erasure and for deployments that must not generate the "
+              "erased concepts. Erasure lowers the chance of generating a concept; it is not a "
+              "guarantee: adversarial prompts, other fine-tunes and image-to-image inputs can bring "
+              "it back, and concepts close to the erased ones can be affected. Judge the model with "
+              "your own prompts before relying on it; the evaluation above says how it was measured.",
+              "", "## Citation", "", "```bibtex",
+              "@inproceedings{bui2024erasing,",
+              "  title={Erasing Undesirable Concepts in Diffusion Models with Adversarial Preservation},",
+              "  author={Bui, Anh and Vuong, Long and Doan, Khanh and Le, Trung and Montague, Paul and "
+              "Abraham, Tamas and Phung, Dinh},",
+              "  booktitle={Advances in Neural Information Processing Systems},", "  year={2024}", "}",
+              "```", ""]
+    return "\n".join(front + lines)
+
+
+def _eval_summary(report: dict) -> list[str]:
+    lines = []
+    eps = report.get("eps_space") or {}
+    erasure = eps.get("erasure") or {}
+    if erasure:
+        lines += ["ε-space (`ap-erase eval`): gap to the negative-guidance target, base → erased:",
+                  "", "| concept | gap (base) | gap (erased) | ratio |", "|---|---|---|---|"]
+        for c, e in erasure.items():
+            lines.append(f"| {c} | {_g(e.get('gap_base'))} | {_g(e.get('gap_erased'))} | "
+                         f"{_g(e.get('gap_ratio'))} |")
+        pres = eps.get("preservation") or {}
+        if pres:
+            lines += ["", f"Held-out concepts drift: mean {_g(pres.get('mean'))}, max "
+                      f"{_g(pres.get('max'))}."]
+    for name, det in ((report.get("images") or {}).get("detectors") or {}).items():
+        lines += ["", f"{name}: see `eval/report.md`."]
+    lines += ["", "Full report: `eval/report.md`."]
+    return lines
+
+
+def _g(v) -> str:
+    return f"{v:.4g}" if isinstance(v, (int, float)) else str(v)
+
+
+def write_model_card(folder: str | os.PathLike, info: dict | None = None,
+                     eval_report: dict | None = None) -> Path:
+    """Write ``folder/README.md`` from ``info`` (default: ``folder/run.json``) and the eval
+    report (default: ``folder/eval/report.json`` when it exists)."""
+    folder = Path(folder)
+    if info is None:
+        info = json.loads((folder / "run.json").read_text())
+    if eval_report is None and (folder / "eval" / "report.json").is_file():
+        eval_report = json.loads((folder / "eval" / "report.json").read_text())
+    path = folder / CARD
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(model_card(info, eval_report), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,99 @@
+"""The adversarial search (ALGORITHM.md §3): one logits vector π per erased concept over its
+preservation set R, the Gumbel-Softmax draw of c_a, and π's own Adam.
+
+R is kept as one table of flattened conditionings per erased concept ([|R|, F]: every tensor of a
+prompt's :class:`~ap_erase_fast.backbones.Cond` in one row), so one ``gumbel_mix`` call mixes
+every conditioning tensor with the same weights.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from .backbones import Cond
+
+
+class Search:
+    def __init__(self, cfg, sets, tables: list[torch.Tensor], cond_shapes, device, dist,
+                 compute_dtype: torch.dtype | None = None, skipped: Counter | None = None):
+        """``sets``: the :class:`~ap_erase_fast.concepts.PreservationSet` per erased concept;
+        ``tables``: their rows [|R|, F] on the device; ``cond_shapes``: per-prompt shapes of a
+        Cond (to unflatten a mixed row)."""
+        self.cfg = cfg
+        self.sets = sets
+        self.tables = tables
+        self.cond_shapes = cond_shapes
+        self.dist = dist
+        self.backend = "torch" if cfg.profile == "reference" else "auto"
+        # π: one logits vector per erased concept, uniform 1/|R|, one Adam for all of them.
+        self.pi = [torch.nn.Parameter(torch.full((len(s.words),), 1.0 / len(s.words),
+                                                 device=device)) for s in sets]
+        self.optimizer = torch.optim.Adam(self.pi, lr=cfg.search_lr)
+        # fp16: the π-only search backward has its own dynamic loss scale (π's gradients are
+        # ~1e-8: an unscaled fp16 backward flushes them to zero)
+        self.scaler = torch.amp.GradScaler(torch.device(device).type,
+                                           enabled=compute_dtype == torch.float16)
+        self.skipped = skipped if skipped is not None else Counter()
+
+    def draw(self, concept: int, gumbel: torch.Tensor, with_grad: bool = True) -> tuple[Cond, int]:
+        """c_a from π[c_e] for the Gumbel noise ``gumbel`` [|R|]: a one-prompt Cond
+        (differentiable in π when ``with_grad``) and the index of the drawn word."""
+        from .ops import gumbel_mix
+
+        cfg = self.cfg
+        pi = self.pi[concept] if with_grad else self.pi[concept].detach()
+        table = self.tables[concept]
+        out, index = gumbel_mix(pi[None], table, tau=cfg.tau, hard=cfg.gumbel_mode == "hard",
+                                topk=cfg.gumbel_topk if cfg.gumbel_mode == "topk" else None,
+                                gumbel=gumbel[None].to(table.device), backend=self.backend,
+                                return_index=True)
+        return Cond.unflat(out, self.cond_shapes), int(index[0])
+
+    def gradients(self, loss: torch.Tensor, concepts: list[int]) -> dict[int, torch.Tensor]:
+        """Gradients of ``loss`` in the π's of ``concepts`` alone, loss-scaled in fp16 (hand
+        them to :meth:`step` as they are)."""
+        grads = torch.autograd.grad(self.scaler.scale(loss), [self.pi[c] for c in concepts])
+        return dict(zip(concepts, grads))
+
+    def step(self, grads: dict[int, torch.Tensor], scaler=None) -> None:
+        """Step the π's along ``grads`` (concept → gradient of the loss to minimise).
+
+        ``scaler``: the loss scaler the gradients were scaled by (default: the search scaler;
+        pass θ′'s for gradients of the θ′ backward, whose update then follows in
+        :meth:`~ap_erase_fast.update.ThetaUpdate.step`). A step of non-finite fp16 gradients
+        is skipped. Data-parallel: gradients are averaged over ranks (a π no rank drew keeps no
+        gradient, as in a single process), so π and its Adam state stay identical everywhere.
+        Under ``--search random`` π is never stepped: it stays uniform, every draw is uniform.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.search == "random":
+            return
+        if self.dist.world > 1:
+            flat = torch.cat([grads[c].detach().float().reshape(-1) if c in grads
+                              else torch.zeros(len(p), device=p.device)
+                              for c, p in enumerate(self.pi)])
+            used = torch.tensor([1.0 if c in grads else 0.0 for c in range(len(self.pi))])
+            flat = self.dist.mean_(flat.cpu()).to(self.pi[0].device)
+            used = self.dist.mean_(used)
+            sizes = [len(p) for p in self.pi]
+            grads = {c: g.view_as(self.pi[c]) for c, g in enumerate(flat.split(sizes))
+                     if used[c] > 0}
+        for c, g in grads.items():
+            self.pi[c].grad = g
+        if scaler is None or scaler is self.scaler:
+            scaled_step(self.scaler, self.optimizer, self.skipped, "pi")
+        else:  # θ′'s scaler: its update follows in ThetaUpdate.step
+            scaler.step(self.optimizer)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+
+
+def scaled_step(scaler, optimizer, skipped: Counter, name: str) -> None:
+    """``optimizer.step()`` through a (possibly disabled) GradScaler; counts skipped steps."""
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    if scale is not None and scaler.get_scale() < scale:
+        skipped[name] += 1
