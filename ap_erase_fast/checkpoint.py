@@ -107,10 +107,10 @@ def save_checkpoint(er, root: str) -> str:
     tmp = Path(root) / f".{tag}.tmp"
     try:
         _save_into(er, Path(root), tmp, final)
-    except Exception as exc:  # noqa: BLE001 - classified: write failures are the user's to fix
-        reason = write_error_reason(exc, Path(root))
-        if er.dist.is_main:
+    except BaseException as exc:  # noqa: BLE001 - classified: write failures are the user's to fix
+        if er.dist.is_main:  # never leave a half-written checkpoint (Ctrl-C included)
             shutil.rmtree(tmp, ignore_errors=True)
+        reason = write_error_reason(exc, Path(root)) if isinstance(exc, Exception) else None
         if reason is None:
             raise
         last = (f"the last checkpoint is {er.last_checkpoint}" if er.last_checkpoint
