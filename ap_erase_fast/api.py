@@ -37,7 +37,7 @@ def erase(config: EraseConfig | None = None, write: bool = True, **overrides) ->
     ok = False
     try:
         if write and eraser.dist.is_main:
-            out = OutputDir(cfg.output, overwrite=cfg.overwrite)
+            out = OutputDir(cfg.output, overwrite=cfg.overwrite, resuming=cfg.resume == "auto")
         resume = _choose_resume(cfg, eraser) if cfg.resume else None
         eraser.setup()
         if resume:

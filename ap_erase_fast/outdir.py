@@ -279,7 +279,7 @@ class OutputDir:
     atomically on :meth:`commit`; :meth:`abort` removes the temporary folder."""
 
     def __init__(self, path: str, overwrite: bool = False, marker: str = "run.json",
-                 flag: str = "--output"):
+                 flag: str = "--output", resuming: bool = False):
         self.path = Path(os.path.abspath(os.path.expanduser(str(path))))
         self.overwrite = overwrite
         self.marker = marker
@@ -305,6 +305,10 @@ class OutputDir:
                                 f"of an earlier run whose commit had been interrupted (now "
                                 f"completed; nothing was lost); pass --overwrite to run again, "
                                 f"or choose another {flag}")
+            if resuming and not overwrite and written_by_library(self.path, marker):
+                raise UserError(f"--resume auto: the run of {self.path} has finished already (its "
+                                f"output is in place); nothing to resume: pass --overwrite to run "
+                                f"it again")
             self._check_existing(flag)
             self.tmp = self.path.parent / f".{self.path.name}.tmp{os.getpid()}"
             shutil.rmtree(self.tmp, ignore_errors=True)
