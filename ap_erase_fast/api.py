@@ -1,10 +1,12 @@
 """The Python entry point: ``erase(EraseConfig(...))`` runs a whole erasure job."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from .config import EraseConfig, default_output_dir
 from .engine import EraseResult, Eraser
+from .errors import UserError
 from .export import OutputDir, checkpoint_root_for, write_outputs
 
 
@@ -35,17 +37,17 @@ def erase(config: EraseConfig | None = None, write: bool = True, **overrides) ->
     ok = False
     try:
         if write and eraser.dist.is_main:
-            out = OutputDir(cfg.output, overwrite=cfg.overwrite)
+            out = OutputDir(cfg.output, overwrite=cfg.overwrite, resuming=cfg.resume == "auto")
+        resume = _choose_resume(cfg, eraser) if cfg.resume else None
         eraser.setup()
-        if cfg.resume:
-            eraser.load_checkpoint(cfg.resume)
+        if resume:
+            eraser.load_checkpoint(resume)
         eraser.train(checkpoint_root=checkpoint_root_for(cfg.output) if write else None)
         info = eraser.run_info()
         trained = eraser.trained_state()
         path = None
         if out is not None:
-            write_outputs(Path(out.tmp), eraser.unet, trained, info, eraser.log,
-                          eraser.backbone.pipeline_class())
+            _write(out, eraser, trained, info)
             path = out.commit()
         ok = True
         return EraseResult(path if write else None, info, eraser.log, trained)
@@ -53,3 +55,43 @@ def erase(config: EraseConfig | None = None, write: bool = True, **overrides) ->
         if out is not None and not ok:
             out.abort()
         eraser.dist.shutdown(clean=ok)
+
+
+def _choose_resume(cfg: EraseConfig, eraser: Eraser) -> str | None:
+    """Rank 0 picks and verifies the checkpoint; every rank resumes from the same one."""
+    from .checkpoint import choose_checkpoint
+
+    chosen, notes, error = None, [], None
+    if eraser.dist.is_main:
+        try:
+            path, notes = choose_checkpoint(cfg.resume, cfg.output, cfg.resume_fallback,
+                                            eraser.dist.world)
+            chosen = str(path) if path is not None else None
+        except UserError as exc:
+            error = str(exc)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+    chosen, error = eraser.dist.gather((chosen, error))[0]
+    if error:
+        raise UserError(error)
+    return chosen
+
+
+def _write(out: OutputDir, eraser: Eraser, trained: dict, info: dict) -> None:
+    """The outputs into the temporary folder; a failed write (a full disk) is one line that
+    says where the finished training is kept."""
+    from .checkpoint import write_error_reason
+
+    try:
+        write_outputs(Path(out.tmp), eraser.unet, trained, info, eraser.log,
+                      eraser.backbone.pipeline_class())
+    except Exception as exc:  # noqa: BLE001 - classified: write failures are the user's to fix
+        reason = write_error_reason(exc, Path(out.tmp))
+        if reason is None:
+            raise
+        out.abort()  # frees the space the partial output took
+        kept = (f"the finished training is in the checkpoint {eraser.last_checkpoint}: free "
+                f"space and rerun with --resume auto to write the outputs"
+                if eraser.last_checkpoint else
+                "no checkpoint holds the finished training (use --checkpoint-every N)")
+        raise UserError(f"cannot write the output {out.path}: {reason}; {kept}") from None

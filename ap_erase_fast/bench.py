@@ -16,9 +16,10 @@ value per outer step, used by all its loop iterations; evenly spread over the DD
 shuffled), so all rows sample trajectories of the same lengths and their wall times compare
 directly: ``speedup_vs_first`` is the raw ratio of outer steps/s to the first row of the same
 train method. The table also gives UNet sample-evaluations per second and the outer steps/s
-they imply at the mean trajectory length of the cost model (ALGORITHM.md §7). Results go to
-``benchmarks/results/`` (or ``--out``) as CSV and markdown with machine, versions and commit;
-``--json`` prints the rows.
+they imply at the mean trajectory length of the cost model (ALGORITHM.md §7). Results go to a
+new folder ``bench-step-<date-time>/`` under the current one, or to ``--out DIR`` (the committed
+reports are regenerated with ``--out benchmarks/results``), as CSV and markdown with machine,
+versions and commit; ``--json`` prints the rows.
 """
 from __future__ import annotations
 
@@ -227,6 +228,16 @@ def memory_accounting(eraser) -> dict:
             "optimizer_state_gib": _gib(states)}
 
 
+def new_results_dir(kind: str) -> Path:
+    """The default results folder of a benchmark: a new ``bench-<kind>-<date-time>`` folder
+    under the current one (never the package, never the committed reports)."""
+    base = Path.cwd() / f"bench-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, k = base, 1
+    while path.exists():
+        path, k = base.with_name(f"{base.name}-{k}"), k + 1
+    return path
+
+
 def _environment(device: str) -> dict:
     from .env_report import collect
 
@@ -263,7 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--memory-cap-gib", type=float, default=None,
                     help="emulate a smaller card: torch.cuda.set_per_process_memory_fraction")
-    ap.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
+    ap.add_argument("--out", default=None,
+                    help="results folder (default: a new bench-step-<date-time> folder under "
+                         "the current one; --out benchmarks/results regenerates the committed "
+                         "reports)")
     ap.add_argument("--tag", default="", help="suffix of the result file names")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON to stdout")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
@@ -294,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown config(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}",
               file=sys.stderr)
         return 2
+    args.out = str(args.out or new_results_dir("step"))
+    print(f"bench step: {len(names)} configurations, results in {args.out}", file=sys.stderr,
+          flush=True)
     rows = []
     for name in names:
         overrides = dict(CONFIGS[name])
@@ -355,7 +372,7 @@ COLUMNS = ["config", "status", "outer_steps_per_s", "speedup_vs_first",
 
 
 def write_results(rows: list[dict], env: dict, args) -> None:
-    out = Path(args.out or Path(__file__).resolve().parents[1] / "benchmarks" / "results")
+    out = Path(args.out or new_results_dir("step"))
     out.mkdir(parents=True, exist_ok=True)
     device = env["device"] if env["device"] == "cpu" else env.get("cuda devices", "cuda")
     slug = "".join(c if c.isalnum() else "_" for c in device.lower()).strip("_")

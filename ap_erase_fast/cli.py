@@ -43,12 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.cli import add_arguments as add_eval_arguments
 
     add_eval_arguments(ev)
-    bench = sub.add_parser("bench", help="benchmarks: 'ap-erase bench step --help', "
-                                         "'ap-erase bench quality --help'", add_help=False)
+    bench = sub.add_parser(
+        "bench", help="benchmarks: 'ap-erase bench step --help', 'ap-erase bench quality --help'",
+        description="Benchmarks. Results go to a new folder under the current one unless --out "
+                    "names one; 'ap-erase bench step --help' and 'ap-erase bench quality --help' "
+                    "list their options.")
     bench.add_argument("what", choices=("step", "quality"),
                        help="step: outer steps/s and peak memory; quality: erasure and "
                             "preservation on ShapesWorld")
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
     sub.add_parser("env", help="print versions, devices and optional backends")
     return parser
 
@@ -69,14 +72,19 @@ def quiet_libraries() -> None:
 
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
+    # their "Loading weights" / "Writing model shards" bars: our own bars say what is going on
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import config_from_args
+    from .config import config_from_args, default_output_dir
 
     cfg = config_from_args(args)
+    cfg.output = cfg.output or default_output_dir(cfg)
+    _error_log_beside(cfg.output)
     quiet_libraries()
     from .api import erase
 
@@ -93,45 +101,133 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+# Where the traceback of an unexpected error goes: beside the command's output folder once it is
+# known, else the current folder (else the temporary folder).
+_ERROR_LOG: dict[str, str | None] = {"path": None}
+
+
+def _error_log_beside(output: str | os.PathLike) -> None:
+    """Send a traceback of an unexpected error to ``<output>.error.log``, beside the output
+    folder (which a failed run does not create)."""
+    from pathlib import Path
+
+    out = Path(os.path.abspath(output))
+    rank = os.environ.get("RANK", "0")
+    _ERROR_LOG["path"] = str(out.parent / f"{out.name}.error{'' if rank == '0' else '-rank' + rank}.log")
+
+
+def _write_traceback(exc: BaseException) -> str | None:
+    import tempfile
+    import time
+    import traceback
+
+    from pathlib import Path
+
+    text = (f"ap-erase {__version__}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+            f"command: {' '.join(sys.argv)}\n\n"
+            + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    candidates = [_ERROR_LOG["path"], os.path.join(os.getcwd(), "ap-erase-error.log"),
+                  os.path.join(tempfile.gettempdir(), f"ap-erase-error-{os.getpid()}.log")]
+    for path in filter(None, candidates):
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def _lost_a_peer(exc: BaseException) -> bool:
+    """A collective failed because another rank died (gloo/NCCL report it as RuntimeError)."""
+    text = str(exc)
+    return (int(os.environ.get("WORLD_SIZE", "1")) > 1 and isinstance(exc, RuntimeError)
+            and any(s in text for s in ("Connection reset by peer", "Connection closed by peer",
+                                        "NCCL", "gloo", "ProcessGroup")))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that every clean-up runs."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a bad command line (already reported)
         return int(exc.code or 0)
+    _ERROR_LOG["path"] = None
+    import signal
+    import threading
+
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        if args.command == "train":
-            return _train(args)
-        if args.command == "eval":
-            quiet_libraries()
-            from .eval.cli import run as run_eval
-
-            return run_eval(args)
-        if args.command == "bench":
-            if args.what == "quality":
-                quiet_libraries()
-                from .shapes.quality import main as bench_main
-            else:
-                from .bench import main as bench_main
-
-            try:
-                return bench_main(args.rest)
-            except SystemExit as exc:  # its own --help or a bad flag (already reported)
-                return int(exc.code or 0)
-        if args.command == "env":
-            from .env_report import main as env_main
-
-            env_main()
-            return 0
-        parser.print_help()
-        return 2
+        return _run(parser, args)
     except UserError as exc:
         msg = " ".join(str(exc).split())
         print(f"error: {msg}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("error: terminated; no output was written (temporary files removed)",
+              file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("error: interrupted; no output was written", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the one-line promise holds for bugs too
+        log = _write_traceback(exc)
+        first = " ".join(str(exc).split())[:300]
+        where = f"the traceback is in {log}" if log else "no traceback could be written"
+        if _lost_a_peer(exc):
+            print(f"error: another process of this distributed run stopped, so this one (rank "
+                  f"{os.environ.get('RANK', '?')}) cannot go on; the other's output says why "
+                  f"({type(exc).__name__}: {first[:160]}; {where})", file=sys.stderr)
+            return 1
+        print(f"error: unexpected {type(exc).__name__}: {first} ({where}; if it looks like a bug, "
+              f"please report it with that file and the output of 'ap-erase env')",
+              file=sys.stderr)
+        return 1
+    finally:
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.command == "train":
+        return _train(args)
+    if args.command == "eval":
+        output = args.output or (os.path.join(args.run, "eval-base" if args.base_only else "eval")
+                                 if args.run else None)
+        if output:
+            _error_log_beside(output)
+        quiet_libraries()
+        from .eval.cli import run as run_eval
+
+        return run_eval(args)
+    if args.command == "bench":
+        if args.what == "quality":
+            quiet_libraries()
+            from .shapes.quality import main as bench_main
+        else:
+            from .bench import main as bench_main
+
+        try:
+            return bench_main(args.rest)
+        except SystemExit as exc:  # its own --help or a bad flag (already reported)
+            return int(exc.code or 0)
+    if args.command == "env":
+        from .env_report import main as env_main
+
+        env_main()
+        return 0
+    parser.print_help()
+    return 2
 
 
 if __name__ == "__main__":

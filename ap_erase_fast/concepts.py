@@ -52,9 +52,24 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
 
 
 def check_concept_has_tokens(tokenizer, concept: str) -> None:
+    """A concept must have tokens; one longer than the text encoder reads is cut, with a
+    warning that says where (the cut text is what gets erased)."""
     ids = tokenizer(concept, truncation=True).input_ids
     if len(ids) <= 2:  # only the start and end tokens
         raise UserError(f"the concept {concept!r} tokenizes to nothing; give a concept with words")
+    limit = tokenizer.model_max_length
+    full = tokenizer(concept, truncation=True, max_length=max(limit, 10 * len(concept) + 2)).input_ids
+    if len(full) > limit and os.environ.get("RANK", "0") == "0":
+        import sys
+
+        kept = tokenizer.decode(ids[1:-1]).strip()
+        print(f"warning: the concept {_clip(concept)!r} is {len(full) - 2} tokens long; the text "
+              f"encoder reads only its first {limit - 2} (up to \"...{kept[-30:].strip()}\"), the "
+              f"rest is ignored", file=sys.stderr)
+
+
+def _clip(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[:n] + "..."
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -26,6 +27,9 @@ OPTIMIZERS = ("adam", "adamw", "adamw8bit", "paged_adamw8bit")
 GUMBEL_MODES = ("hard", "soft", "topk")
 LOSS_SPACES = ("x0", "eps")
 SEARCHES = ("adversarial", "random")
+POSITIVE_FLOATS = ("lr", "search_lr", "tau")
+NON_NEGATIVE_FLOATS = ("negative_guidance", "preserve_weight", "weight_decay", "start_guidance")
+CONCEPT_FILE_SUFFIXES = (".txt", ".csv", ".list")
 
 
 def _opt(help: str, group: str, **kw: Any) -> Any:
@@ -172,15 +176,25 @@ class EraseConfig:
         "settings. ZeRO stages 0-2, fp32 or bf16.", "distributed")
     # --- output -----------------------------------------------------------------------------
     output: str | None = _opt(
-        "Output folder (must be empty or absent unless --overwrite). Default: "
+        "Output folder (must be empty or absent unless --overwrite; locked while the run is "
+        "on, so a second run aimed at it stops at once). Default: "
         "outputs/<concepts>-<model>-seed<seed>-<date-time>.", "output")
-    overwrite: bool = _opt("Replace a non-empty output folder.", "output", default=False)
+    overwrite: bool = _opt(
+        "Replace a non-empty output folder, only if ap_erase_fast wrote it (it holds this "
+        "library's run.json); the old folder is removed only after the new one is in place.",
+        "output", default=False)
     checkpoint_every: int = _opt(
         "Write a resumable checkpoint every N outer steps into <output>.checkpoints/ (0: never).",
         "output", default=0)
     resume: str | None = _opt(
-        "Resume from a checkpoint folder (a step-NNNNNN folder, or the .checkpoints folder for "
-        "its latest).", "output")
+        "Resume from a checkpoint: 'auto' (the newest intact checkpoint of this --output's run; "
+        "none yet: start from step 0), a step-NNNNNN folder (used as it is), or a .checkpoints "
+        "folder (its newest intact one). Checkpoints are verified against their manifest of "
+        "sizes and sha256 hashes first.", "output")
+    resume_fallback: bool = _opt(
+        "When the newest checkpoint is damaged, say so and resume from the newest intact one "
+        "(resumption is bit-exact from any of them; only time is lost). --no-resume-fallback "
+        "stops instead.", "output", default=True)
     quiet: bool = _opt("No progress bar and no summary, only errors.", "output", default=False)
 
     # -------------------------------------------------------------------------------------------
@@ -193,6 +207,8 @@ class EraseConfig:
                      "gumbel_topk", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{_flag(name)} must be at least 1 (got {getattr(self, name)})")
+        if self.ddim_steps < 2:
+            raise UserError(f"--ddim-steps must be at least 2 (got {self.ddim_steps})")
         if self.pgd_steps < 2:
             raise UserError(f"--pgd-steps must be at least 2 (one outer step plus at least one "
                             f"search step; got {self.pgd_steps})")
@@ -214,8 +230,7 @@ class EraseConfig:
                             "scaling is single-process); use --mixed-precision bf16")
         if self.checkpoint_every < 0:
             raise UserError("--checkpoint-every must be 0 (off) or a positive number of steps")
-        if not self.tau > 0:
-            raise UserError(f"--tau must be positive (got {self.tau})")
+        self._validate_numbers()
         if self.resolution is not None and self.resolution <= 0:
             raise UserError(f"--resolution must be positive (got {self.resolution})")
         for f in fields(self):
@@ -224,6 +239,25 @@ class EraseConfig:
                 raise UserError(f"unknown --{_flag(f.name)} {getattr(self, f.name)!r}; choose one "
                                 f"of: {', '.join(choices)}")
         return self
+
+    def _validate_numbers(self) -> None:
+        """Every float option is a finite number; rates, temperatures and weights have the
+        sign their meaning needs."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not (isinstance(EraseConfig.__dataclass_fields__[f.name].default, float)
+                    or (isinstance(value, float) and not isinstance(value, bool))):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(f"--{_flag(f.name)} must be a number (got {value!r})")
+            if not math.isfinite(value):
+                raise UserError(f"--{_flag(f.name)} must be a finite number (got {value})")
+            if f.name in POSITIVE_FLOATS and value <= 0:
+                raise UserError(f"--{_flag(f.name)} must be positive (got {value})")
+            if f.name in NON_NEGATIVE_FLOATS and value < 0:
+                raise UserError(f"--{_flag(f.name)} must be 0 or more (got {value})")
+        if not 0 <= self.seed < 2 ** 63:
+            raise UserError(f"--seed must be between 0 and 2^63 - 1 (got {self.seed})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -243,26 +277,54 @@ def field_names() -> list[str]:
     return [f.name for f in fields(EraseConfig)]
 
 
-def parse_concepts(value: str | list[str]) -> list[str]:
-    """``"a, b"`` → ``["a", "b"]``; an existing file → one concept per non-empty line."""
+def looks_like_path(text: str) -> bool:
+    """Whether a concept argument is meant as a file: it ends in .txt, .csv or .list, or it
+    holds a path separator and starts like a path (/, ./, ../, ~) or names an existing folder
+    ("AC/DC" stays a concept)."""
+    s = text.strip()
+    if s.lower().endswith(CONCEPT_FILE_SUFFIXES):
+        return True
+    seps = [sep for sep in (os.sep, os.altsep) if sep]
+    if not any(sep in s for sep in seps):
+        return False
+    if s.startswith(("/", "./", "../", "~")):
+        return True
+    head = os.path.dirname(os.path.expanduser(s))
+    return bool(head) and os.path.isdir(head)
+
+
+def parse_concepts(value: str | list[str], flag: str = "--erase") -> list[str]:
+    """``"a, b"`` → ``["a", "b"]``; an existing file → one concept per non-empty line. An
+    argument that looks like a file path (:func:`looks_like_path`) but is no file is an error,
+    not a concept."""
     items = value if isinstance(value, list) else [value]
     out: list[str] = []
     for item in items:
         item = str(item)
-        if os.path.isfile(item):
-            lines = Path(item).read_text(encoding="utf-8").splitlines()
+        path = os.path.expanduser(item.strip())
+        if item.strip() and os.path.isfile(path):
+            try:
+                lines = Path(path).read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UserError(f"{flag} {item}: cannot read the file ({exc})") from None
             out += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-        else:
-            out += [part.strip() for part in item.split(",") if part.strip()]
+            continue
+        for part in [item] + item.split(","):
+            if part.strip() and looks_like_path(part):
+                what = "is a folder, not a file" if os.path.isdir(
+                    os.path.expanduser(part.strip())) else "no such file"
+                raise UserError(f"{flag} {part.strip()}: {what} (it looks like a file of "
+                                f"concepts, one per line); fix the path")
+        out += [part.strip() for part in item.split(",") if part.strip()]
     return out
 
 
-def parse_prompt_list(value: str | list[str]) -> list[str]:
+def parse_prompt_list(value: str | list[str], flag: str = "--preserve-set") -> list[str]:
     """Like :func:`parse_concepts`, but ``""`` (two double quotes) is kept as the empty prompt
     and list items from Python or a config file are taken as they are."""
     if isinstance(value, (list, tuple)):
         return [str(v).strip() for v in value]
-    return ["" if item in ('""', "''") else item for item in parse_concepts(str(value))]
+    return ["" if item in ('""', "''") else item for item in parse_concepts(str(value), flag)]
 
 
 def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:

@@ -391,7 +391,10 @@ class Eraser:
                 bar.set_postfix(loss=f"{records[0]['loss']:.4g}", adv=records[-1]["samples"][0]["adv_word"],
                                 refresh=False)
                 bar.update(1)
-                if checkpoint_root and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                # the last step is always checkpointed: a finished training survives a
+                # failure to write the outputs
+                if checkpoint_root and cfg.checkpoint_every and (
+                        step % cfg.checkpoint_every == 0 or step == cfg.steps):
                     self.timings["train_s"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     self.save_checkpoint(checkpoint_root)

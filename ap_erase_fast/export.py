@@ -1,5 +1,6 @@
 """Run outputs: written into a temporary sibling folder and renamed into place at the end, so a
-failed or interrupted run never leaves a half-written output folder.
+failed or interrupted run never leaves a half-written output folder (the folder's lock, the
+commit and the recovery after a kill: :mod:`ap_erase_fast.outdir`).
 
 Layout of an output folder:
 
@@ -11,47 +12,12 @@ Layout of an output folder:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
-from .errors import UserError
+from .faults import fault_point
+from .outdir import OutputDir  # noqa: F401  (re-exported: the output folder of a run)
 
 TRAINED_FORMAT = "ap_erase_fast.trained/v1"
-
-
-class OutputDir:
-    """Claims an output folder up front and publishes it atomically on :meth:`commit`."""
-
-    def __init__(self, path: str, overwrite: bool = False):
-        self.path = Path(path).absolute()
-        self.overwrite = overwrite
-        if self.path.exists() and not self.path.is_dir():
-            raise UserError(f"output {self.path} exists and is not a folder")
-        if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
-            raise UserError(f"output folder {self.path} is not empty; choose another --output "
-                            f"or pass --overwrite")
-        self.tmp = self.path.parent / f".{self.path.name}.tmp{os.getpid()}"
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp.mkdir()
-        except OSError as exc:
-            raise UserError(f"cannot write the output folder {self.path}: "
-                            f"{exc.strerror or exc}") from None
-
-    @property
-    def checkpoint_root(self) -> str:
-        return checkpoint_root_for(str(self.path))
-
-    def commit(self) -> str:
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        os.replace(self.tmp, self.path)
-        return str(self.path)
-
-    def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def checkpoint_root_for(output: str) -> str:
@@ -94,6 +60,7 @@ def write_outputs(folder: Path, unet, trained: dict, info: dict, log: list[dict]
         write_lora_outputs(folder, unet, trained, pipeline_class, merge=info["config"]["merge"])
     else:
         unet.save_pretrained(str(folder / "unet"), safe_serialization=True)
+    fault_point("outputs-write")
     save_file(trained, str(folder / "trained.safetensors"), metadata=trained_metadata(info))
     (folder / "run.json").write_text(json.dumps(info, indent=2) + "\n")
     with open(folder / "log.jsonl", "w") as fh:

@@ -53,7 +53,10 @@ class DDIMTables:
     def from_scheduler(cls, scheduler, ddim_steps: int = 50) -> "DDIMTables":
         n = int(scheduler.config.num_train_timesteps)
         if ddim_steps < 2 or ddim_steps > n:
-            raise ValueError(f"ddim_steps must be in [2, {n}], got {ddim_steps}")
+            from .errors import UserError
+
+            raise UserError(f"the number of DDIM steps must be between 2 and {n} (the model's "
+                            f"training timesteps); got {ddim_steps}")
         c = n // ddim_steps
         timesteps = [k * c + 1 for k in range(ddim_steps)]
         return cls(

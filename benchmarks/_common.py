@@ -12,7 +12,18 @@ import time
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO, "benchmarks", "results")
+RESULTS = os.path.join(REPO, "benchmarks", "results")  # the committed reports (name it to regenerate)
+
+
+def new_results_dir(kind: str) -> str:
+    """Default output folder: a new ``bench-<kind>-<date-time>`` folder under the current one,
+    so that no run writes over the committed reports unless ``--out`` names them."""
+    base = os.path.join(os.getcwd(), f"bench-{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+    path, k = base, 1
+    while os.path.exists(path):
+        path, k = f"{base}-{k}", k + 1
+    os.makedirs(path)
+    return path
 
 
 def _git(*args) -> str:

@@ -4,8 +4,9 @@ Grid: N in {100, 1k, 10k, 50k} table rows, E = 77 x 768, G in {1, 4} draws, bf16
 tables, hard (the engine's setting) and soft modes.  Logits require grad, the table does not
 (the AP inner search).  Reported per row: forward, backward (= total - forward) and total
 milliseconds, achieved GB/s of the memory-bound passes and their fraction of the device's
-measured copy bandwidth, and the speed-up over the baseline.  Writes
-benchmarks/results/gumbel_mix_<device>.csv and .md.
+measured copy bandwidth, and the speed-up over the baseline.  Writes gumbel_mix_<device>.csv
+and .md into a new bench-gumbel_mix-<date-time> folder under the current one, or to the prefix
+``--out`` names (the committed report: ``--out benchmarks/results/gumbel_mix_cpu``).
 
     python benchmarks/bench_gumbel_mix.py                 # CPU: cpp vs reference
     python benchmarks/bench_gumbel_mix.py --device cuda   # GPU: triton, cuda vs reference
@@ -26,8 +27,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import (RESULTS, bench_ms, copy_bandwidth_gbs, environment, header_markdown,  # noqa: E402
-                     markdown_table, write_csv)
+from _common import (bench_ms, copy_bandwidth_gbs, environment, header_markdown,  # noqa: E402
+                     markdown_table, new_results_dir, write_csv)
 
 import ap_erase_fast.ops as ops  # noqa: E402
 
@@ -93,7 +94,10 @@ def main(argv=None):
     p.add_argument("--max-table-gb", type=float, default=None,
                    help="skip tables larger than this (default: 4 on CPU, 60%% of GPU memory on CUDA)")
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--out", default=None, help="output prefix (default results/gumbel_mix_<device>)")
+    p.add_argument("--out", default=None,
+                   help="output prefix (default: gumbel_mix_<device> in a new bench-gumbel_mix-"
+                        "<date-time> folder under the current one; --out "
+                        "benchmarks/results/gumbel_mix_cpu regenerates the committed report)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -147,7 +151,8 @@ def main(argv=None):
     for r in rows:
         for c in cols + ["device", "D"]:
             r.setdefault(c, "")
-    prefix = args.out or os.path.join(RESULTS, f"gumbel_mix_{device.type}")
+    prefix = args.out or os.path.join(new_results_dir("gumbel_mix"), f"gumbel_mix_{device.type}")
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     write_csv(prefix + ".csv", [{**{k: r[k] for k in ["device", "D"] + cols}, **{"commit": env["commit"]}}
                                 for r in rows])
     md = [f"# gumbel_mix benchmark ({device.type})", "", header_markdown(env), "",

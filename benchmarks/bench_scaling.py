@@ -2,7 +2,9 @@
 """Data-parallel scaling: outer steps/s, samples/s, efficiency and peak memory per world size.
 
 Runs `deepspeed --num_gpus W train.py --config <ZeRO config> ...` for each W in --world-sizes
-(on CPU: W processes over gloo, one thread each) and reads each run's run.json.
+(on CPU: W processes over gloo, one thread each) and reads each run's run.json. Writes
+scaling_<device>.csv and .md into a new bench-scaling-<date-time> folder under the current one,
+or into ``--out DIR`` (the committed report: ``--out benchmarks/results``).
 
     python benchmarks/bench_scaling.py --world-sizes 1,2                    # CPU, tiny model
     python benchmarks/bench_scaling.py --world-sizes 1,2,4,8 --model /models/sd-v1-4 --steps 20
@@ -38,6 +40,9 @@ def main():
     ap.add_argument("--train-method", default="xattn")
     ap.add_argument("--extra", default="", help="more train.py flags, one string")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--out", default=None,
+                    help="results folder (default: a new bench-scaling-<date-time> folder under "
+                         "the current one)")
     args = ap.parse_args()
 
     import torch
@@ -82,7 +87,11 @@ def main():
     env.update(model=args.model, zero=args.zero, train_method=args.train_method, steps=args.steps)
     cols = ["world_size", "status", "outer_steps_per_s", "samples_per_s", "scaling_efficiency",
             "global_batch", "ranks_agree", "wall_s"]
-    stem = ROOT / "benchmarks" / "results" / f"scaling_{device}{('_' + args.tag) if args.tag else ''}"
+    from ap_erase_fast.bench import new_results_dir
+
+    results = Path(args.out or new_results_dir("scaling"))
+    results.mkdir(parents=True, exist_ok=True)
+    stem = results / f"scaling_{device}{('_' + args.tag) if args.tag else ''}"
     with open(stem.with_suffix(".csv"), "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow([f"# {k}: {v}" for k, v in env.items()])

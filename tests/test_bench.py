@@ -26,3 +26,18 @@ def test_speedups_are_raw_and_per_train_method():
     add_speedups(rows)
     assert [r["speedup_vs_first"] for r in rows] == [1.0, 3.0, 1.0, 2.5]
     assert [r["speedup_at_mean_length"] for r in rows] == [1.0, 2.0, 1.0, 4.0]
+
+
+def test_results_go_to_a_new_folder_by_default(tmp_path, monkeypatch):
+    """Without --out the step benchmark writes into a new bench-step-<date-time> folder under
+    the current one (never into the package or over the committed reports)."""
+    import argparse
+
+    from ap_erase_fast.bench import write_results
+
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(out=None, preset="tiny", tag="", steps=1)
+    write_results([{"config": "fast/shared/xattn", "status": "ok"}], {"device": "cpu"}, args)
+    write_results([{"config": "fast/shared/xattn", "status": "ok"}], {"device": "cpu"}, args)
+    folders = sorted(tmp_path.glob("bench-step-*"))
+    assert len(folders) == 2 and all((f / "step_tiny_cpu.md").is_file() for f in folders)

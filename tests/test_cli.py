@@ -144,8 +144,284 @@ def test_refuses_non_empty_output(capsys, tmp_path, small_vocab):
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"],
-                                  ["bench", "step", "--help"], ["--version"]])
+                                  ["bench", "--help"], ["bench", "step", "--help"],
+                                  ["bench", "quality", "--help"], ["--version"]])
 def test_help_texts_render(argv, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert ("usage:" in out) if argv != ["--version"] else out.startswith("ap_erase_fast ")
+
+
+# ---- the one-line error promise, option by option --------------------------------------------
+NAN, INF = "nan", "inf"
+# Bad values of every option of 'ap-erase train' (a new option must be added here). None: every
+# value is acceptable (documented why).
+BAD_VALUES = {
+    "config": ["{tmp}/missing.yaml", "{tmp}/broken.yaml"],
+    "model": ["{tmp}/no-such-model", "{tmp}/broken.yaml"],
+    "single_file_weights": ["both"],
+    "resolution": ["0", "-64", "x", "33"],
+    "device": ["tpu", "cuda:x"],
+    "erase": ["", " , ", "concepts_missing.txt", "{tmp}/lists/", "./missing/c.list"],
+    "train_method": ["attn3"],
+    "lora_rank": ["-1", "x"],
+    "lora_alpha": [NAN, INF, "0", "-1"],
+    "merge": ["=1"],
+    "negative_guidance": [NAN, INF, "-1", "x"],
+    "preserve_weight": [NAN, "-inf", "-0.5"],
+    "loss_space": ["l1"],
+    "vocab": ["{tmp}/missing.txt", "{tmp}/empty.txt"],
+    "k_closest": ["0", "-3", "1.5", "x"],
+    "num_centers": ["0"],
+    "exclude_erased": ["=yes"],
+    "preserve_set": ["prompts_missing.txt"],
+    "search": ["greedy"],
+    "tau": ["0", "-2", NAN, INF],
+    "gumbel_mode": ["gumbel"],
+    "gumbel_topk": ["0"],
+    "search_lr": ["0", "-1e-2", NAN, INF],
+    "embedding_cache": None,  # an unwritable cache folder is a warning: the cache is optional
+    "steps": ["0", "-1", "x"],
+    "pgd_steps": ["1", "0"],
+    "schedule": ["alternating"],
+    "profile": ["slow"],
+    "batch_size": ["0"],
+    "ddim_steps": ["1", "0", "100000"],
+    "start_guidance": [NAN, INF, "-3"],
+    "seed": ["-1", "1.5", str(2 ** 64)],
+    "lr": [NAN, INF, "-1", "0", "1e"],
+    "optimizer": ["sgd"],
+    "weight_decay": [NAN, "-0.1"],
+    "mixed_precision": ["fp8"],
+    "allow_tf32": ["=1"],
+    "attention": ["flash", "xformers"],
+    "gradient_checkpointing": ["=on"],
+    "compile": ["=1"],
+    "deepspeed": ["{tmp}/missing.json", "{tmp}/broken.yaml"],
+    "output": [".", "{tmp}/file/sub", "{tmp}"],
+    "overwrite": ["=yes"],
+    "checkpoint_every": ["-1", "x"],
+    "resume": ["{tmp}/no-checkpoints", "{tmp}/empty.txt"],
+    "resume_fallback": ["=no"],
+    "quiet": ["=yes"],
+}
+
+
+def test_every_option_with_bad_values_is_one_line_and_exit_2(capsys, tmp_path, small_vocab,
+                                                              monkeypatch):
+    """Each option of 'ap-erase train' with bad values (nan, inf, ≤ 0 where meaningless, wrong
+    types, missing files, values only the loaded model can refuse): one 'error:' line, exit 2,
+    and nothing written.
+
+    Mutations checked: the finite-number check removed (--lr nan reaches the optimizer: fails),
+    the concept-file check removed (--erase concepts_missing.txt trains: fails)."""
+    import torch
+
+    from ap_erase_fast.config import EraseConfig
+
+    fields = [f.name for f in __import__("dataclasses").fields(EraseConfig)]
+    assert sorted(BAD_VALUES) == sorted(fields + ["config"]), "add the new option to BAD_VALUES"
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    (tmp_path / "broken.yaml").write_text("erase: [x\n")
+    (tmp_path / "file").write_text("")
+    (tmp_path / "lists").mkdir()
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    for name, values in BAD_VALUES.items():
+        for value in values or []:
+            if name == "device" and value.startswith("cuda") and torch.cuda.is_available():
+                continue
+            value = value.replace("{tmp}", str(tmp_path))
+            flag = "--" + name.replace("_", "-")
+            arg = [flag + value] if value.startswith("=") else [flag, value]
+            argv = ["train", "--erase", "x", "--vocab", small_vocab, "--output", str(out), *FAST]
+            if name in ("erase", "vocab", "output"):  # replace the default given above
+                i = argv.index(flag)
+                del argv[i:i + 2]
+            code = main(argv + arg)
+            err = capsys.readouterr().err.strip()
+            lines = [ln for ln in err.splitlines() if not ln.startswith(("note:", "warning:"))]
+            assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (flag, value, err)
+            assert not out.exists() and not list(tmp_path.glob(".out.*")), (flag, value)
+
+
+def test_concept_file_typo_is_an_error_and_real_files_are_read(capsys, tmp_path, small_vocab):
+    """'--erase concepts_missing.txt' (a typo in a file name) is refused; an existing file is
+    read line by line; a concept with a slash that names no folder ("AC/DC") stays a concept."""
+    from ap_erase_fast.config import parse_concepts
+
+    assert "concepts_missing.txt: no such file" in _bad(
+        capsys, "train", "--erase", "concepts_missing.txt", "--vocab", small_vocab, "--output",
+        str(tmp_path / "o"), *FAST)
+    listed = tmp_path / "c.list"
+    listed.write_text("garbage truck\n# a comment\nchurch\n")
+    assert parse_concepts(str(listed)) == ["garbage truck", "church"]
+    assert parse_concepts("AC/DC, Van Gogh") == ["AC/DC", "Van Gogh"]
+
+
+def test_overwrite_replaces_only_folders_this_library_wrote(capsys, tmp_path, small_vocab,
+                                                             monkeypatch):
+    """--overwrite refuses a folder without this library's run.json (its files stay), and the
+    current folder, home and / whatever they hold; it replaces a finished run's folder.
+
+    Mutation checked: the run.json check removed (the user's folder is replaced: fails)."""
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("years of work")
+    args = ["--erase", "x", "--vocab", small_vocab, *FAST, "--overwrite"]
+    assert "replaces only a folder ap_erase_fast wrote" in _bad(capsys, "train", "--output",
+                                                                 str(mine), *args)
+    assert (mine / "chapter1.tex").read_text() == "years of work"
+    (mine / "run.json").write_text('{"library": "someone else"}')
+    _bad(capsys, "train", "--output", str(mine), *args)
+    monkeypatch.chdir(mine)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert "is the current folder" in _bad(capsys, "train", "--output", ".", *args)
+    assert "is a parent of the current folder" in _bad(capsys, "train", "--output", "..", *args)
+    assert "is your home folder" in _bad(capsys, "train", "--output", "~", *args)
+    assert "is the filesystem root" in _bad(capsys, "train", "--output", "/", *args)
+    assert sorted(p.name for p in mine.iterdir()) == ["chapter1.tex", "run.json"]
+    run = tmp_path / "run"
+    assert main(["train", "--output", str(run), *args[:-1]]) == 0
+    first = (run / "run.json").read_text()
+    assert main(["train", "--output", str(run), *args, "--seed", "1"]) == 0
+    assert (run / "run.json").read_text() != first
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".run")) == []
+
+
+def test_unexpected_exception_is_one_line_with_a_traceback_file(capsys, tmp_path, small_vocab,
+                                                                 monkeypatch):
+    """A bug (here: an injected ZeroDivisionError in the loss) prints one line, exits 1, writes
+    the traceback beside the output folder, and leaves no temporary folder or lock."""
+    import ap_erase_fast.steps as steps
+
+    def broken(*args, **kwargs):
+        return 1 / 0
+
+    monkeypatch.setattr(steps, "erasure_loss", broken)
+    out = tmp_path / "o"
+    code = main(["train", "--erase", "x", "--vocab", small_vocab, "--output", str(out), *FAST])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err, err
+    assert err.startswith("error: unexpected ZeroDivisionError: division by zero")
+    log = tmp_path / "o.error.log"
+    assert f"the traceback is in {log}" in err
+    assert "Traceback" in log.read_text() and "ZeroDivisionError" in log.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.error.log"]
+
+
+def test_long_concept_warns_that_it_is_cut(capsys):
+    from ap_erase_fast.concepts import check_concept_has_tokens
+    from ap_erase_fast.models import build_clip_tokenizer
+
+    check_concept_has_tokens(build_clip_tokenizer(), "a cat")
+    assert capsys.readouterr().err == ""
+    check_concept_has_tokens(build_clip_tokenizer(), "a very long concept " * 25)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("warning: the concept 'a very long concept a very long concept ...' "
+                          "is 100 tokens long; the text encoder reads only its first 75")
+    assert "\n" not in err
+
+
+def test_quiet_means_quiet(capsys, tmp_path):
+    """--quiet on the shipped shapes model (whose text encoder transformers loads with its own
+    "Loading weights" bar): nothing at all on stdout or stderr."""
+    code = main(["train", "--model", "shapes", "--erase", "circle", "--steps", "1",
+                 "--ddim-steps", "4", "--k-closest", "20", "--num-centers", "5", "--quiet",
+                 "--output", str(tmp_path / "o")])
+    out, err = capsys.readouterr()
+    assert code == 0 and out == "" and err == "", (out, err)
+
+
+EVAL_BAD_VALUES = {
+    "run": ["{tmp}/no-run", "{tmp}/empty.txt"],
+    "base_only": ["=1"],
+    "model": ["{tmp}/no-such-model"],
+    "erase": ["concepts_missing.txt", " , "],
+    "single_file_weights": ["both"],
+    "allow_model_mismatch": ["=1"],
+    "output": [".", "{tmp}/empty.txt/sub"],
+    "overwrite": ["=1"],
+    "device": ["tpu", "cuda:x"],
+    "quiet": ["=1"],
+    "concepts": ["{tmp}/missing.txt", "{tmp}/empty.txt"],
+    "eps_seeds": ["0", "x"],
+    "eps_timesteps": ["0"],
+    "eps_ddim_steps": ["0", "1", "100000"],
+    "eps_guidance": [NAN, INF, "-1"],
+    "negative_guidance": [NAN, "-1"],
+    "eps_batch_size": ["0"],
+    "no_images": ["=1"],
+    "prompts": ["{tmp}/missing.csv", "{tmp}/empty.txt"],
+    "images_per_prompt": ["0"],
+    "detectors": ["fid", "resnet50"],  # resnet50: its weights are not in --weights
+    "weights": None,  # only read by a detector that needs weights (covered above)
+    "steps": ["0", "-5"],
+    "guidance": [NAN, INF, "-7.5"],
+    "scheduler": ["euler"],
+    "resolution": ["0", "33"],
+    "batch_size": ["0"],
+    "no_save_images": ["=1"],
+    "grid_size": ["-1"],
+    "nudenet_classes": None,  # only read by the nudenet detector
+    "nudenet_model": None,  # only read by the nudenet detector
+}
+
+
+def test_every_eval_option_with_bad_values_is_one_line_and_exit_2(capsys, tmp_path, small_vocab,
+                                                                   monkeypatch):
+    """The same promise for 'ap-erase eval': each option with bad values gives one 'error:'
+    line and exit 2, and no report folder."""
+    import torch
+
+    from ap_erase_fast.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    dests = sorted(a.dest for a in sub.choices["eval"]._actions if a.dest != "help")
+    assert sorted(EVAL_BAD_VALUES) == dests, "add the new eval option to EVAL_BAD_VALUES"
+    run = tmp_path / "run"
+    assert main(["train", "--erase", "x", "--vocab", small_vocab, "--output", str(run), *FAST]) == 0
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    monkeypatch.chdir(tmp_path)
+    for name, values in EVAL_BAD_VALUES.items():
+        for value in values or []:
+            if name == "device" and value.startswith("cuda") and torch.cuda.is_available():
+                continue
+            value = value.replace("{tmp}", str(tmp_path))
+            flag = "--" + name.replace("_", "-")
+            arg = [flag + value] if value.startswith("=") else [flag, value]
+            argv = ["eval", *(["--run", str(run)] if name != "run" else []), "--weights",
+                    str(tmp_path / "no-weights"), *arg]
+            code = main(argv)
+            err = capsys.readouterr().err
+            # what a terminal shows: the last \r-segment of each line (progress bars clear)
+            shown = [ln.split("\r")[-1] for ln in err.split("\n")]
+            lines = [ln for ln in shown if ln.strip() and not ln.startswith(("note:", "warning:"))]
+            assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (flag, value, err)
+            assert not (run / "eval").exists(), (flag, value)
+
+
+class _RunsCode:
+    """A pickle payload that would create a file when unpickled without weights_only."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_malicious_ckpt_is_refused_in_one_whole_sentence(capsys, tmp_path):
+    """A .ckpt whose pickle would run code: nothing runs, and the refusal is one complete line
+    that says why and what to do (not a message cut off mid-sentence, no warning lines)."""
+    import pickle
+
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(pickle.dumps({"state_dict": _RunsCode(str(tmp_path / "PWNED"))}, protocol=4))
+    err = _bad(capsys, "train", "--model", str(evil), "--erase", "x", "--output",
+               str(tmp_path / "o"), *FAST)
+    assert not (tmp_path / "PWNED").exists()
+    assert err.startswith(f"error: cannot read checkpoint '{evil}': the weights-only loader "
+                          f"refused it (Unsupported operand 149)")  # protocol 4's FRAME
+    assert err.endswith("convert it to .safetensors with a tool you trust")

@@ -171,7 +171,7 @@ def test_shared_schedule_costs_and_resume(tiny_cfg, tmp_path):
                                                                   for r in log) / 4)}
     erase(tiny_cfg(**cfg, output=str(tmp_path / "part"), checkpoint_every=3))
     resumed = erase(tiny_cfg(**cfg, output=str(tmp_path / "res"),
-                             resume=str(tmp_path / "part.checkpoints")))
+                             resume=str(tmp_path / "part.checkpoints" / "step-000003")))
     _equal_logs(full.log, resumed.log)
     for name in full.trained:
         assert torch.equal(full.trained[name], resumed.trained[name])

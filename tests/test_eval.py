@@ -244,3 +244,63 @@ def test_bad_inputs(trained_run, tmp_path, capsys, prompts_csv):
     bad.write_text("prompt,seed\nhello,x\n")
     assert "line 2" in _err(capsys, ["eval", "--run", trained_run, "--prompts", str(bad)])
     assert "--run" in _err(capsys, ["eval"])
+
+
+# ---- the model's own evaluation defaults --------------------------------------------------
+class _Recorder:
+    """Stands in for the progress bar: records its total and every update."""
+
+    bars: list = []
+
+    def __init__(self, total, desc, quiet, unit="step"):
+        self.total, self.desc, self.updates = total, desc, []
+        _Recorder.bars.append(self)
+
+    def __call__(self, n=1, **postfix):
+        self.updates.append(n)
+
+    def close(self):
+        pass
+
+
+def test_shapes_model_is_evaluated_in_its_own_world(tmp_path, monkeypatch):
+    """--model shapes: the held-out concepts and prompts are the world's (no 'dog'), the images
+    are judged by the shipped classifier, the sampler runs the model's own settings; progress
+    advances per UNet step (every denoising step of every image batch), not per batch.
+
+    Mutations checked: the profile ignored (SD defaults: the drift table holds 'dog', steps
+    100: fails), the classifier labels swapped between erased and preserved rows (the base
+    model's ESR becomes high: fails), per-batch progress (the image bar's updates no longer
+    sum to its total of steps: fails)."""
+    import ap_erase_fast.eval.api as api
+    from ap_erase_fast.eval.profiles import shapes_sampler_settings
+    from ap_erase_fast.shapes import world
+
+    _Recorder.bars = []
+    monkeypatch.setattr(api, "_Progress", _Recorder)
+    rep = evaluate(EvalConfig(base_only=True, model="shapes", erase=["circle"], device="cpu",
+                              output=str(tmp_path / "ev"), eps_seeds=1, eps_timesteps=2,
+                              eps_ddim_steps=10, images_per_prompt=2, quiet=True))
+    drift = rep["eps_space"]["preservation"]["drift"]
+    assert "dog" not in drift and "a square" in drift and "a red triangle" in drift
+    assert not any("circle" in c for c in drift)
+    assert len(drift) == 5 + 6 * 5  # the other shapes alone and with every colour
+    steps, guidance = shapes_sampler_settings()
+    protocol = rep["images"]["protocol"]
+    assert (protocol["steps"], protocol["guidance_scale"]) == (steps, guidance) == (25, 5.0)
+    assert rep["defaults"]["name"] == "shapes" and rep["images"]["groups"] == {"erased": 2, "preserved": 10}
+    res = rep["images"]["detectors"]["shapes"]["results"]["base"]
+    assert res["erased"]["images"] == 2 and res["erased"]["ESR"] <= 0.5  # the base draws circles
+    assert res["preserved"]["images"] == 10 and res["preserved"]["PSR"] >= 0.8
+    eps_bar, img_bar = _Recorder.bars
+    assert sum(eps_bar.updates) == eps_bar.total == 1 * 5 * 10  # 1 seed, 5 batches of 8, 10 steps
+    assert set(img_bar.updates) == {1} and len(img_bar.updates) == img_bar.total == 2 * 1 * steps
+    assert set(world.SHAPES) >= set(res["erased"]["became"])
+
+
+def test_user_models_keep_the_stable_diffusion_defaults():
+    from ap_erase_fast.eval.profiles import profile_for
+
+    for model in ("tiny", "/models/sd-v1-4", "CompVis/stable-diffusion-v1-4", None):
+        p = profile_for(model)
+        assert (p.steps, p.guidance, p.detectors, p.heldout, p.prompts) == (100, 7.5, (), None, None)

@@ -160,10 +160,13 @@ def test_bench_quality_quick(tmp_path, capsys):
     recognises the target and erasure with the quick budget moves the erased concept's ε."""
     from ap_erase_fast.cli import main
 
+    small = ["--steps", "3", "--images", "4", "--methods",
+             "base,esd,preserve_null,preserve_random,ap_faithful,ap_shared"]
     for shard in ("0/2", "1/2"):  # two shards, then a plain run collects them and reports
-        assert main(["bench", "quality", "--quick", "--out", str(tmp_path), "--tag", "t", "--shard", shard]) == 0
+        assert main(["bench", "quality", "--quick", *small, "--out", str(tmp_path), "--tag", "t",
+                     "--shard", shard]) == 0
     assert len(list(tmp_path.glob("quality_t.shard*.jsonl"))) == 2 and not (tmp_path / "quality_t.md").exists()
-    rc = main(["bench", "quality", "--quick", "--out", str(tmp_path), "--tag", "t"])
+    rc = main(["bench", "quality", "--quick", *small, "--out", str(tmp_path), "--tag", "t"])
     assert rc == 0
     assert not list(tmp_path.glob("quality_t.shard*.jsonl"))
     rows = [json.loads(x) for x in (tmp_path / "quality_t.jsonl").read_text().splitlines()]
@@ -180,9 +183,31 @@ def test_bench_quality_quick(tmp_path, capsys):
     md = (tmp_path / "quality_t.md").read_text()
     assert "| preserve_random |" in md and (tmp_path / "quality_t_grid.png").exists()
     # finished runs are read back, not recomputed
-    rc = main(["bench", "quality", "--quick", "--out", str(tmp_path), "--tag", "t", "--methods", "base,esd"])
+    rc = main(["bench", "quality", "--quick", *small[:4], "--out", str(tmp_path), "--tag", "t",
+               "--methods", "base,esd"])
     assert rc == 0
     assert len((tmp_path / "quality_t.jsonl").read_text().splitlines()) == 6
+
+
+def test_bench_quality_quick_erases_in_a_new_folder_and_reports_progress_first(tmp_path, monkeypatch,
+                                                                                capsys):
+    """--quick (here with two of its methods and 2 images per shape) shows a real erasure: the
+    erased circle is no longer drawn while the base model draws it. By default the files go to
+    a new folder under the current one, named for --quick (never the committed report's), and
+    the benchmark says what it does before its first job ends."""
+    import json
+
+    from ap_erase_fast.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "quality", "--quick", "--methods", "base,esd", "--images", "2"]) == 0
+    (folder,) = tmp_path.glob("bench-quality-*")
+    assert sorted(p.name for p in folder.glob("quality_*.md")) == ["quality_shapes_quick.md"]
+    rows = {r["method"]: r for r in map(json.loads, (folder / "quality_shapes_quick.jsonl").open())}
+    assert rows["base"]["esr"] == 0.0 and rows["esd"]["esr"] >= 0.5, rows
+    lines = capsys.readouterr().err.splitlines()
+    assert "2 runs (0 already in quality_shapes_quick.jsonl)" in lines[0] and str(folder) in lines[0]
+    assert "loading the ShapesWorld model" in lines[1] and "generating" in lines[2]
 
 
 def test_bench_quality_rejects_bad_input(tmp_path, capsys):

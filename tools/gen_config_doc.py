@@ -23,6 +23,11 @@ ENVIRONMENT = [
     ("AP_ERASE_STRICT_BACKEND", "`1`: an explicitly requested `gumbel_mix` backend that cannot "
      "run raises instead of warning and falling back to the PyTorch reference."),
     ("AP_ERASE_JIT", "`1`: allow `available_backends()` to JIT-build the C++ extension."),
+    ("AP_ERASE_VERBOSE", "`1`: keep third-party log lines and progress bars (hidden by default)."),
+    ("AP_ERASE_FAULT", "Tests only: `NAME` or `NAME:N` kills the process (SIGKILL) the N-th time "
+     "it reaches the fault point NAME (`checkpoint-write`, `checkpoint-publish`, "
+     "`outputs-write`, `commit`, `commit-swap`; see `ap_erase_fast/faults.py`)."),
+    ("AP_ERASE_FAULT_RANK", "Tests only: restrict `AP_ERASE_FAULT` to the process of this rank."),
 ]
 
 

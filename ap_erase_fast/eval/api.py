@@ -47,16 +47,17 @@ class EvalConfig:
     eps_guidance: float | None = None  # default: the run's start_guidance (3)
     negative_guidance: float | None = None  # default: the run's (1)
     eps_batch_size: int = 8
-    # images
+    # images (None: the model's default, see ap_erase_fast.eval.profiles)
     images: bool = True
     prompts: str | None = None  # CSV: prompt, seed[, class, concept, id]
-    detectors: list[str] = field(default_factory=list)
+    images_per_prompt: int | None = None  # seeds per default prompt (SD: 2, shapes: 8)
+    detectors: list[str] | None = None  # SD: none, shapes: ["shapes"]
     weights: str | None = None  # folder with resnet50/, clip/, lpips/
-    steps: int = 100
-    guidance: float = 7.5
-    scheduler: str = "ddim"
+    steps: int | None = None  # SD: 100 (the paper), shapes: 25
+    guidance: float | None = None  # SD: 7.5, shapes: 5
+    scheduler: str | None = None  # ddim
     resolution: int | None = None
-    batch_size: int = 4
+    batch_size: int | None = None  # SD: 4, shapes: 16
     save_images: bool = True
     grid_size: int = 8
     nudenet_classes: str = "ap"
@@ -65,11 +66,9 @@ class EvalConfig:
 
 
 def _device(name: str) -> str:
-    import torch
+    from ..engine import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return str(resolve_device(name))
 
 
 def _versions(detectors) -> dict:
@@ -101,16 +100,28 @@ def weights_dir(path: str | None) -> str:
 
 
 def check_config(cfg: EvalConfig) -> None:
-    unknown = [d for d in cfg.detectors if d not in DETECTORS]
+    import math
+
+    unknown = [d for d in cfg.detectors or [] if d not in DETECTORS]
     if unknown:
         raise UserError(f"unknown detector {', '.join(map(repr, unknown))}; choose from {', '.join(DETECTORS)}")
     if cfg.detectors and not cfg.images:
         raise UserError("detectors need images; drop --no-images or --detectors")
-    if cfg.scheduler not in SCHEDULERS:
+    if cfg.scheduler is not None and cfg.scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {cfg.scheduler!r}; choose {', '.join(SCHEDULERS)}")
-    for name in ("eps_seeds", "eps_timesteps", "eps_batch_size", "steps", "batch_size"):
-        if int(getattr(cfg, name)) < 1:
-            raise UserError(f"{name.replace('_', '-')} must be at least 1")
+    for name in ("eps_seeds", "eps_timesteps", "eps_batch_size", "steps", "batch_size",
+                 "images_per_prompt", "eps_ddim_steps"):
+        if getattr(cfg, name) is not None and int(getattr(cfg, name)) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    for name in ("guidance", "eps_guidance", "negative_guidance"):
+        value = getattr(cfg, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, 0 or more "
+                            f"(got {value})")
+    if cfg.eps_ddim_steps is not None and cfg.eps_ddim_steps < 2:
+        raise UserError(f"--eps-ddim-steps must be at least 2 (got {cfg.eps_ddim_steps})")
+    if cfg.resolution is not None and cfg.resolution <= 0:
+        raise UserError(f"--resolution must be positive (got {cfg.resolution})")
     if cfg.grid_size < 0:
         raise UserError("grid-size must be >= 0")
     if cfg.run is None and not (cfg.base_only and cfg.model and cfg.erase):
@@ -127,12 +138,18 @@ def _resolve_output(cfg: EvalConfig) -> str:
 
 
 class _Progress:
-    def __init__(self, total: int, desc: str, quiet: bool):
+    """A progress bar that advances per UNet step (per denoising step of the images), so that
+    it moves every few seconds even for a large model on a busy machine."""
+
+    def __init__(self, total: int, desc: str, quiet: bool, unit: str = "step"):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, desc=desc, unit="item", disable=quiet, file=sys.stderr, leave=False)
+        self.bar = tqdm(total=total, desc=desc, unit=unit, disable=quiet, file=sys.stderr,
+                        leave=False, mininterval=0.5)
 
-    def __call__(self, n: int) -> None:
+    def __call__(self, n: int = 1, **postfix) -> None:
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(n)
 
     def close(self) -> None:
@@ -151,13 +168,24 @@ def evaluate(config: EvalConfig | None = None, **overrides) -> dict:
     run = load_run(cfg.run) if cfg.run else RunInfo(path=None, info={"config": {}}, run_json_sha256=None)
     erased = list(cfg.erase) if cfg.erase else run.erased
     model_id = cfg.model or run.model
-    heldout, concepts_info = load_concepts(cfg.concepts, exclude=erased)
+    from .profiles import profile_for
+
+    profile = profile_for(model_id)
+    cfg = _with_defaults(cfg, profile)
+    if cfg.concepts or profile.heldout is None:
+        heldout, concepts_info = load_concepts(cfg.concepts, exclude=erased)
+    else:
+        heldout, concepts_info = profile.heldout(erased)
     if cfg.prompts:
         rows, prompts_info = read_prompt_csv(cfg.prompts, erased)
+    elif profile.prompts is not None:
+        rows, source = profile.prompts(erased, heldout, cfg.images_per_prompt)
+        prompts_info = {"path": None, "source": source, "rows": len(rows)}
     else:
-        rows = default_prompts(erased, heldout)
-        prompts_info = {"path": None, "source": "default: each erased concept and the first 6 held-out "
-                        "concepts as prompts, seeds 0 and 1", "rows": len(rows)}
+        rows = default_prompts(erased, heldout, seeds=cfg.images_per_prompt)
+        prompts_info = {"path": None, "source": f"default: each erased concept and the first 6 "
+                        f"held-out concepts as prompts, seeds 0..{cfg.images_per_prompt - 1}",
+                        "rows": len(rows)}
     device = _device(cfg.device)
     wdir = weights_dir(cfg.weights)
     options = {"nudenet_classes": cfg.nudenet_classes, "nudenet_model": cfg.nudenet_model}
@@ -171,17 +199,27 @@ def evaluate(config: EvalConfig | None = None, **overrides) -> dict:
 
     from ..export import OutputDir
 
-    out = OutputDir(_resolve_output(cfg), overwrite=cfg.overwrite)
+    out = OutputDir(_resolve_output(cfg), overwrite=cfg.overwrite, marker="report.json")
     try:
         report = _evaluate(cfg, run, erased, model_id, heldout, concepts_info, rows, prompts_info,
-                           detectors, device, wdir, Path(out.tmp), t_start)
+                           detectors, device, wdir, Path(out.tmp), t_start, profile.describe())
+        report["output"] = str(out.path)
+        (Path(out.tmp) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     except BaseException:
         out.abort()
         raise
-    report["output"] = str(out.path)
-    (Path(out.tmp) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     out.commit()
     return report
+
+
+def _with_defaults(cfg: EvalConfig, profile) -> EvalConfig:
+    """``cfg`` with every unset image setting taken from the model's evaluation profile."""
+    import dataclasses
+
+    fill = {"steps": profile.steps, "guidance": profile.guidance, "scheduler": profile.scheduler,
+            "batch_size": profile.batch_size, "images_per_prompt": profile.images_per_prompt,
+            "detectors": list(profile.detectors) if cfg.images else []}
+    return dataclasses.replace(cfg, **{k: v for k, v in fill.items() if getattr(cfg, k) is None})
 
 
 def _load_models(cfg, run, model_id, device):
@@ -216,7 +254,7 @@ def _load_models(cfg, run, model_id, device):
 
 
 def _evaluate(cfg, run, erased, model_id, heldout, concepts_info, rows, prompts_info, detectors,
-              device, wdir, folder: Path, t_start) -> dict:
+              device, wdir, folder: Path, t_start, defaults: dict) -> dict:
     from ..concepts import encode_prompts
     from ..models.loading import vae_scale_factor
     from . import report as rep
@@ -244,7 +282,9 @@ def _evaluate(cfg, run, erased, model_id, heldout, concepts_info, rows, prompts_
     names = list(erased) + list(heldout)
     text = encode_prompts(comps.text_encoder, comps.tokenizer, names)
     uncond = encode_prompts(comps.text_encoder, comps.tokenizer, [""])
-    bar = _Progress(len(names) * len(settings.seeds), "epsilon-space", cfg.quiet)
+    from .eps import eps_work
+
+    bar = _Progress(eps_work(settings, len(names)), "epsilon-space", cfg.quiet)
     try:
         eps = eps_measures(comps.unet, erased_unet, text, uncond, comps.scheduler, latent_shape, settings, bar)
     finally:
@@ -276,6 +316,7 @@ def _evaluate(cfg, run, erased, model_id, heldout, concepts_info, rows, prompts_
                   "base_matches_run": hash_match, "random_weights": comps.random_weights,
                   "source": comps.source, "resolution": resolution},
         "settings": {k: v for k, v in asdict(cfg).items() if k not in ("quiet",)},
+        "defaults": defaults,
         "weights_dir": wdir if cfg.detectors else None,
         "eps_space": eps_report,
         "images": images_report,
@@ -300,12 +341,17 @@ def _images(cfg, comps, erased_unet, rows, prompts_info, detectors, resolution, 
         for key in ("base", "erased"):
             (folder / "images" / key).mkdir(parents=True, exist_ok=True)
     records, grids = [], {}
-    bar = _Progress(len(rows), "images", cfg.quiet)
+    n_batches = -(-len(rows) // gen.batch_size)
+    bar = _Progress(2 * n_batches * gen.steps, "images", cfg.quiet)
     try:
         for start in range(0, len(rows), gen.batch_size):
             batch = rows[start:start + gen.batch_size]
             prompts, seeds = [r.prompt for r in batch], [r.seed for r in batch]
-            imgs = {key: generate(pipes[key], prompts, seeds, gen, resolution) for key in ("base", "erased")}
+            imgs = {}
+            for key in ("base", "erased"):
+                done = f"{start}/{len(rows)}"
+                imgs[key] = generate(pipes[key], prompts, seeds, gen, resolution,
+                                     on_step=lambda k=key, d=done: bar(1, model=k, prompts=d))
             recs = [{"row": r.as_dict(), "base": {}, "erased": {}, "pair": {}} for r in batch]
             for det in detectors:
                 if det.kind == "pair":
@@ -323,7 +369,6 @@ def _images(cfg, comps, erased_unet, rows, prompts_info, detectors, resolution, 
                 if len(grid) < cfg.grid_size:
                     grid.append((r, imgs["base"][i], imgs["erased"][i]))
             records.extend(recs)
-            bar(len(batch))
     finally:
         bar.close()
     detector_report = {}

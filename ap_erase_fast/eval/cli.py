@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     e = parser.add_argument_group("epsilon-space measures")
     e.add_argument("--concepts", metavar="FILE",
-                   help="held-out concepts, one per line or CSV with 'concept' (default: shipped list)")
+                   help="held-out concepts, one per line or CSV with 'concept' (default: the "
+                        "model's: the world's prompts for shapes, else data/eval_concepts.txt)")
     e.add_argument("--eps-seeds", type=int, default=2, help="number of seeds (0..N-1)")
     e.add_argument("--eps-timesteps", type=int, default=5, help="DDIM timesteps queried per trajectory")
     e.add_argument("--eps-ddim-steps", type=int, default=None, help="trajectory DDIM steps (default: the run's)")
@@ -43,17 +44,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     i.add_argument("--no-images", action="store_true", help="skip image generation (epsilon-space only)")
     i.add_argument("--prompts", metavar="FILE.csv",
                    help="CSV with prompt, seed and optional class, concept, id/case_number columns "
-                        "(default: erased and 6 held-out concepts as prompts, seeds 0 and 1)")
-    i.add_argument("--detectors", default="", metavar="LIST",
-                   help="comma list of nudenet, resnet50, clip, lpips")
+                        "(default: the model's: labelled world prompts for shapes, else the erased "
+                        "and 6 held-out concepts as prompts)")
+    i.add_argument("--images-per-prompt", type=int, default=None, metavar="N",
+                   help="seeds 0..N-1 per default prompt (default: the model's: 8 for shapes, 2)")
+    i.add_argument("--detectors", default=None, metavar="LIST",
+                   help="comma list of nudenet, resnet50, clip, lpips, shapes; 'none' for none "
+                        "(default: the model's: shapes for shapes, none otherwise)")
     i.add_argument("--weights", metavar="DIR",
                    help="folder with resnet50/, clip/, lpips/ (default: $AP_ERASE_EVAL_WEIGHTS or "
                         "<cache>/eval-weights)")
-    i.add_argument("--steps", type=int, default=100, help="sampling steps")
-    i.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    i.add_argument("--scheduler", choices=("ddim", "lms"), default="ddim")
+    i.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the model's: 25 for shapes, 100 (the paper))")
+    i.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's: 5 for shapes, 7.5)")
+    i.add_argument("--scheduler", choices=("ddim", "lms"), default=None, help="(default: ddim)")
     i.add_argument("--resolution", type=int, default=None, help="image size (default: the run's / model's)")
-    i.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call")
+    i.add_argument("--batch-size", type=int, default=None,
+                   help="prompts per pipeline call (default: the model's: 16 for shapes, 4)")
     i.add_argument("--no-save-images", action="store_true", help="do not write every image (grids still)")
     i.add_argument("--grid-size", type=int, default=8, help="columns per base-vs-erased grid")
     i.add_argument("--nudenet-classes", default="ap",
@@ -64,7 +72,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     from .api import EvalConfig
 
-    erase = [c.strip() for c in args.erase.split(",") if c.strip()] if args.erase else None
+    from ..config import parse_concepts
+
+    erase = parse_concepts(args.erase) if args.erase is not None else None
+    if erase == []:
+        raise UserError(f"--erase {args.erase!r} names no concept; give the erased concepts, or "
+                        f"leave --erase out to take the run's")
+    detectors = None
+    if args.detectors is not None:
+        detectors = [d.strip().lower() for d in args.detectors.split(",")
+                     if d.strip() and d.strip().lower() != "none"]
     return EvalConfig(
         run=args.run, output=args.output, overwrite=args.overwrite, base_only=args.base_only,
         model=args.model, erase=erase, single_file_weights=args.single_file_weights,
@@ -73,8 +90,8 @@ def config_from_args(args: argparse.Namespace):
         eps_ddim_steps=args.eps_ddim_steps, eps_guidance=args.eps_guidance,
         negative_guidance=args.negative_guidance, eps_batch_size=args.eps_batch_size,
         images=not args.no_images, prompts=args.prompts,
-        detectors=[d.strip().lower() for d in args.detectors.split(",") if d.strip()],
-        weights=args.weights, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
+        detectors=detectors, images_per_prompt=args.images_per_prompt, weights=args.weights,
+        steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
         resolution=args.resolution, batch_size=args.batch_size, save_images=not args.no_save_images,
         grid_size=args.grid_size, nudenet_classes=args.nudenet_classes, nudenet_model=args.nudenet_model,
         quiet=args.quiet)
@@ -99,7 +116,8 @@ def summary(report: dict) -> list[str]:
         else:
             parts = []
             for g, v in res["erased"].items():
-                parts += [f"{g} {k} {x:.4g}" for k, x in v.items() if k != "images"]
+                parts += [f"{g} {k} {x:.4g}" for k, x in v.items()
+                          if k != "images" and isinstance(x, (int, float))]
             lines.append(f"{name} (erased model): " + ", ".join(parts))
     if report.get("notice"):
         lines.append("note: " + report["notice"])

@@ -41,6 +41,14 @@ class EpsSettings:
                 "negative_guidance": self.negative_guidance}
 
 
+def eps_work(settings: EpsSettings, n_concepts: int) -> int:
+    """UNet steps :func:`eps_measures` takes (its progress total): every seed and concept batch
+    walks its trajectory from the noisiest index down to the lowest queried one."""
+    lowest = min(query_indices(settings.ddim_steps, settings.num_timesteps))
+    batches = -(-n_concepts // settings.batch_size)
+    return len(settings.seeds) * batches * (settings.ddim_steps - lowest)
+
+
 def query_indices(ddim_steps: int, n: int) -> list[int]:
     """``n`` DDIM indices evenly spread from the noisiest (S−1) to the cleanest (0), descending."""
     n = max(1, min(n, ddim_steps))
@@ -61,7 +69,8 @@ def eps_measures(base_unet, erased_unet, cond: torch.Tensor, uncond: torch.Tenso
                  progress=None) -> dict:
     """Per-concept measures for the C prompts whose text states are ``cond`` [C, L, D].
 
-    ``uncond`` is the "" text state [1, L, D]. Returns numpy-free lists of floats:
+    ``uncond`` is the "" text state [1, L, D]; ``progress(1)`` is called after every UNet
+    step (:func:`eps_work` of them). Returns numpy-free lists of floats:
     ``drift``, ``gap_erased``, ``gap_base`` (each [C]), their per-query-index breakdown
     ``*_by_index`` ([C][n_idx]), ``indices`` and ``timesteps``.
     """
@@ -95,12 +104,12 @@ def eps_measures(base_unet, erased_unet, cond: torch.Tensor, uncond: torch.Tenso
                     sums["drift"][sl, j] += ((e_erased - e_c) ** 2).double().mean(dims).cpu()
                     sums["gap_erased"][sl, j] += ((e_erased - target) ** 2).double().mean(dims).cpu()
                     sums["gap_base"][sl, j] += ((e_c - target) ** 2).double().mean(dims).cpu()
+                if progress is not None:
+                    progress(1)
                 if k == lowest:
                     break
                 guided = e_0 + settings.guidance * (e_c - e_0)
                 x = ddim_step(x, guided, tables.alpha(k), tables.alpha_prev(k))
-            if progress is not None:
-                progress(b)
     n_s = len(settings.seeds)
     out = {"indices": indices, "timesteps": [tables.timesteps[k] for k in indices]}
     for name, s in sums.items():

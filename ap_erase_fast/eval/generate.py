@@ -59,11 +59,20 @@ def build_pipelines(comps, erased_unet, scheduler_name: str):
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], seeds: list[int], settings: GenSettings, resolution: int) -> list[np.ndarray]:
-    """RGB uint8 images [H, W, 3] for the prompts, one per (prompt, seed)."""
+def generate(pipe, prompts: list[str], seeds: list[int], settings: GenSettings, resolution: int,
+             on_step=None) -> list[np.ndarray]:
+    """RGB uint8 images [H, W, 3] for the prompts, one per (prompt, seed); ``on_step()`` is
+    called after every denoising step (progress)."""
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    extra = {}
+    if on_step is not None:
+        def callback(pipeline, step, timestep, tensors):  # noqa: ARG001 - diffusers' signature
+            on_step()
+            return tensors
+
+        extra["callback_on_step_end"] = callback
     out = pipe(prompt=prompts, negative_prompt=[""] * len(prompts), height=resolution, width=resolution,
                num_inference_steps=settings.steps, guidance_scale=settings.guidance, eta=0.0,
-               generator=gens, output_type="np")
+               generator=gens, output_type="np", **extra)
     images = np.asarray(out.images)
     return [np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8) for img in images]

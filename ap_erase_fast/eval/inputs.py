@@ -116,7 +116,8 @@ class PromptRow:
 
     def as_dict(self) -> dict:
         d = {"index": self.index, "id": self.id, "prompt": self.prompt, "seed": self.seed,
-             "class": self.cls, "concept": self.concept, "group": self.group}
+             "class": self.cls, "concept": self.concept, "group": self.group,
+             "extra": self.extra or None}
         return {k: v for k, v in d.items() if v is not None}
 
 

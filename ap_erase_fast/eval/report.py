@@ -172,7 +172,11 @@ def markdown(report: dict) -> str:
               f"* base UNet sha256 `{m['base_unet_sha256'][:16]}`, erased UNet sha256 "
               f"`{(m['erased_unet_sha256'] or '')[:16]}`, base matches the run: {m['base_matches_run']}",
               f"* device {report['device']}, torch {report['versions']['torch']}, diffusers "
-              f"{report['versions']['diffusers']}, transformers {report['versions']['transformers']}", ""]
+              f"{report['versions']['diffusers']}, transformers {report['versions']['transformers']}"]
+    if report.get("defaults"):
+        d = report["defaults"]
+        lines.append(f"* evaluation defaults of the model: {d['name']} ({d.get('source', '')})")
+    lines.append("")
     s = eps["settings"]
     lines += ["## Erasure in ε-space", "",
               f"Seeds {s['seeds']}, DDIM timesteps {s['query_timesteps']} of a {s['ddim_steps']}-step base "

@@ -55,17 +55,31 @@ def read_checkpoint(path: str) -> tuple[dict, dict]:
 
             return load_file(path, device="cpu"), {}
         if lower.endswith(".ckpt"):
+            import warnings
+
             import torch
 
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # "Detected pickle protocol N": noise before a refusal
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         else:
             raise ModelLoadError(f"unsupported checkpoint extension for {name!r}; expected .safetensors or .ckpt")
     except ModelLoadError:
         raise
     except Exception as exc:  # corrupted, truncated, or unsafe pickle content
+        if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
+            import re
+
+            found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(\n\n|Check the documentation|$)",
+                              str(exc), re.S)
+            detail = (" ".join(found.group(1).split()).split(". ")[0].rstrip(".")[:160] if found
+                      else "not a plain tensor pickle")
+            raise ModelLoadError(
+                f"cannot read checkpoint {path!r}: the weights-only loader refused it ({detail}); "
+                f"it is damaged, or it holds Python objects besides tensors, which could run code "
+                f"when unpickled; convert it to .safetensors with a tool you trust") from None
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = " (only weights-only pickles are loaded; convert it to .safetensors)" if "weights_only" in str(exc) else ""
-        raise ModelLoadError(f"cannot read checkpoint {path!r}: {text[:200]}{hint}") from None
+        raise ModelLoadError(f"cannot read checkpoint {path!r}: {text[:200]}") from None
     if not isinstance(obj, dict):
         raise ModelLoadError(f"checkpoint {path!r} does not hold a state dict (got {type(obj).__name__})")
     extras = {k: obj[k] for k in ("global_step", "epoch") if k in obj and isinstance(obj[k], (int, float))}

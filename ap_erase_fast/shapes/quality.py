@@ -22,9 +22,11 @@ preserved concepts drawn, and the training time. Methods (all xattn, same steps,
 * ``ap_shared`` — AP, the shared schedule.
 
 ``--sweep-lrs`` adds runs at other learning rates (``--sweep-targets``, ``--sweep-seeds``) and
-plots ESR against PSR per method. Everything goes to ``--out`` (default benchmarks/results) as
-``quality_<tag>.{jsonl,csv,md}``, ``quality_<tag>_sweep.png`` and ``quality_<tag>_grid.png``;
-finished runs are read back from the jsonl, so an interrupted benchmark resumes.
+plots ESR against PSR per method. Everything goes to ``--out DIR`` as
+``quality_<tag>.{jsonl,csv,md}``, ``quality_<tag>_sweep.png`` and ``quality_<tag>_grid.png``
+(default: a new ``bench-quality-<date-time>`` folder under the current one; the committed
+report is regenerated with ``--out benchmarks/results``). Finished runs are read back from the
+jsonl, so an interrupted benchmark resumes when it is given the same ``--out``.
 """
 from __future__ import annotations
 
@@ -57,6 +59,9 @@ COMMON = dict(model="shapes", train_method="xattn", ddim_steps=25, start_guidanc
               k_closest=200, num_centers=60, exclude_erased=True, device="cpu", quiet=True,
               mixed_precision="no")
 EVAL_STEPS, EVAL_GUIDANCE = 25, 5.0
+# --quick: small, but a visible erasure (ESR well above the base model's) in about a minute
+QUICK = dict(targets=["circle"], seeds=[0], steps=12, lr=4e-3, images=8,
+             methods=["base", "esd", "preserve_random", "ap_shared"], sweep_lrs=[])
 
 
 def _log(msg: str) -> None:
@@ -153,7 +158,7 @@ def run_one(world: World, target: str, method: str, seed: int, args, lr: float) 
                              "loss_space": args.loss_space, "search_lr": args.search_lr,
                              "preserve_weight": args.preserve_weight, **METHODS[method]})
         comps = world.components_for_run()
-        er = Eraser(cfg, progress=False, components=comps)
+        er = Eraser(cfg, progress=sys.stderr.isatty(), components=comps)
         er.setup()
         er.train()
         unet = comps.unet.eval()
@@ -435,23 +440,35 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sweep-targets", type=_names, default=["circle"])
     ap.add_argument("--sweep-seeds", type=_ints, default=[0])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
-    ap.add_argument("--tag", default="shapes_cpu", help="file name stem after 'quality_'")
+    ap.add_argument("--out", default=None,
+                    help="results folder (default: a new bench-quality-<date-time> folder under "
+                         "the current one; give the same folder again to resume or to collect "
+                         "shards; --out benchmarks/results regenerates the committed report)")
+    ap.add_argument("--tag", default=None,
+                    help="file name stem after 'quality_' (default: shapes_cpu, shapes_quick "
+                         "with --quick)")
     ap.add_argument("--shard", default=None, metavar="I/N",
                     help="run only every N-th job starting at I (0-based), e.g. two processes "
                          "with --threads 1 and --shard 0/2, 1/2; a last run without --shard "
                          "collects every shard's results and writes the report")
     ap.add_argument("--quick", action="store_true",
-                    help="the CI version: target circle, seed 0, 3 steps, 4 images, no sweep")
+                    help=f"a small real erasure in about a minute: target circle, seed 0, "
+                         f"{QUICK['steps']} steps at lr {QUICK['lr']:g}, {QUICK['images']} images "
+                         f"per shape, methods {', '.join(QUICK['methods'])}, no sweep (each "
+                         f"setting can still be given)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     from ..errors import UserError
 
-    args = build_parser().parse_args(argv)
-    if args.quick:
-        args.targets, args.seeds, args.steps, args.images, args.sweep_lrs = ["circle"], [0], 3, 4, []
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    quick = parser.parse_known_args(argv)[0].quick
+    # --quick: its settings stand in for the defaults (argparse keeps values already in the
+    # namespace unless their flag is given)
+    args = parser.parse_args(argv, argparse.Namespace(**copy.deepcopy(QUICK)) if quick else None)
+    args.tag = args.tag or ("shapes_quick" if args.quick else "shapes_cpu")
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         raise UserError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
@@ -471,7 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         shard = (i, n)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out or Path(__file__).resolve().parents[2] / "benchmarks" / "results")
+    from ..bench import new_results_dir
+
+    out = Path(args.out) if args.out else new_results_dir("quality")
     out.mkdir(parents=True, exist_ok=True)
     raw = out / (f"quality_{args.tag}.jsonl" if shard is None else f"quality_{args.tag}.shard{shard[0]}of{shard[1]}.jsonl")
     grid_dir = out / f".quality_{args.tag}_grid"  # sample images of the grid, for the report
@@ -489,12 +508,15 @@ def main(argv: list[str] | None = None) -> int:
             os.replace(tmp, raw)
             for path in shards:
                 path.unlink()
-    command = "ap-erase bench quality " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "ap-erase bench quality " + " ".join(argv)
     jobs = [(t, m, s, args.lr) for s in args.seeds for t in args.targets for m in args.methods]
     jobs += [(t, m, s, lr) for lr in args.sweep_lrs if lr != args.lr for s in args.sweep_seeds
              for t in args.sweep_targets for m in args.methods if m != "base"]
     if shard is not None:
         jobs = jobs[shard[0]::shard[1]]
+    todo = sum(_key(t, m, s, lr, vars(args)) not in done for t, m, s, lr in jobs)
+    _log(f"{len(jobs)} runs ({len(jobs) - todo} already in {raw.name}), {args.steps} steps each; "
+         f"results in {out}")
     world = None
     rows = []
     t_all = time.perf_counter()
@@ -506,7 +528,12 @@ def main(argv: list[str] | None = None) -> int:
             if key in done and (not want_grid or grid_file.exists()):
                 rows.append(done[key])
                 continue
-            world = world or World()
+            if world is None:
+                _log("loading the ShapesWorld model and its classifier")
+                world = World()
+            _log(f"{i + 1}/{len(jobs)} {t:>8} {m:<16} seed {s} lr {lr:g}: "
+                 + ("generating and classifying images" if METHODS[m] is None else
+                    f"erasing ({args.steps} steps), then generating and classifying images"))
             row, images = run_one(world, t, m, s, args, lr)
             if want_grid:
                 grid_dir.mkdir(exist_ok=True)

@@ -6,10 +6,11 @@
 | ``resnet50`` | ImageNet top-1/top-5 → ESR/PSR                      | ``resnet50/`` (transformers ResNet folder)    |
 | ``clip``     | CLIP score of each image with its prompt            | ``clip/`` (transformers CLIPModel folder)     |
 | ``lpips``    | LPIPS(base image, erased image), same prompt & seed | ``lpips/alexnet.pth`` + ``lpips/alex.pth``   |
+| ``shapes``   | ShapesWorld classifier → ESR/PSR of shapes, colours | none: ships with ``--model shapes``          |
 """
 from __future__ import annotations
 
-DETECTORS = ("nudenet", "resnet50", "clip", "lpips")
+DETECTORS = ("nudenet", "resnet50", "clip", "lpips", "shapes")
 
 
 def load_detector(name: str, weights_dir: str, device: str, options: dict):
@@ -31,4 +32,8 @@ def load_detector(name: str, weights_dir: str, device: str, options: dict):
         from .lpips import LPIPSMetric
 
         return LPIPSMetric(weights_dir, device)
+    if name == "shapes":
+        from .shapes import ShapesClassifier
+
+        return ShapesClassifier(device)
     raise ValueError(name)

@@ -1,0 +1,163 @@
+"""Evaluation defaults that fit the model under evaluation: one small hook per built-in model.
+
+``ap-erase eval`` asks :func:`profile_for` what it should use where the user gave nothing:
+
+* the held-out concepts of the ε-space drift table (``--concepts``);
+* the image prompts, with the labels a detector checks (``--prompts``), and how many seeds each;
+* the sampler settings (``--steps``, ``--guidance``, ``--scheduler``, ``--batch-size``);
+* the detectors (``--detectors``).
+
+A model without a hook (every user model, and the random-weight ``tiny`` demo) gets the Stable
+Diffusion defaults: the shipped concept list ``data/eval_concepts.txt``, the erased concepts and
+6 held-out concepts as prompts with 2 seeds each, DDIM 100 steps at CFG 7.5 (the paper's
+protocol), no detector unless asked for.
+
+``shapes`` (ShapesWorld) is evaluated in its own world: the held-out concepts and the prompts
+are the world's own captions ("a <shape>", "a <colour> <shape>", from
+:mod:`ap_erase_fast.shapes.world`) that do not mention an erased concept, the images are
+labelled by the shipped shapes classifier (:class:`~ap_erase_fast.eval.detectors.shapes.
+ShapesClassifier`), and the sampler runs the model's own settings (those of
+:func:`ap_erase_fast.shapes.sample.generate`). A rebuilt world plugs in through the public
+names used here (``SHAPES``, ``COLOURS``, ``all_captions``) and the classifier loader.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .inputs import PromptRow
+
+
+@dataclass
+class EvalProfile:
+    name: str
+    steps: int = 100
+    guidance: float = 7.5
+    scheduler: str = "ddim"
+    batch_size: int = 4
+    images_per_prompt: int = 2
+    detectors: tuple[str, ...] = ()
+    # erased concepts → (held-out concepts, description); None: the shipped concept list
+    heldout: Callable[[list[str]], tuple[list[str], dict]] | None = None
+    # (erased, held-out, images per prompt) → prompt rows; None: erased + 6 held-out concepts
+    prompts: Callable[[list[str], list[str], int], tuple[list[PromptRow], str]] | None = None
+    notes: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "steps": self.steps, "guidance": self.guidance,
+                "scheduler": self.scheduler, "batch_size": self.batch_size,
+                "images_per_prompt": self.images_per_prompt, "detectors": list(self.detectors),
+                **self.notes}
+
+
+SD = EvalProfile(name="stable-diffusion", notes={
+    "source": "the paper's protocol: DDIM 100 steps, CFG 7.5; data/eval_concepts.txt"})
+
+
+def profile_for(model_id: str | None) -> EvalProfile:
+    """The evaluation defaults of ``model_id`` (a built-in name, or any other model: SD's)."""
+    hook = BUILTIN.get(str(model_id))
+    return hook() if hook is not None else SD
+
+
+# ---- ShapesWorld ---------------------------------------------------------------------------
+def shapes_sampler_settings() -> tuple[int, float]:
+    """The model's own sampler settings: the defaults of its sampling function."""
+    from ..shapes.sample import generate
+
+    params = inspect.signature(generate).parameters
+    steps = params["steps"].default if "steps" in params else 25
+    guidance = params["guidance"].default if "guidance" in params else 5.0
+    return int(steps), float(guidance)
+
+
+def shapes_labels(prompt: str) -> dict:
+    """The shape and colour a ShapesWorld prompt names (indices; None when it names none)."""
+    from ..shapes import world
+
+    words = prompt.lower().replace(",", " ").split()
+    shapes = [i for i, s in enumerate(world.SHAPES) if s in words]
+    colours = [i for i, c in enumerate(world.COLOURS) if c in words]
+    return {"shape": shapes[0] if len(shapes) == 1 else None,
+            "colour": colours[0] if len(colours) == 1 else None}
+
+
+def _world_prompts() -> list[str]:
+    """The world's canonical prompts: "a <shape>" and "a <colour> <shape>" (kept only if the
+    world's own captions contain them)."""
+    from ..shapes import world
+
+    prompts = [f"a {s}" for s in world.SHAPES]
+    prompts += [f"a {c} {s}" for c in world.COLOURS for s in world.SHAPES]
+    captions = set(world.all_captions())
+    kept = [p for p in prompts if p in captions]
+    return kept or prompts
+
+
+def _shapes_heldout(erased: list[str]) -> tuple[list[str], dict]:
+    from ..concepts import mentions
+
+    prompts = [p for p in _world_prompts() if not any(mentions(c, p) for c in erased)]
+    digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    return prompts, {"path": "builtin:ShapesWorld prompts ('a <shape>', 'a <colour> <shape>') "
+                             "that do not mention an erased concept",
+                     "sha256": digest, "count": len(prompts)}
+
+
+def _shapes_rows(erased: list[str], heldout: list[str], per_prompt: int):
+    """Erased rows: each erased shape as "a <shape>", each erased colour as "a <colour>
+    <shape>" over the six shapes, any other concept as itself; preserved rows: the shapes (or,
+    for a colour, the colour-shape pairs of the other colours) that no erased concept mentions.
+    Every row carries the attribute the classifier checks."""
+    from ..concepts import mentions
+    from ..shapes import world
+
+    rows: list[PromptRow] = []
+
+    def add(prompt: str, group: str, concept: str, attribute: str | None, n: int) -> None:
+        labels = shapes_labels(prompt)
+        for s in range(n):
+            rows.append(PromptRow(index=len(rows), prompt=prompt, seed=s, concept=concept,
+                                  group=group, extra={**labels, "attribute": attribute}))
+
+    per_pair = max(1, per_prompt // len(world.SHAPES))
+    colour_targets = False
+    for c in erased:
+        key = c.strip().lower()
+        if key in world.SHAPES:
+            add(f"a {key}", "erased", c, "shape", per_prompt)
+        elif key in world.COLOURS:
+            colour_targets = True
+            for s in world.SHAPES:
+                add(f"a {key} {s}", "erased", c, "colour", per_pair)
+        else:
+            labels = shapes_labels(c)
+            attribute = "shape" if labels["shape"] is not None else (
+                "colour" if labels["colour"] is not None else None)
+            add(c, "erased", c, attribute, per_prompt)
+    kept = lambda p: not any(mentions(c, p) for c in erased)  # noqa: E731
+    for s in world.SHAPES:
+        if kept(f"a {s}"):
+            add(f"a {s}", "preserved", s, "shape", per_prompt)
+    if colour_targets:
+        for col in world.COLOURS:
+            for s in world.SHAPES:
+                if kept(f"a {col} {s}"):
+                    add(f"a {col} {s}", "preserved", col, "colour", per_pair)
+    source = (f"ShapesWorld prompts: erased concepts and kept shapes (and colour-shape pairs for "
+              f"a colour), {per_prompt} seeds per shape prompt, labelled for the shapes classifier")
+    return rows, source
+
+
+def _shapes() -> EvalProfile:
+    steps, guidance = shapes_sampler_settings()
+    return EvalProfile(name="shapes", steps=steps, guidance=guidance, scheduler="ddim",
+                       batch_size=16, images_per_prompt=8, detectors=("shapes",),
+                       heldout=_shapes_heldout, prompts=_shapes_rows,
+                       notes={"source": "ShapesWorld: the world's prompts, its classifier, the "
+                                        "sampler settings of ap_erase_fast.shapes.sample"})
+
+
+BUILTIN: dict[str, Callable[[], EvalProfile]] = {"shapes": _shapes}
