@@ -153,3 +153,33 @@ def test_lora_refusals(tiny_cfg):
         erase(tiny_cfg(merge=True), write=False)
     with pytest.raises(UserError, match="lora-rank"):
         erase(tiny_cfg(lora_rank=-1), write=False)
+
+
+def test_eval_reads_a_lora_run_and_updates_the_card(tiny_cfg, tmp_path):
+    """`ap-erase eval` on a LoRA run without unet/ evaluates the base with the run's LoRA merged:
+    the same numbers as the merged unet/ of the same run (--merge); images are generated; the
+    run's model card gains the evaluation summary. Mutation checked: evaluating the base UNet
+    instead of the LoRA one (shift 0) fails."""
+    import shutil
+
+    from ap_erase_fast import erase
+    from ap_erase_fast.eval import EvalConfig, evaluate
+
+    out = tmp_path / "run"
+    erase(tiny_cfg(steps=4, lora_rank=4, lr=1e-2, loss_space="eps", merge=True, output=str(out)))
+
+    def run_eval(name):
+        return evaluate(EvalConfig(run=str(out), eps_seeds=1, eps_timesteps=3, steps=3,
+                                   batch_size=4, quiet=True, device="cpu",
+                                   output=str(out / name)))
+
+    merged = run_eval("eval-merged")["eps_space"]["erasure"]["garbage truck"]
+    shutil.rmtree(out / "unet")
+    lora = run_eval("eval")
+    e = lora["eps_space"]["erasure"]["garbage truck"]
+    assert e["shift"] > 0
+    for key in ("shift", "gap_erased", "gap_base"):
+        assert e[key] == pytest.approx(merged[key], rel=1e-4), key
+    assert lora["images"] is not None
+    card = (out / "README.md").read_text()
+    assert "Not evaluated yet" not in card and "gap (erased)" in card

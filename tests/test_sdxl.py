@@ -451,6 +451,17 @@ def test_cli_train_tiny_sdxl_end_to_end(tmp_path, small_vocab):
                  generator=_gen(0), output_type="np").images[0]
     assert image.shape == (16, 16, 3) and float(image.std()) > 0
 
+    # ap-erase eval on the SDXL run: ε-space through the SDXL backbone, images through
+    # StableDiffusionXLPipeline, the card updated
+    from ap_erase_fast.eval import EvalConfig, evaluate
+
+    rep = evaluate(EvalConfig(run=str(out), eps_seeds=1, eps_timesteps=2, eps_ddim_steps=10,
+                              steps=2, batch_size=4, quiet=True, device="cpu"))
+    e = rep["eps_space"]["erasure"]["garbage truck"]
+    assert e["shift"] > 0 and e["gap_base"] > 0
+    assert rep["images"] is not None
+    assert "gap (erased)" in (out / "README.md").read_text()
+
 
 def test_bench_sdxl_preset_builds_an_sdxl_run(monkeypatch):
     """The sdxl step-benchmark preset builds SDXL components the engine runs (configs swapped

@@ -15,7 +15,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import UserError
@@ -209,6 +209,12 @@ def evaluate(config: EvalConfig | None = None, **overrides) -> dict:
         out.abort()
         raise
     out.commit()
+    run_dir = Path(run.path) if run.path else None
+    if (not cfg.base_only and run_dir is not None and (run_dir / "run.json").is_file()
+            and Path(out.path).resolve().parent == run_dir.resolve()):
+        from ..modelcard import write_model_card
+
+        write_model_card(run_dir, eval_report=report)  # the card now carries the summary
     return report
 
 
@@ -240,6 +246,9 @@ def _load_models(cfg, run, model_id, device):
     from diffusers import UNet2DConditionModel
 
     unet_dir = Path(run.path) / "unet"
+    lora_dir = Path(run.path) / "lora"
+    if not (unet_dir / "config.json").is_file() and lora_dir.is_dir():
+        return comps, _base_with_lora(comps.unet, lora_dir), match, None
     if not (unet_dir / "config.json").is_file():
         raise UserError(f"{unet_dir} is missing; the run folder has no erased UNet (use --base-only to "
                         f"evaluate the base model)")
@@ -253,9 +262,24 @@ def _load_models(cfg, run, model_id, device):
     return comps, erased, match, module_content_hash(erased)
 
 
+def _base_with_lora(base_unet, lora_dir: Path):
+    """The base UNet with a run's LoRA (``lora/``) loaded and merged: a plain UNet."""
+    import copy
+
+    unet = copy.deepcopy(base_unet)
+    try:
+        unet.load_lora_adapter(str(lora_dir), prefix="unet", adapter_name="erased",
+                               weight_name="pytorch_lora_weights.safetensors")
+        unet.fuse_lora(adapter_names=["erased"])
+        unet.unload_lora()
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign LoRA file
+        raise UserError(f"cannot load the run's LoRA from {lora_dir}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return unet.eval()
+
+
 def _evaluate(cfg, run, erased, model_id, heldout, concepts_info, rows, prompts_info, detectors,
               device, wdir, folder: Path, t_start, defaults: dict) -> dict:
-    from ..concepts import encode_prompts
     from ..models.loading import vae_scale_factor
     from . import report as rep
     from .eps import eps_measures
@@ -280,13 +304,16 @@ def _evaluate(cfg, run, erased, model_id, heldout, concepts_info, rows, prompts_
                                 else run_cfg.get("negative_guidance", 1.0)),
         batch_size=cfg.eps_batch_size)
     names = list(erased) + list(heldout)
-    text = encode_prompts(comps.text_encoder, comps.tokenizer, names)
-    uncond = encode_prompts(comps.text_encoder, comps.tokenizer, [""])
+    from ..backbones import make_backbone
+
+    backbone = make_backbone(comps, device, settings.ddim_steps)
+    text, uncond = backbone.encode(names), backbone.encode([""])
     from .eps import eps_work
 
     bar = _Progress(eps_work(settings, len(names)), "epsilon-space", cfg.quiet)
     try:
-        eps = eps_measures(comps.unet, erased_unet, text, uncond, comps.scheduler, latent_shape, settings, bar)
+        eps = eps_measures(comps.unet, erased_unet, text, uncond, comps.scheduler, latent_shape,
+                           settings, bar, predict=backbone.predict)
     finally:
         bar.close()
     eps_report = rep.eps_section(eps, erased, heldout, settings, concepts_info)

@@ -57,29 +57,41 @@ def query_indices(ddim_steps: int, n: int) -> list[int]:
     return sorted({round((ddim_steps - 1) * (1 - i / (n - 1))) for i in range(n)}, reverse=True)
 
 
-def _unet_eps(unet, x, t: int, text, tables: DDIMTables, k: int) -> torch.Tensor:
+def _unet_eps(unet, x, t: int, cond, tables: DDIMTables, k: int, predict) -> torch.Tensor:
     ts = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-    out = unet(x.to(unet.dtype), ts, encoder_hidden_states=text.to(unet.dtype)).sample.float()
+    out = predict(unet, x.to(unet.dtype), ts, cond.to(dtype=unet.dtype)).float()
     return output_to_eps(out, x, tables.alpha(k), tables.prediction_type)
 
 
-@torch.no_grad()
-def eps_measures(base_unet, erased_unet, cond: torch.Tensor, uncond: torch.Tensor, scheduler,
-                 latent_shape: tuple[int, int, int], settings: EpsSettings,
-                 progress=None) -> dict:
-    """Per-concept measures for the C prompts whose text states are ``cond`` [C, L, D].
+def _sd_predict(forward, x, t, cond):
+    return forward(x, t, encoder_hidden_states=cond.parts[0], return_dict=False)[0]
 
-    ``uncond`` is the "" text state [1, L, D]; ``progress(1)`` is called after every UNet
-    step (:func:`eps_work` of them). Returns numpy-free lists of floats:
-    ``drift``, ``gap_erased``, ``gap_base`` (each [C]), their per-query-index breakdown
-    ``*_by_index`` ([C][n_idx]), ``indices`` and ``timesteps``.
+
+@torch.no_grad()
+def eps_measures(base_unet, erased_unet, cond, uncond, scheduler,
+                 latent_shape: tuple[int, int, int], settings: EpsSettings,
+                 progress=None, predict=None) -> dict:
+    """Per-concept measures for the C prompts conditioned by ``cond`` (a
+    :class:`~ap_erase_fast.backbones.Cond` of C prompts; a tensor [C, L, D] of SD text states is
+    accepted too).
+
+    ``uncond`` is the conditioning of "" (one prompt); ``predict`` the backbone's
+    :meth:`~ap_erase_fast.backbones.Backbone.predict` (default: SD's UNet call);
+    ``progress(1)`` is called after every UNet step (:func:`eps_work` of them). Returns
+    numpy-free lists of floats: ``drift``, ``gap_erased``, ``gap_base`` (each [C]), their
+    per-query-index breakdown ``*_by_index`` ([C][n_idx]), ``indices`` and ``timesteps``.
     """
+    from ..backbones import Cond
+
+    if isinstance(cond, torch.Tensor):
+        cond, uncond = Cond((cond,)), Cond((uncond,))
+    predict = predict or _sd_predict
     tables = DDIMTables.from_scheduler(scheduler, settings.ddim_steps)
     indices = query_indices(settings.ddim_steps, settings.num_timesteps)
     device = next(base_unet.parameters()).device
     same = erased_unet is base_unet
     eta = settings.negative_guidance
-    n_c, n_i = cond.shape[0], len(indices)
+    n_c, n_i = len(cond), len(indices)
     sums = {name: torch.zeros(n_c, n_i, dtype=torch.float64) for name in ("drift", "gap_erased", "gap_base")}
     lowest = min(indices)
     for seed in settings.seeds:
@@ -87,17 +99,18 @@ def eps_measures(base_unet, erased_unet, cond: torch.Tensor, uncond: torch.Tenso
         x_T = torch.randn((1, *latent_shape), generator=gen, dtype=torch.float32)
         for start in range(0, n_c, settings.batch_size):
             c = cond[start:start + settings.batch_size].to(device)
-            b = c.shape[0]
-            u = uncond.to(device).expand(b, -1, -1)
+            b = len(c)
+            u = uncond.to(device).expand(b)
             x = x_T.to(device).expand(b, -1, -1, -1).clone()
             for k in range(settings.ddim_steps - 1, lowest - 1, -1):
                 t = tables.timesteps[k]
                 # one call on [c; ""] gives both the trajectory step and ε_θ(z,c), ε_θ(z,"")
-                eps = _unet_eps(base_unet, torch.cat([x, x]), t, torch.cat([c, u]), tables, k)
+                eps = _unet_eps(base_unet, torch.cat([x, x]), t, Cond.cat([c, u]), tables, k,
+                                predict)
                 e_c, e_0 = eps.chunk(2)
                 if k in indices:
                     j = indices.index(k)
-                    e_erased = e_c if same else _unet_eps(erased_unet, x, t, c, tables, k)
+                    e_erased = e_c if same else _unet_eps(erased_unet, x, t, c, tables, k, predict)
                     target = e_0 - eta * (e_c - e_0)
                     dims = tuple(range(1, x.dim()))
                     sl = slice(start, start + b)

@@ -44,15 +44,18 @@ def make_scheduler(base_scheduler, name: str):
 
 
 def build_pipelines(comps, erased_unet, scheduler_name: str):
-    from ..models.tiny import assemble_pipeline
+    """The model's own diffusers pipeline (SD or SDXL), once with the base and once with the
+    erased denoiser."""
+    import dataclasses
 
     if comps.vae is None:
         raise UserError(f"model {comps.model_id!r} has no VAE, so no images can be generated; "
                         f"use --no-images for the epsilon-space measures only")
     pipes = {}
     for key, unet in (("base", comps.unet), ("erased", erased_unet)):
-        pipe = assemble_pipeline(unet, comps.text_encoder, comps.tokenizer,
-                                 make_scheduler(comps.scheduler, scheduler_name), comps.vae)
+        parts = dataclasses.replace(comps, unet=unet,
+                                    scheduler=make_scheduler(comps.scheduler, scheduler_name))
+        pipe = parts.to_pipeline()
         pipe.set_progress_bar_config(disable=True)
         pipes[key] = pipe
     return pipes
@@ -71,7 +74,9 @@ def generate(pipe, prompts: list[str], seeds: list[int], settings: GenSettings, 
             return tensors
 
         extra["callback_on_step_end"] = callback
-    out = pipe(prompt=prompts, negative_prompt=[""] * len(prompts), height=resolution, width=resolution,
+    # "" as the negative prompt; SDXL pipelines that zero the empty prompt do so when it is None
+    negative = None if getattr(pipe.config, "force_zeros_for_empty_prompt", False) else [""] * len(prompts)
+    out = pipe(prompt=prompts, negative_prompt=negative, height=resolution, width=resolution,
                num_inference_steps=settings.steps, guidance_scale=settings.guidance, eta=0.0,
                generator=gens, output_type="np", **extra)
     images = np.asarray(out.images)
