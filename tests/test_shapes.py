@@ -210,6 +210,24 @@ def test_bench_quality_quick_erases_in_a_new_folder_and_reports_progress_first(t
     assert "loading the ShapesWorld model" in lines[1] and "generating" in lines[2]
 
 
+def test_bench_quality_lora_runs_are_their_own_rows_and_erase(tmp_path):
+    """--lora-rank: an ESD erasure through LoRA adapters next to the full one in the same folder.
+    Both are kept (the settings tell them apart on resume), both record what they trained, and
+    the LoRA run moves the erased concept's ε (the adapters are on when images are generated).
+    Mutations checked: lora_rank left out of the resume key (the LoRA run is skipped as done),
+    adapters disabled after training (drift 0)."""
+    pytest.importorskip("peft")
+    from ap_erase_fast.cli import main
+
+    small = ["--quick", "--methods", "esd", "--steps", "3", "--images", "2", "--out", str(tmp_path), "--tag", "l"]
+    assert main(["bench", "quality", *small]) == 0
+    assert main(["bench", "quality", *small, "--lora-rank", "4"]) == 0  # same lr: the settings tell them apart
+    rows = [json.loads(x) for x in (tmp_path / "quality_l.jsonl").read_text().splitlines()]
+    assert [(r["lora_rank"], r["train_method"]) for r in rows] == [(0, "xattn"), (4, "xattn")]
+    assert rows[1]["drift_erased"] > 0 and rows[1]["drift_erased"] != rows[0]["drift_erased"]
+    assert "LoRA rank 4 (alpha 4)" in (tmp_path / "quality_l.md").read_text()
+
+
 def test_bench_quality_rejects_bad_input(tmp_path, capsys):
     from ap_erase_fast.cli import main
 

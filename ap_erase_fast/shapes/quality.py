@@ -55,7 +55,7 @@ METHODS: dict[str, dict | None] = {
 }
 DEFAULT_TARGETS = list(SHAPES) + ["red"]
 # Settings every erasure shares (the rest are EraseConfig defaults or flags of this command).
-COMMON = dict(model="shapes", train_method="xattn", ddim_steps=25, start_guidance=3.0,
+COMMON = dict(model="shapes", ddim_steps=25, start_guidance=3.0,
               k_closest=200, num_centers=60, exclude_erased=True, device="cpu", quiet=True,
               mixed_precision="no")
 EVAL_STEPS, EVAL_GUIDANCE = 25, 5.0
@@ -150,13 +150,16 @@ def run_one(world: World, target: str, method: str, seed: int, args, lr: float) 
     t0 = time.perf_counter()
     row = {"target": target, "method": method, "seed": seed, "lr": lr, "steps": args.steps,
            "batch_size": args.batch_size, "loss_space": args.loss_space, "search_lr": args.search_lr,
-           "preserve_weight": args.preserve_weight, "images": args.images}
+           "preserve_weight": args.preserve_weight, "images": args.images,
+           "train_method": args.train_method, "lora_rank": args.lora_rank}
     unet = world.base_unet
     if METHODS[method] is not None:
         cfg = EraseConfig(**{**COMMON, "erase": [target], "steps": args.steps, "lr": lr,
                              "batch_size": args.batch_size, "seed": seed,
                              "loss_space": args.loss_space, "search_lr": args.search_lr,
-                             "preserve_weight": args.preserve_weight, **METHODS[method]})
+                             "preserve_weight": args.preserve_weight, "train_method": args.train_method,
+                             "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
+                             **METHODS[method]})
         comps = world.components_for_run()
         er = Eraser(cfg, progress=sys.stderr.isatty(), components=comps)
         er.setup()
@@ -248,8 +251,9 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
     lines += [f"* {k}: `{v}`" if k == "command" else f"* {k}: {v}" for k, v in env.items()]
     lines += [
         f"* settings: {args.steps} steps, lr {args.lr}, batch {args.batch_size}, loss {args.loss_space}, "
-        f"λ {args.preserve_weight}, π lr {args.search_lr}, "
-        f"{', '.join(f'{k}={v}' for k, v in COMMON.items() if k not in ('model', 'device', 'quiet'))}",
+        f"λ {args.preserve_weight}, π lr {args.search_lr}, train_method={args.train_method}, "
+        + (f"LoRA rank {args.lora_rank} (alpha {args.lora_alpha or args.lora_rank}), " if args.lora_rank else "full fine-tuning, ")
+        + f"{', '.join(f'{k}={v}' for k, v in COMMON.items() if k not in ('model', 'device', 'quiet'))}",
         f"* evaluation: {args.images} images per shape prompt (colour target: "
         f"{max(1, args.images // 6)} per colour-shape pair), DDIM {EVAL_STEPS} steps, CFG {EVAL_GUIDANCE}, "
         f"seeds paired across methods; classifier top-1. Seeds: {seeds}.",
@@ -417,7 +421,8 @@ def _key(target, method, seed, lr, settings) -> tuple:
     if method == "base":
         return common
     return common + (settings["steps"], lr, settings["batch_size"], settings["loss_space"], settings["search_lr"],
-                     settings["preserve_weight"])
+                     settings["preserve_weight"], settings.get("train_method", "xattn"),
+                     settings.get("lora_rank") or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -435,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "short budget has steps (the paper: 1e-2 over 1000 steps)")
     ap.add_argument("--preserve-weight", type=float, default=1.0,
                     help="λ of the methods that preserve (ESD has λ = 0)")
+    ap.add_argument("--train-method", default="xattn", help="parameters every erasure trains (as in train)")
+    ap.add_argument("--lora-rank", type=int, default=0,
+                    help="train LoRA adapters of this rank instead of the weights (0: full fine-tuning)")
+    ap.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     ap.add_argument("--images", type=int, default=24, help="evaluation images per shape prompt")
     ap.add_argument("--sweep-lrs", type=_floats, default=[], help="extra learning rates for the ESR-PSR plot")
     ap.add_argument("--sweep-targets", type=_names, default=["circle"])
