@@ -198,6 +198,41 @@ def _mean_std(xs: list[float]) -> str:
     return f"{100 * m:.1f} ± {100 * s:.1f}"
 
 
+MATCHED_ESR = (0.8, 0.95)
+
+
+def psr_at_esr(points: list[tuple[float, float]], level: float) -> float | None:
+    """PSR where a curve of (ESR, PSR) points (one per erasure strength) first reaches ``level``
+    ESR, linearly interpolated between the two points around it. ``None`` when the curve never
+    reaches the level, or is above it already at its weakest point (nothing is extrapolated)."""
+    pts = sorted(points)
+    if not pts or pts[-1][0] < level or pts[0][0] > level:
+        return None
+    for (e0, p0), (e1, p1) in zip(pts, pts[1:]):
+        if e0 <= level <= e1:
+            return p0 if e1 == e0 else p0 + (p1 - p0) * (level - e0) / (e1 - e0)
+    return pts[0][1]  # a single point exactly at the level
+
+
+def matched_erasure(rows: list[dict], method: str, targets: list[str], seeds: list[int],
+                    level: float) -> tuple[list[float], int]:
+    """PSR at ``level`` ESR on each (target, seed) curve of ``method`` over the learning rates;
+    returns the values and how many curves did not reach the level."""
+    values, missed = [], 0
+    for t in targets:
+        for s in seeds:
+            pts = [(r["esr"], r["psr"]) for r in rows if r["method"] == method and r["target"] == t
+                   and r["seed"] == s]
+            if len({r["lr"] for r in rows if r["method"] == method and r["target"] == t and r["seed"] == s}) < 2:
+                continue
+            v = psr_at_esr(pts, level)
+            if v is None:
+                missed += 1
+            else:
+                values.append(v)
+    return values, missed
+
+
 def summarize(rows: list[dict], methods: list[str], targets: list[str], seeds: list[int], lr: float):
     """Per method: ESR and PSR averaged over targets for each seed, then mean ± std over seeds."""
     from .world import all_captions
@@ -330,6 +365,21 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
                              f"{100 * statistics.fmean(r['psr'] for r in rs):.0f}" if rs else "–")
             lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
         _plot_sweep(rows, args, stem.with_name(stem.name + "_sweep.png"))
+        lines += ["", "## PSR at matched erasure (%, mean ± std over the sweep's target × seed curves)", "",
+                  "Each (target, seed) curve runs over the learning rates; PSR is interpolated linearly "
+                  "where the curve first reaches the ESR level. A curve that never reaches it (or "
+                  "starts above it) is counted, not extrapolated.", "",
+                  "| method | " + " | ".join(f"PSR @ ESR {100 * lv:.0f} % (curves)" for lv in MATCHED_ESR) + " |",
+                  "|" + "---|" * (len(MATCHED_ESR) + 1)]
+        for m in methods:
+            if m == "base":
+                continue
+            cells = []
+            for lv in MATCHED_ESR:
+                vals, missed = matched_erasure(rows, m, args.sweep_targets, args.sweep_seeds, lv)
+                cell = _mean_std(vals) + f" ({len(vals)})" if vals else "–"
+                cells.append(cell + (f", {missed} not reached" if missed else ""))
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if grid_images:
         _save_grid(grid_images, stem.with_name(stem.name + "_grid.png"))
         lines += ["", f"Samples (first target, seed {seeds[0]}; rows: methods; columns: the six shape "
