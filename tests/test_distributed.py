@@ -4,41 +4,26 @@ Each launch costs ~15 s (the first one also JIT-builds DeepSpeed's CPU communica
 launches are few and each checks several things.
 """
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _deepspeed import DEEPSPEED, free_port, run_two_ranks
 from safetensors.torch import load_file
 
 from ap_erase_fast import EraseConfig, erase
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or \
-    shutil.which("deepspeed")
 if DEEPSPEED is None:
     pytest.skip("deepspeed is not installed (pip install 'ap_erase_fast[deepspeed]')",
                 allow_module_level=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(tmp_path, ds: dict, *flags):
-    cfg = tmp_path / f"ds{_free_port()}.json"
+    cfg = tmp_path / f"ds{free_port()}.json"
     cfg.write_text(json.dumps(ds))
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port()),
-           str(ROOT / "train.py"), "--config", str(cfg), *flags]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    proc = run_two_ranks(cfg, *flags)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     return proc
 

@@ -16,7 +16,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -437,29 +436,20 @@ def test_killed_rank_stops_the_run_without_hanging(small_vocab, tmp_path):
     """Rank 1 is killed (-9) while writing the second checkpoint: the launcher ends the run
     with an error well within the timeout, no output is committed, and the first checkpoint
     stays intact (verified against its manifest)."""
+    from _deepspeed import DEEPSPEED, run_two_ranks
+
     from ap_erase_fast.checkpoint import verify_checkpoint
 
-    deepspeed = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or \
-        shutil.which("deepspeed")
-    if deepspeed is None:
+    if DEEPSPEED is None:
         pytest.skip("deepspeed is not installed")
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1,
                               "zero_optimization": {"stage": 1}}))
     out = tmp_path / "run"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore",
-           "AP_ERASE_FAULT": "checkpoint-write:2", "AP_ERASE_FAULT_RANK": "1"}
-    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(port),
-           str(Path(__file__).resolve().parents[1] / "train.py"), "--config", str(ds),
-           "--erase", "garbage truck", "--vocab", small_vocab, "--k-closest", "60",
-           "--num-centers", "12", "--ddim-steps", "10", "--steps", "3", "--checkpoint-every", "1",
-           "--output", str(out), "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    proc = run_two_ranks(ds, "--erase", "garbage truck", "--vocab", small_vocab, "--k-closest", "60",
+                         "--num-centers", "12", "--ddim-steps", "10", "--steps", "3", "--checkpoint-every", "1",
+                         "--output", str(out), "--quiet",
+                         env={"AP_ERASE_FAULT": "checkpoint-write:2", "AP_ERASE_FAULT_RANK": "1"})
     ended = time.time()
     assert proc.returncode != 0, proc.stderr[-2000:]
     killed = [float(line.rsplit(" ", 1)[1]) for line in (proc.stdout + proc.stderr).splitlines()
