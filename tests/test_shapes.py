@@ -240,18 +240,22 @@ def test_bench_quality_rejects_bad_input(tmp_path, capsys):
 
 
 def test_psr_at_matched_erasure_interpolates_and_never_extrapolates():
-    """Mutations checked: interpolating in PSR instead of ESR, extrapolating past the last point,
-    the last segment skipped."""
+    """The curve is followed from the weakest erasure to the strongest and the first crossing
+    counts, also when a stronger setting erases less. Mutations checked: interpolating in PSR
+    instead of ESR, extrapolating past the last point, sorting the points by ESR, the rows not
+    ordered by learning rate."""
     from ap_erase_fast.shapes.quality import matched_erasure, psr_at_esr
 
-    curve = [(0.9, 0.6), (0.5, 0.9), (1.0, 0.4)]  # unsorted: sorted by ESR inside
+    curve = [(0.5, 0.9), (0.9, 0.6), (1.0, 0.4)]
     assert psr_at_esr(curve, 0.8) == pytest.approx(0.9 + (0.6 - 0.9) * (0.8 - 0.5) / (0.9 - 0.5))
     assert psr_at_esr(curve, 0.95) == pytest.approx(0.5)
     assert psr_at_esr(curve, 1.0) == pytest.approx(0.4)
     assert psr_at_esr([(0.5, 0.9), (0.7, 0.8)], 0.8) is None  # never reached
     assert psr_at_esr([(0.85, 0.9), (0.9, 0.8)], 0.8) is None  # above the level at its weakest
+    # not monotone: 0 -> 0.9 crosses 0.8 first; sorting by ESR would cross between 0.6 and 0.9
+    assert psr_at_esr([(0.0, 1.0), (0.9, 0.7), (0.6, 0.2), (1.0, 0.1)], 0.8) == pytest.approx(1.0 - 0.3 * 0.8 / 0.9)
     rows = [{"method": "esd", "target": t, "seed": s, "lr": lr, "esr": e, "psr": p}
             for t in ("circle", "square") for s in (0, 1)
-            for lr, e, p in ((1e-3, 0.5, 0.9), (1e-2, 1.0 if t == "circle" else 0.7, 0.5))]
+            for lr, e, p in ((1e-2, 1.0 if t == "circle" else 0.7, 0.5), (1e-3, 0.5, 0.9))]
     vals, missed = matched_erasure(rows, "esd", ["circle", "square"], [0, 1], 0.8)
     assert vals == pytest.approx([0.66, 0.66]) and missed == 2

@@ -202,27 +202,30 @@ MATCHED_ESR = (0.8, 0.95)
 
 
 def psr_at_esr(points: list[tuple[float, float]], level: float) -> float | None:
-    """PSR where a curve of (ESR, PSR) points (one per erasure strength) first reaches ``level``
-    ESR, linearly interpolated between the two points around it. ``None`` when the curve never
-    reaches the level, or is above it already at its weakest point (nothing is extrapolated)."""
-    pts = sorted(points)
-    if not pts or pts[-1][0] < level or pts[0][0] > level:
+    """PSR where a curve of (ESR, PSR) points, ordered from the weakest erasure to the strongest,
+    first reaches ``level`` ESR, linearly interpolated between the two points around that
+    crossing. ``None`` when the curve never reaches the level, or is above it already at its
+    weakest point (nothing is extrapolated). A curve that is not monotone (a stronger setting
+    that erases less) is followed as it is: the first crossing counts."""
+    if not points or points[0][0] > level:
         return None
-    for (e0, p0), (e1, p1) in zip(pts, pts[1:]):
-        if e0 <= level <= e1:
-            return p0 if e1 == e0 else p0 + (p1 - p0) * (level - e0) / (e1 - e0)
-    return pts[0][1]  # a single point exactly at the level
+    if points[0][0] == level:
+        return points[0][1]
+    for (e0, p0), (e1, p1) in zip(points, points[1:]):
+        if e0 < level <= e1:
+            return p0 + (p1 - p0) * (level - e0) / (e1 - e0)
+    return None
 
 
 def matched_erasure(rows: list[dict], method: str, targets: list[str], seeds: list[int],
                     level: float) -> tuple[list[float], int]:
-    """PSR at ``level`` ESR on each (target, seed) curve of ``method`` over the learning rates;
-    returns the values and how many curves did not reach the level."""
+    """PSR at ``level`` ESR on each (target, seed) curve of ``method`` over the learning rates
+    (weakest first); returns the values and how many curves did not reach the level."""
     values, missed = [], 0
     for t in targets:
         for s in seeds:
-            pts = [(r["esr"], r["psr"]) for r in rows if r["method"] == method and r["target"] == t
-                   and r["seed"] == s]
+            pts = [(r["esr"], r["psr"]) for r in sorted(rows, key=lambda r: r["lr"])
+                   if r["method"] == method and r["target"] == t and r["seed"] == s]
             if len({r["lr"] for r in rows if r["method"] == method and r["target"] == t and r["seed"] == s}) < 2:
                 continue
             v = psr_at_esr(pts, level)
@@ -366,8 +369,8 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
             lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
         _plot_sweep(rows, args, stem.with_name(stem.name + "_sweep.png"))
         lines += ["", "## PSR at matched erasure (%, mean ± std over the sweep's target × seed curves)", "",
-                  "Each (target, seed) curve runs over the learning rates; PSR is interpolated linearly "
-                  "where the curve first reaches the ESR level. A curve that never reaches it (or "
+                  "Each (target, seed) curve runs over the learning rates, smallest first; PSR is "
+                  "interpolated linearly where the curve first reaches the ESR level. A curve that never reaches it (or "
                   "starts above it) is counted, not extrapolated.", "",
                   "| method | " + " | ".join(f"PSR @ ESR {100 * lv:.0f} % (curves)" for lv in MATCHED_ESR) + " |",
                   "|" + "---|" * (len(MATCHED_ESR) + 1)]
