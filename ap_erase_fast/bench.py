@@ -312,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench step: {len(names)} configurations, results in {args.out}", file=sys.stderr,
           flush=True)
     rows = []
+    env = _environment(args.device)
     for name in names:
         overrides = dict(CONFIGS[name])
         for key in ("ddim_steps", "resolution", "mixed_precision"):
@@ -340,9 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<42} {row.get('outer_steps_per_s_at_mean_length', 'nan')!s:>10} steps/s "
               f"(mean length)  peak {row.get('peak_gib', 'nan')} GiB  {row['status']}",
               file=sys.stderr, flush=True)
-    add_speedups(rows)
-    env = _environment(args.device)
-    write_results(rows, env, args)
+        add_speedups(rows)
+        write_results(rows, env, args)  # after every row: a long benchmark cut short keeps its rows
     if args.json:
         print(json.dumps({"environment": env, "rows": rows}, indent=2))
     return 0

@@ -41,3 +41,35 @@ def test_results_go_to_a_new_folder_by_default(tmp_path, monkeypatch):
     write_results([{"config": "fast/shared/xattn", "status": "ok"}], {"device": "cpu"}, args)
     folders = sorted(tmp_path.glob("bench-step-*"))
     assert len(folders) == 2 and all((f / "step_tiny_cpu.md").is_file() for f in folders)
+
+
+def test_rows_are_written_as_they_finish(tmp_path, monkeypatch):
+    """A benchmark stopped after its first configuration keeps that row in both files.
+    Mutation checked: the files written only once, after the last row."""
+    import json
+    import subprocess
+
+    import pytest
+
+    from ap_erase_fast import bench
+
+    calls = []
+    real_run = subprocess.run
+
+    def fake_run(cmd, **kwargs):
+        if "--_child" not in cmd:  # git, for the environment header
+            return real_run(cmd, **kwargs)
+        calls.append(cmd)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user stops the benchmark during the second row
+        row = {"outer_steps_per_s": 1.5, "outer_steps_per_s_at_mean_length": 1.5, "peak_gib": 2.25}
+        return subprocess.CompletedProcess(cmd, 0, stdout="RESULT " + json.dumps(row) + "\n", stderr="")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--tag", "t",
+                    "--configs", "fast/faithful/xattn,fast/shared/xattn"])
+    (csv,) = tmp_path.glob("*.csv")
+    assert "fast/faithful/xattn,ok,1.5" in csv.read_text() and "fast/shared/xattn" not in csv.read_text()
+    (md,) = tmp_path.glob("*.md")
+    assert "| fast/faithful/xattn | ok |" in md.read_text()
