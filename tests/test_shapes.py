@@ -236,6 +236,9 @@ def test_bench_quality_rejects_bad_input(tmp_path, capsys):
     assert main(["bench", "quality", "--methods", "magic", "--out", str(tmp_path)]) == 2
     assert main(["bench", "quality", "--shard", "2/2", "--out", str(tmp_path)]) == 2
     assert "--shard must look like I/N" in capsys.readouterr().err
+    assert main(["bench", "quality", "--lora-rank", "-1", "--out", str(tmp_path)]) == 2
+    assert "--lora-rank must be 0" in capsys.readouterr().err
+    assert main(["bench", "quality", "--train-method", "attn", "--out", str(tmp_path)]) == 2
     assert not list(tmp_path.iterdir())
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import TRAIN_METHODS
 from .world import COLOURS, SHAPES
 
 METHODS: dict[str, dict | None] = {
@@ -493,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "short budget has steps (the paper: 1e-2 over 1000 steps)")
     ap.add_argument("--preserve-weight", type=float, default=1.0,
                     help="λ of the methods that preserve (ESD has λ = 0)")
-    ap.add_argument("--train-method", default="xattn", help="parameters every erasure trains (as in train)")
+    ap.add_argument("--train-method", default="xattn", choices=TRAIN_METHODS,
+                    help="parameters every erasure trains (as in train)")
     ap.add_argument("--lora-rank", type=int, default=0,
                     help="train LoRA adapters of this rank instead of the weights (0: full fine-tuning)")
     ap.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
@@ -540,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{', '.join(SHAPES)} and the colours {', '.join(COLOURS)}")
     if args.steps < 1 or args.images < 1 or args.batch_size < 1:
         raise UserError("--steps, --images and --batch-size must be at least 1")
+    if args.lora_rank < 0 or (args.lora_alpha is not None and not args.lora_alpha > 0):
+        raise UserError("--lora-rank must be 0 (full fine-tuning) or positive, and --lora-alpha positive")
     shard = None
     if args.shard:
         try:
