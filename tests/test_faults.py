@@ -162,6 +162,10 @@ def test_next_run_sweeps_what_a_killed_run_left(small_vocab, tmp_path):
 
 
 def _main_child(argv: list[str]) -> None:
+    # the child is a run started from a terminal: Python's own Ctrl-C handler, whatever a library
+    # loaded by an earlier test left in the pytest process (an inherited SIG_IGN would make the
+    # run ignore Ctrl-C and finish normally)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     os._exit(main(argv))
 
 
@@ -184,7 +188,7 @@ def test_terminate_or_interrupt_removes_temporary_files(sig, code, small_vocab, 
     time.sleep(0.5)
     os.kill(proc.pid, sig)
     proc.join(60)
-    assert proc.exitcode == code
+    assert proc.exitcode == code, f"exit {proc.exitcode}; SIGINT in the test process: {signal.getsignal(signal.SIGINT)}"
     assert not out.exists() and leftovers(out) == []
 
 
