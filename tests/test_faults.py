@@ -162,10 +162,11 @@ def test_next_run_sweeps_what_a_killed_run_left(small_vocab, tmp_path):
 
 
 def _main_child(argv: list[str]) -> None:
-    # the child is a run started from a terminal: Python's own Ctrl-C handler, whatever a library
-    # loaded by an earlier test left in the pytest process (an inherited SIG_IGN would make the
-    # run ignore Ctrl-C and finish normally)
+    # the child is a run started from a terminal: Python's own Ctrl-C handler and the signal not
+    # blocked, whatever a library loaded by an earlier test left in the pytest process (an
+    # inherited SIG_IGN or blocked mask would make the run ignore Ctrl-C and finish normally)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     os._exit(main(argv))
 
 
