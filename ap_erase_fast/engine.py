@@ -510,16 +510,6 @@ def functional_forward(module: torch.nn.Module, tensors: dict[str, torch.Tensor]
 def select_trained(backbone, method: str) -> list:
     """[(name, parameter)] of the denoiser that ``method`` trains (requires_grad set on them,
     cleared on all others), in module order."""
-    from .models.errors import ModelLoadError
-    from .models.trainable import check_train_method
+    from .models.trainable import select_trainable
 
-    check_train_method(method)
-    selected = []
-    for name, param in backbone.denoiser.named_parameters():
-        trained = backbone.is_trained(name, method)
-        param.requires_grad_(trained)
-        if trained:
-            selected.append((name, param))
-    if not selected:
-        raise ModelLoadError(f"train method {method!r} selects no parameter of this model")
-    return selected
+    return select_trainable(backbone.denoiser, method, backbone.is_trained)

@@ -61,22 +61,24 @@ def check_train_method(method) -> str:
     return method
 
 
-def select_trainable(unet, method: str) -> list:
+def select_trainable(unet, method: str, is_trained=None) -> list:
     """Set ``requires_grad`` on the parameters ``method`` trains and clear it on all others.
 
     Returns ``[(name, parameter), …]`` of the trained parameters in module order
     (``unet.named_parameters()`` order). Raises if the selection is empty (e.g. a UNet without
-    cross-attention asked for ``xattn``).
+    cross-attention asked for ``xattn``). ``is_trained(name, method)`` is the rule (default: the
+    SD1/SD2 UNet's, :func:`parameter_is_trained`).
     """
     check_train_method(method)
+    is_trained = is_trained or parameter_is_trained
     selected = []
     for name, param in unet.named_parameters():
-        trained = parameter_is_trained(name, method)
+        trained = is_trained(name, method)
         param.requires_grad_(trained)
         if trained:
             selected.append((name, param))
     if not selected:
-        raise ModelLoadError(f"train method {method!r} selects no parameter of this UNet")
+        raise ModelLoadError(f"train method {method!r} selects no parameter of this model")
     return selected
 
 
