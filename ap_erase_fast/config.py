@@ -27,6 +27,7 @@ OPTIMIZERS = ("adam", "adamw", "adamw8bit", "paged_adamw8bit")
 GUMBEL_MODES = ("hard", "soft", "topk")
 LOSS_SPACES = ("x0", "eps")
 SEARCHES = ("adversarial", "random")
+SEARCH_SCORES = ("mse", "normalised")
 POSITIVE_FLOATS = ("lr", "search_lr", "tau")
 NON_NEGATIVE_FLOATS = ("negative_guidance", "preserve_weight", "weight_decay", "start_guidance")
 CONCEPT_FILE_SUFFIXES = (".txt", ".csv", ".list")
@@ -104,6 +105,13 @@ class EraseConfig:
         "which the inner maximisation learns; the paper) or random (a uniform draw for every "
         "sample, π never updated: the control for the search, at the same cost).", "search",
         default="adversarial", choices=SEARCHES)
+    search_score: str = _opt(
+        "What the search maximises for a drawn candidate c_a: mse (its preservation error "
+        "‖θ′(z_r, c_a) − θ(z_r, c_a)‖², the paper) or normalised (that error divided by the "
+        "candidate's own signal ‖θ(z_r, c_a) − θ(z_r, \"\")‖² at the same latents: damage relative "
+        "to what the concept has to lose; a deviation, ALGORITHM.md §10). Only π's gradient "
+        "changes: θ′'s loss and update are the same.", "search", default="mse",
+        choices=SEARCH_SCORES)
     tau: float = _opt("Gumbel-Softmax temperature τ.", "search", default=2.0)
     gumbel_mode: str = _opt(
         "Draw of the adversarial concept: hard (one real word, straight-through gradient; the "

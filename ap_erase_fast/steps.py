@@ -94,9 +94,13 @@ def reference_iteration(ctx: StepContext, d, outer: bool) -> StepResult:
             e_null = models.query("frozen", "frozen", z, t, emb_null)
             e_concept = models.query("frozen", "frozen", z, t, emb_e)
             e_ref = models.query("frozen", "frozen", z_r, t, c_a.detach())
+        alpha = tables.x0_alpha(d.t_enc)
+        if not outer and cfg.search_score == "normalised":
+            with torch.no_grad():
+                e_null_r = models.query("frozen", "frozen", z_r, t, emb_null)
+            c_a = normalised_score(cfg, c_a, e_ref, e_null_r, z_r, alpha)
         e_erased = models.query("trained", "grad", z, t, emb_e)
         e_adv = models.query("trained", "grad", z_r, t, c_a)
-        alpha = tables.x0_alpha(d.t_enc)
         l_erase.append(_erase_term(cfg, e_erased, e_null, e_concept, z, alpha))
         l_pres.append(_preserve_term(cfg, e_adv, e_ref, z_r, alpha))
     l_erase_m, l_pres_m = torch.stack(l_erase).mean(), torch.stack(l_pres).mean()
@@ -133,7 +137,7 @@ def fast_iteration(ctx: StepContext, d, outer: bool) -> StepResult:
     b = _Batch(ctx, d, pi_grad=True)
     with torch.no_grad():
         z_r = ctx.models.sample(b.x_T, b.c_a.detach(), b.t_enc)
-        e_ref = ctx.models.query("frozen", "frozen", z_r, b.t, b.c_a.detach())
+    e_ref = _frozen_on_adversarial(ctx, b, z_r)
     loss, l_pres, grads = _search_gradient(ctx, b, z_r, e_ref)
     ctx.search.step(grads)
     return StepResult("inner", loss, None, l_pres, b.adv)
@@ -151,11 +155,58 @@ def _joint_terms(ctx: StepContext, b: _Batch):
         e_null, e_concept, e_ref = models.query(
             "frozen", "frozen", torch.cat([z, z, z_r]), torch.cat([b.t, b.t, b.t]),
             Cond.cat([null, b.emb_e, b.c_a.detach()])).split(n)
+    if b.c_a.requires_grad:  # the shared schedule's π gradient comes out of this loss
+        _score_search(ctx, b, z_r, e_ref)
     e_erased, e_adv = models.query("trained", "grad", torch.cat([z, z_r]), torch.cat([b.t, b.t]),
                                    Cond.cat([b.emb_e, b.c_a])).split(n)
     l_erase = _erase_term(ctx.cfg, e_erased, e_null, e_concept, z, b.alpha)
     l_pres = _preserve_term(ctx.cfg, e_adv, e_ref, z_r, b.alpha)
     return l_erase, l_pres, z_r
+
+
+def _frozen_on_adversarial(ctx: StepContext, b: _Batch, z_r):
+    """θ(z_r, c_a) for a search step, with c_a's π gradient scored as ``--search-score`` says."""
+    with torch.no_grad():
+        e_ref = ctx.models.query("frozen", "frozen", z_r, b.t, b.c_a.detach())
+    _score_search(ctx, b, z_r, e_ref)
+    return e_ref
+
+
+def _score_search(ctx: StepContext, b: _Batch, z_r, e_ref):
+    """Under ``--search-score normalised`` replace ``b.c_a`` by the same values whose gradient
+    into π is divided, per sample, by the candidate's signal at z_r (one more frozen call, on
+    its own so that the other frozen outputs, and with them θ′'s update, stay bit-identical)."""
+    if ctx.cfg.search_score != "normalised":
+        return
+    with torch.no_grad():
+        e_null_r = ctx.models.query("frozen", "frozen", z_r, b.t, ctx.models.null.expand(len(z_r)))
+    b.c_a = normalised_score(ctx.cfg, b.c_a, e_ref, e_null_r, z_r, b.alpha)
+
+
+def normalised_score(cfg, c_a: Cond, e_ref, e_null_r, z_r, alpha) -> Cond:
+    """``c_a`` (B prompts) whose backward scales sample i's gradient by 1 / s_i, where
+    s_i = ‖θ(z_r, c_a) − θ(z_r, "")‖² (mean over elements, in the loss space) is the drawn
+    candidate's own signal: π then ascends Σ_i ℓ_i / s_i, the damage relative to what each
+    concept has to lose, instead of Σ_i ℓ_i. The forward is untouched, and θ′'s gradient does not
+    pass through c_a, so only the search changes."""
+    signal = torch.stack([preservation_loss(e_ref[i:i + 1], e_null_r[i:i + 1], z_r[i:i + 1], alpha,
+                                            cfg.loss_space).float() for i in range(len(z_r))])
+    weight = 1.0 / signal.clamp_min(1e-12)
+    return Cond(tuple(_ScaleGrad.apply(p, weight) for p in c_a.parts))
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies row i of the gradient by ``weight[i]``."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(weight)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad * weight.view(-1, *[1] * (grad.dim() - 1)).to(grad.dtype), None
 
 
 def _search_gradient(ctx: StepContext, b: _Batch, z_r, e_ref):
@@ -215,8 +266,7 @@ def shared_outer_step(ctx: StepContext, d) -> list[StepResult]:
         for s in b.samples:
             s.gumbel = ctx.draw_gumbel(s.slot, len(search.sets[s.concept].words))
         b = _Batch(ctx, d, pi_grad=True)
-        with torch.no_grad():
-            e_ref = ctx.models.query("frozen", "frozen", z_r, b.t, b.c_a.detach())
+        e_ref = _frozen_on_adversarial(ctx, b, z_r)
         loss, l_pres, grads = _search_gradient(ctx, b, z_r, e_ref)
         search.step(grads)
         results.append(StepResult("inner", loss, None, l_pres, b.adv))
