@@ -176,6 +176,7 @@ BAD_VALUES = {
     "exclude_erased": ["=yes"],
     "preserve_set": ["prompts_missing.txt"],
     "search": ["greedy"],
+    "search_score": ["relative"],
     "tau": ["0", "-2", NAN, INF],
     "gumbel_mode": ["gumbel"],
     "gumbel_topk": ["0"],
