@@ -187,6 +187,7 @@ def _run_one(args) -> dict:
     sync()
     elapsed = time.perf_counter() - t0
     evals = sum(eraser.calls.values()) - calls0
+    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # set-up included
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
         peak_kind = "cuda max allocated"
@@ -194,7 +195,7 @@ def _run_one(args) -> dict:
         peak = _peak_rss_kib() / 2**20
         peak_kind = "peak RSS of the timed steps"
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        peak = process_peak
         peak_kind = "peak RSS of the process"
     expected = expected_evals_per_step(cfg.profile, cfg.schedule, cfg.pgd_steps, cfg.ddim_steps)
     return {
@@ -205,8 +206,7 @@ def _run_one(args) -> dict:
         "expected_evals_per_step": round(expected, 1),
         "outer_steps_per_s_at_mean_length": round(evals / elapsed / expected, 4),
         "peak_gib": round(peak, 3), "peak_kind": peak_kind,
-        "process_peak_gib": (round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
-                             if device.type == "cpu" else ""),
+        "process_peak_gib": round(process_peak, 3) if device.type == "cpu" else "",
         "trained_params": sum(p.numel() for _, p in eraser.trained),
         **memory_accounting(eraser),
         "torch_threads": torch.get_num_threads(),
