@@ -47,7 +47,7 @@ class EraseConfig:
     # --- model -----------------------------------------------------------------------------
     model: str = _opt(
         "The model to erase from: 'tiny' or 'tiny-sdxl' (built-in SD1- and SDXL-shaped demo models "
-        "with random weights), 'shapes' (the built-in trained ShapesWorld model), a diffusers "
+        "with random weights), 'shapes' / 'shapes2' (the built-in trained ShapesWorld models), a diffusers "
         "pipeline folder (SD1.x, SD2.x, SDXL), a Hugging Face hub id (needs network or a filled "
         "cache), or a single-file .safetensors/.ckpt checkpoint (CompVis layout for SD1/SD2, SGM "
         "layout for SDXL).", "model", default="tiny")
@@ -86,8 +86,8 @@ class EraseConfig:
     vocab: str | None = _opt(
         "Word list the preservation set R is chosen from: a .txt (one word or phrase per line), a "
         ".csv with a 'word' column, or a built-in list by name: 'en' (3000 common English words) "
-        "or 'shapes' (ShapesWorld captions and distractor words). Default: 'shapes' for --model "
-        "shapes, else 'en'.", "search")
+        "'shapes' (ShapesWorld captions and distractor words) or 'shapes2' (ShapesWorld 2 training "
+        "captions). Default: the model's own list for --model shapes / shapes2, else 'en'.", "search")
     k_closest: int = _opt("Keep the k vocabulary words closest (L2 in text-embedding space) to "
                           "each erased concept.", "search", default=1000)
     num_centers: int = _opt("1-D k-means centres over those k scores: |R| ≤ num_centers "

@@ -223,7 +223,7 @@ class Eraser:
             sets = [fixed_preservation_set(c, e.flat()[0].cpu(), cfg.preserve_set, table)
                     for c, e in zip(cfg.erase, concepts)]
         else:
-            words = load_vocabulary(cfg.vocab or ("shapes" if cfg.model == "shapes" else None))
+            words = load_vocabulary(cfg.vocab or (cfg.model if cfg.model in ("shapes", "shapes2") else None))
             cache = None
             if (cfg.embedding_cache or "").lower() != "none":
                 cache = cfg.embedding_cache or os.path.join(cache_root(), "embeddings")

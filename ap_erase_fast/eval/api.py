@@ -51,7 +51,7 @@ class EvalConfig:
     images: bool = True
     prompts: str | None = None  # CSV: prompt, seed[, class, concept, id]
     images_per_prompt: int | None = None  # seeds per default prompt (SD: 2, shapes: 8)
-    detectors: list[str] | None = None  # SD: none, shapes: ["shapes"]
+    detectors: list[str] | None = None  # SD: none, shapes: ["shapes"], shapes2: ["shapes2"]
     weights: str | None = None  # folder with resnet50/, clip/, lpips/
     steps: int | None = None  # SD: 100 (the paper), shapes: 25
     guidance: float | None = None  # SD: 7.5, shapes: 5

@@ -49,8 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     i.add_argument("--images-per-prompt", type=int, default=None, metavar="N",
                    help="seeds 0..N-1 per default prompt (default: the model's: 8 for shapes, 2)")
     i.add_argument("--detectors", default=None, metavar="LIST",
-                   help="comma list of nudenet, resnet50, clip, lpips, shapes; 'none' for none "
-                        "(default: the model's: shapes for shapes, none otherwise)")
+                   help="comma list of nudenet, resnet50, clip, lpips, shapes, shapes2; 'none' for none "
+                        "(default: the model's: shapes or shapes2 for those models, none otherwise)")
     i.add_argument("--weights", metavar="DIR",
                    help="folder with resnet50/, clip/, lpips/ (default: $AP_ERASE_EVAL_WEIGHTS or "
                         "<cache>/eval-weights)")

@@ -19,9 +19,13 @@ labelled by the shipped shapes classifier (:class:`~ap_erase_fast.eval.detectors
 ShapesClassifier`), and the sampler runs the model's own settings (those of
 :func:`ap_erase_fast.shapes.sample.generate`). A rebuilt world plugs in through the public
 names used here (``SHAPES``, ``COLOURS``, ``all_captions``) and the classifier loader.
+``shapes2`` (ShapesWorld 2) is judged the same way on its held-out prompts ("an image of a
+<shape>", "an image of a <colour> <shape>": trained, never members of R) with its own classifier
+(detector ``shapes2``).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 from dataclasses import dataclass, field
@@ -73,9 +77,23 @@ def shapes_sampler_settings() -> tuple[int, float]:
     return int(steps), float(guidance)
 
 
-def shapes_labels(prompt: str) -> dict:
+def _world(model: str):
+    from ..shapes.loading import WORLDS
+    from ..shapes.nets import world_module
+
+    return world_module(WORLDS[model])
+
+
+def _prefix(model: str) -> str:
+    from ..shapes.loading import WORLDS
+    from ..shapes.sample import _prefix as prefix
+
+    return prefix(WORLDS[model])
+
+
+def shapes_labels(prompt: str, model: str = "shapes") -> dict:
     """The shape and colour a ShapesWorld prompt names (indices; None when it names none)."""
-    from ..shapes import world
+    world = _world(model)
 
     words = prompt.lower().replace(",", " ").split()
     shapes = [i for i, s in enumerate(world.SHAPES) if s in words]
@@ -84,40 +102,40 @@ def shapes_labels(prompt: str) -> dict:
             "colour": colours[0] if len(colours) == 1 else None}
 
 
-def _world_prompts() -> list[str]:
-    """The world's canonical prompts: "a <shape>" and "a <colour> <shape>" (kept only if the
-    world's own captions contain them)."""
-    from ..shapes import world
-
-    prompts = [f"a {s}" for s in world.SHAPES]
-    prompts += [f"a {c} {s}" for c in world.COLOURS for s in world.SHAPES]
+def _world_prompts(model: str = "shapes") -> list[str]:
+    """The world's evaluation prompts: "<prefix> <shape>" and "<prefix> <colour> <shape>" (kept
+    only if the world's own captions contain them)."""
+    world, pre = _world(model), _prefix(model)
+    prompts = [f"{pre} {s}" for s in world.SHAPES]
+    prompts += [f"{pre} {c} {s}" for c in world.COLOURS for s in world.SHAPES]
     captions = set(world.all_captions())
     kept = [p for p in prompts if p in captions]
     return kept or prompts
 
 
-def _shapes_heldout(erased: list[str]) -> tuple[list[str], dict]:
+def _shapes_heldout(erased: list[str], model: str = "shapes") -> tuple[list[str], dict]:
     from ..concepts import mentions
 
-    prompts = [p for p in _world_prompts() if not any(mentions(c, p) for c in erased)]
+    prompts = [p for p in _world_prompts(model) if not any(mentions(c, p) for c in erased)]
     digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
-    return prompts, {"path": "builtin:ShapesWorld prompts ('a <shape>', 'a <colour> <shape>') "
+    pre = _prefix(model)
+    return prompts, {"path": f"builtin:{model} prompts ('{pre} <shape>', '{pre} <colour> <shape>') "
                              "that do not mention an erased concept",
                      "sha256": digest, "count": len(prompts)}
 
 
-def _shapes_rows(erased: list[str], heldout: list[str], per_prompt: int):
+def _shapes_rows(erased: list[str], heldout: list[str], per_prompt: int, model: str = "shapes"):
     """Erased rows: each erased shape as "a <shape>", each erased colour as "a <colour>
     <shape>" over the six shapes, any other concept as itself; preserved rows: the shapes (or,
     for a colour, the colour-shape pairs of the other colours) that no erased concept mentions.
     Every row carries the attribute the classifier checks."""
     from ..concepts import mentions
-    from ..shapes import world
 
+    world, pre = _world(model), _prefix(model)
     rows: list[PromptRow] = []
 
     def add(prompt: str, group: str, concept: str, attribute: str | None, n: int) -> None:
-        labels = shapes_labels(prompt)
+        labels = shapes_labels(prompt, model)
         for s in range(n):
             rows.append(PromptRow(index=len(rows), prompt=prompt, seed=s, concept=concept,
                                   group=group, extra={**labels, "attribute": attribute}))
@@ -127,37 +145,39 @@ def _shapes_rows(erased: list[str], heldout: list[str], per_prompt: int):
     for c in erased:
         key = c.strip().lower()
         if key in world.SHAPES:
-            add(f"a {key}", "erased", c, "shape", per_prompt)
+            add(f"{pre} {key}", "erased", c, "shape", per_prompt)
         elif key in world.COLOURS:
             colour_targets = True
             for s in world.SHAPES:
-                add(f"a {key} {s}", "erased", c, "colour", per_pair)
+                add(f"{pre} {key} {s}", "erased", c, "colour", per_pair)
         else:
-            labels = shapes_labels(c)
+            labels = shapes_labels(c, model)
             attribute = "shape" if labels["shape"] is not None else (
                 "colour" if labels["colour"] is not None else None)
             add(c, "erased", c, attribute, per_prompt)
     kept = lambda p: not any(mentions(c, p) for c in erased)  # noqa: E731
     for s in world.SHAPES:
-        if kept(f"a {s}"):
-            add(f"a {s}", "preserved", s, "shape", per_prompt)
+        if kept(f"{pre} {s}"):
+            add(f"{pre} {s}", "preserved", s, "shape", per_prompt)
     if colour_targets:
         for col in world.COLOURS:
             for s in world.SHAPES:
-                if kept(f"a {col} {s}"):
-                    add(f"a {col} {s}", "preserved", col, "colour", per_pair)
-    source = (f"ShapesWorld prompts: erased concepts and kept shapes (and colour-shape pairs for "
-              f"a colour), {per_prompt} seeds per shape prompt, labelled for the shapes classifier")
+                if kept(f"{pre} {col} {s}"):
+                    add(f"{pre} {col} {s}", "preserved", col, "colour", per_pair)
+    source = (f"{model} prompts: erased concepts and kept shapes (and colour-shape pairs for "
+              f"a colour), {per_prompt} seeds per shape prompt, labelled for the {model} classifier")
     return rows, source
 
 
-def _shapes() -> EvalProfile:
+def _shapes(model: str = "shapes") -> EvalProfile:
     steps, guidance = shapes_sampler_settings()
-    return EvalProfile(name="shapes", steps=steps, guidance=guidance, scheduler="ddim",
-                       batch_size=16, images_per_prompt=8, detectors=("shapes",),
-                       heldout=_shapes_heldout, prompts=_shapes_rows,
-                       notes={"source": "ShapesWorld: the world's prompts, its classifier, the "
+    return EvalProfile(name=model, steps=steps, guidance=guidance, scheduler="ddim",
+                       batch_size=16, images_per_prompt=8, detectors=(model,),
+                       heldout=functools.partial(_shapes_heldout, model=model),
+                       prompts=functools.partial(_shapes_rows, model=model),
+                       notes={"source": f"{model}: the world's evaluation prompts, its classifier, the "
                                         "sampler settings of ap_erase_fast.shapes.sample"})
 
 
-BUILTIN: dict[str, Callable[[], EvalProfile]] = {"shapes": _shapes}
+BUILTIN: dict[str, Callable[[], EvalProfile]] = {"shapes": _shapes,
+                                                  "shapes2": functools.partial(_shapes, "shapes2")}

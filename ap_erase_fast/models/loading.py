@@ -138,8 +138,8 @@ def load_components(
     """Load the UNet, text encoder, tokenizer, DDIM scheduler and VAE of ``model``.
 
     ``model``: ``"tiny"`` (built-in demo model, random weights), ``"tiny-sdxl"`` (built-in
-    SDXL-shaped demo model, random weights), ``"shapes"`` (the built-in ShapesWorld model,
-    trained: see ``ap_erase_fast.shapes``), a local diffusers pipeline folder (SD1.x, SD2.x or
+    SDXL-shaped demo model, random weights), ``"shapes"`` / ``"shapes2"`` (the built-in
+    ShapesWorld and ShapesWorld 2 models, trained: see ``ap_erase_fast.shapes``), a local diffusers pipeline folder (SD1.x, SD2.x or
     SDXL), a Hugging Face hub id (only from the local cache when ``HF_HUB_OFFLINE=1``), or a
     single-file checkpoint (``.safetensors`` / ``.ckpt``; CompVis layout for SD1.x/SD2.x, SGM
     layout for SDXL). ``single_file_weights``
@@ -155,19 +155,21 @@ def load_components(
     if single_file_weights not in ("ema", "non-ema"):
         raise ModelLoadError(f"single_file_weights must be 'ema' or 'non-ema', got {single_file_weights!r}")
     if not isinstance(model, (str, os.PathLike)) or not str(model).strip():
-        raise ModelLoadError(f"model must be 'tiny', 'tiny-sdxl', 'shapes', a folder, a hub id or a .safetensors/.ckpt file, got {model!r}")
+        raise ModelLoadError(f"model must be 'tiny', 'tiny-sdxl', 'shapes', 'shapes2', a folder, a hub id or a .safetensors/.ckpt file, got {model!r}")
     model = os.fspath(model)
     common = dict(torch_dtype=torch_dtype, device=device)
 
-    if model == "shapes":
-        from ..shapes.loading import shipped_dir
+    if model in ("shapes", "shapes2"):
+        from ..shapes.loading import WORLDS, shipped_dir
 
-        folder = shipped_dir()
+        folder = shipped_dir(model)
         if not os.path.isfile(os.path.join(folder, "model_index.json")):
-            raise ModelLoadError(f"the built-in ShapesWorld model is missing from {folder}; reinstall "
-                                 "the package or retrain it (python -m ap_erase_fast.shapes.train)")
+            world = WORLDS[model]
+            raise ModelLoadError(f"the built-in ShapesWorld model is missing from {folder} (--model {model}); "
+                                 f"reinstall the package or retrain it (python -m ap_erase_fast.shapes.train "
+                                 f"--world {world})")
         comps = _load_diffusers_folder(folder, model_id=model, fmt="builtin", **common)
-        comps.source["sd_version"] = "shapes"
+        comps.source["sd_version"] = model
     elif model in ("tiny", "tiny-sdxl"):
         parts, path = _load_tiny(model)
         comps = _finish(
@@ -193,7 +195,7 @@ def load_components(
             comps = _load_diffusers_folder(folder, model_id=model, fmt="hub", **common)
         else:
             raise ModelLoadError(
-                f"model {model!r} does not exist; pass 'tiny', 'tiny-sdxl', 'shapes', a local diffusers folder, a hub id "
+                f"model {model!r} does not exist; pass 'tiny', 'tiny-sdxl', 'shapes', 'shapes2', a local diffusers folder, a hub id "
                 "(org/name) or a .safetensors/.ckpt file"
             )
     if prediction_type is not None and comps.scheduler.config.prediction_type != prediction_type:

@@ -7,7 +7,7 @@ import os
 from ap_erase_fast.errors import UserError
 
 BUILTIN_VOCABULARY = "vocab_en.txt"
-BUILTIN_NAMES = ("en", "shapes")
+BUILTIN_NAMES = ("en", "shapes", "shapes2")
 
 
 def builtin_vocabulary_path() -> str:
@@ -20,7 +20,9 @@ def load_vocabulary(path: str | None = None) -> list[str]:
 
     ``None`` or ``"en"`` → the built-in list (3000 common English words,
     ``ap_erase_fast/data/vocab_en.txt``); ``"shapes"`` → the ShapesWorld list (every training
-    caption plus distractor words, :func:`ap_erase_fast.shapes.world.shapes_vocabulary`).
+    caption plus distractor words, :func:`ap_erase_fast.shapes.world.shapes_vocabulary`);
+    ``"shapes2"`` → the ShapesWorld 2 list (645 training captions, no evaluation prompt,
+    :func:`ap_erase_fast.shapes.world2.shapes2_vocabulary`).
     ``.csv`` → the ``word`` column (header required). Anything else is read as text: one entry
     per line, surrounding whitespace stripped, blank lines and lines starting with ``#`` ignored.
     Entries are kept as written (no lower-casing): R selection keeps the entries whose
@@ -31,6 +33,10 @@ def load_vocabulary(path: str | None = None) -> list[str]:
         from ap_erase_fast.shapes.world import shapes_vocabulary
 
         return shapes_vocabulary()
+    if path == "shapes2":
+        from ap_erase_fast.shapes.world2 import shapes2_vocabulary
+
+        return shapes2_vocabulary()
     if path == "en":
         path = None
     source = builtin_vocabulary_path() if path is None else os.path.expanduser(os.fspath(path))

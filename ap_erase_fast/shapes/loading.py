@@ -4,13 +4,20 @@ from __future__ import annotations
 import os
 from types import SimpleNamespace
 
-SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes")
+_MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+SHIPPED_DIR = os.path.join(_MODELS, "shapes")
+SHIPPED_DIRS = {"shapes": SHIPPED_DIR, "shapes2": os.path.join(_MODELS, "shapes2")}
+ENV_VARS = {"shapes": "AP_ERASE_SHAPES_DIR", "shapes2": "AP_ERASE_SHAPES2_DIR"}
+WORLDS = {"shapes": 1, "shapes2": 2}
 
 
-def shipped_dir() -> str:
-    """Where ``--model shapes`` and its classifier are read from: the package's copy, or the
-    folder in ``AP_ERASE_SHAPES_DIR`` (a retrained model written by ``train --ship``)."""
-    return os.environ.get("AP_ERASE_SHAPES_DIR") or SHIPPED_DIR
+def shipped_dir(name: str = "shapes") -> str:
+    """Where ``--model shapes`` (ShapesWorld) or ``--model shapes2`` (ShapesWorld 2) and its
+    classifier are read from: the package's copy, or the folder in ``AP_ERASE_SHAPES_DIR`` /
+    ``AP_ERASE_SHAPES2_DIR`` (a retrained model written by ``train --ship``)."""
+    if name not in SHIPPED_DIRS:
+        raise ValueError(f"no built-in ShapesWorld model {name!r}; choose one of {sorted(SHIPPED_DIRS)}")
+    return os.environ.get(ENV_VARS[name]) or SHIPPED_DIRS[name]
 
 
 def load_shapes_folder(model_dir, *, vae_dir=None, fp16_weights=False):

@@ -1,5 +1,5 @@
-"""The ShapesWorld networks: the component configs of the text-to-image model and the
-shape/colour classifier used to score it."""
+"""The ShapesWorld networks: the component configs of the text-to-image models (ShapesWorld 1
+and 2) and the attribute classifier used to score them."""
 from __future__ import annotations
 
 import torch
@@ -32,6 +32,8 @@ UNET_CONFIG = dict(
     attention_head_dim=4,
     norm_num_groups=32,
 )
+# ShapesWorld 2 (15 shapes, 8 colours, fill, size, background): the same layout, wider.
+UNET2_CONFIG = dict(UNET_CONFIG, block_out_channels=(96, 192))
 TEXT_CONFIG = dict(
     vocab_size=49408,
     hidden_size=128,
@@ -56,10 +58,16 @@ SCHEDULER_CONFIG = dict(
 
 
 class ShapeClassifier(nn.Module):
-    """Small CNN with two heads (shape, colour) for 32x32 images in [0, 1]."""
+    """Small CNN for 32x32 images in [0, 1] with one linear head per attribute (``heads``: name ->
+    number of classes, default ShapesWorld's shape and colour). ``forward`` returns the logits in
+    the order of ``heads``; the first two heads must be shape and colour."""
 
-    def __init__(self, widths=(16, 32, 64, 128)):
+    def __init__(self, widths=(16, 32, 64, 128), heads=None):
         super().__init__()
+        heads = dict(heads or {"shape": len(SHAPES), "colour": len(COLOURS)})
+        if list(heads)[:2] != ["shape", "colour"]:
+            raise ValueError(f"the first two classifier heads must be shape and colour, got {list(heads)}")
+        self.heads = tuple(heads)
         layers, cin = [], 3
         for i, w in enumerate(widths):
             for _ in range(2):
@@ -68,32 +76,56 @@ class ShapeClassifier(nn.Module):
             if i < len(widths) - 1:
                 layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
-        self.shape_head = nn.Linear(cin, len(SHAPES))
-        self.colour_head = nn.Linear(cin, len(COLOURS))
+        for name, count in heads.items():
+            setattr(self, f"{name}_head", nn.Linear(cin, count))
 
     def forward(self, x):
         h = self.features(x * 2 - 1).mean(dim=(2, 3))
-        return self.shape_head(h), self.colour_head(h)
+        return tuple(getattr(self, f"{name}_head")(h) for name in self.heads)
+
+    @torch.no_grad()
+    def predict_all(self, images, batch_size: int = 256):
+        """Softmax probabilities per head, ``{name: [n, classes]}``, for images in [0, 1]."""
+        self.eval()
+        probs = {name: [] for name in self.heads}
+        for i in range(0, len(images), batch_size):
+            for name, logits in zip(self.heads, self(images[i : i + batch_size].float())):
+                probs[name].append(logits.softmax(-1))
+        return {name: torch.cat(p) for name, p in probs.items()}
 
     @torch.no_grad()
     def predict(self, images, batch_size: int = 256):
         """Top-1 ``(shape_idx, colour_idx)`` and softmax probabilities for images in [0, 1]."""
-        self.eval()
-        shapes, colours, ps, pc = [], [], [], []
-        for i in range(0, len(images), batch_size):
-            ls, lc = self(images[i : i + batch_size].float())
-            ps.append(ls.softmax(-1))
-            pc.append(lc.softmax(-1))
-        ps, pc = torch.cat(ps), torch.cat(pc)
+        probs = self.predict_all(images, batch_size)
+        ps, pc = probs["shape"], probs["colour"]
         return ps.argmax(-1), pc.argmax(-1), ps, pc
 
 
-def build_modules():
-    """Freshly initialised ``(unet, text_encoder, vae)`` of the ShapesWorld model."""
+def world_module(world: int):
+    """The world definition module of ShapesWorld ``world`` (1 or 2)."""
+    if world == 1:
+        from . import world as mod
+    elif world == 2:
+        from . import world2 as mod
+    else:
+        raise ValueError(f"ShapesWorld {world!r} does not exist; use 1 or 2")
+    return mod
+
+
+def classifier_heads(world: int) -> dict:
+    """Classifier head sizes of ShapesWorld ``world``: shape and colour first."""
+    mod = world_module(world)
+    if world == 1:
+        return {"shape": len(mod.SHAPES), "colour": len(mod.COLOURS)}
+    return {name: len(values) for name, values in mod.ATTRIBUTES.items()}
+
+
+def build_modules(world: int = 1):
+    """Freshly initialised ``(unet, text_encoder, vae)`` of the ShapesWorld ``world`` model."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     vae = AutoencoderKL(**VAE_CONFIG)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    unet = UNet2DConditionModel(**(UNET_CONFIG if world == 1 else UNET2_CONFIG))
     text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
     return unet, text_encoder, vae

@@ -44,7 +44,8 @@ from pathlib import Path
 import torch
 
 from ..config import TRAIN_METHODS
-from .world import COLOURS, SHAPES
+from .loading import WORLDS
+from .world import SHAPES
 
 METHODS: dict[str, dict | None] = {
     "base": None,
@@ -53,10 +54,14 @@ METHODS: dict[str, dict | None] = {
     "preserve_random": {"search": "random", "schedule": "shared"},
     "ap_faithful": {"schedule": "faithful"},
     "ap_shared": {"schedule": "shared"},
+    # preserve the measured near set (R = the near concepts' training captions, drawn uniformly):
+    # an upper bound on what any search over R can reach; needs the target's esd runs first
+    "oracle": {"search": "random", "schedule": "shared"},
 }
 DEFAULT_TARGETS = list(SHAPES) + ["red"]
+NEAR_K = {"shape": 3, "colour": 2}  # size of the near set: shapes / colours ESD damages most
 # Settings every erasure shares (the rest are EraseConfig defaults or flags of this command).
-COMMON = dict(model="shapes", ddim_steps=25, start_guidance=3.0,
+COMMON = dict(ddim_steps=25, start_guidance=3.0,
               k_closest=200, num_centers=60, exclude_erased=True, device="cpu", quiet=True,
               mixed_precision="no")
 EVAL_STEPS, EVAL_GUIDANCE = 25, 5.0
@@ -69,17 +74,25 @@ def _log(msg: str) -> None:
     print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def world_of(model: str):
+    """The world module (its SHAPES, COLOURS, captions) of the built-in model ``model``."""
+    from .nets import world_module
+
+    return world_module(WORLDS[model])
+
+
 class World:
     """The base model, its text encoder and VAE, and the classifier, loaded once."""
 
-    def __init__(self):
+    def __init__(self, model: str = "shapes"):
         from ..models import load_components
-        from .train import load_classifier
         from .loading import shipped_dir
+        from .train import load_classifier
 
-        self.comps = load_components("shapes")
+        self.model = model
+        self.comps = load_components(model)
         self.base_unet = self.comps.unet
-        self.classifier = load_classifier(os.path.join(shipped_dir(), "classifier.safetensors"))
+        self.classifier = load_classifier(os.path.join(shipped_dir(model), "classifier.safetensors"))
 
     def components_for_run(self):
         """A components object whose UNet is a fresh copy of the base (the engine trains it)."""
@@ -93,30 +106,34 @@ class World:
                         steps=EVAL_STEPS, guidance=EVAL_GUIDANCE)
 
 
-def eval_prompts(target: str, images: int, seed: int):
-    """(prompts, seeds, shape index, colour index or -1) of the evaluation of ``target``."""
+def eval_prompts(target: str, images: int, seed: int, model: str = "shapes"):
+    """(prompts, seeds, shape index, colour index or -1) of the evaluation of ``target``: the
+    world's evaluation prompts ('a <shape>' in ShapesWorld; the held-out 'an image of a <shape>'
+    in ShapesWorld 2), ``images`` per shape, or per colour spread over the colour-shape pairs."""
     from .sample import labelled, pair_rows, shape_rows
 
+    w, n = world_of(model), WORLDS[model]
     base = 7_919 * (seed + 1) * 100_000
-    if target in SHAPES:
-        return labelled(shape_rows(images, lambda si, j: base + si * 1_000 + j))
-    per_pair = max(1, images // len(SHAPES))
+    if target in w.SHAPES:
+        return labelled(shape_rows(images, lambda si, j: base + si * 1_000 + j, world=n))
+    per_pair = max(1, images // len(w.SHAPES))
     return labelled(pair_rows(per_pair, lambda si, ci, j: base + 50_000 + ci * 1_000 + si * 100 + j,
-                              colour_major=True))
+                              colour_major=True, world=n))
 
 
-def score(target: str, pred_s, pred_c, want_s, want_c) -> dict:
+def score(target: str, pred_s, pred_c, want_s, want_c, model: str = "shapes") -> dict:
     """ESR, PSR, per-concept accuracy and what the target's images became."""
-    if target in SHAPES:
-        names, pred, want = SHAPES, pred_s, want_s
+    w = world_of(model)
+    if target in w.SHAPES:
+        names, pred, want = w.SHAPES, pred_s, want_s
     else:
-        names, pred, want = COLOURS, pred_c, want_c
+        names, pred, want = w.COLOURS, pred_c, want_c
     ti = names.index(target)
     acc = {n: float((pred[want == i] == i).float().mean()) for i, n in enumerate(names)}
     became = {n: int((pred[want == ti] == i).sum()) for i, n in enumerate(names)}
     others = [acc[n] for n in names if n != target]
     out = {"esr": 1.0 - acc[target], "psr": sum(others) / len(others), "acc": acc, "became": became}
-    if target not in SHAPES:  # the shapes of the colour prompts should survive a colour erasure
+    if target not in w.SHAPES:  # the shapes of the colour prompts should survive a colour erasure
         out["shape_acc"] = float((pred_s == want_s).float().mean())
     return out
 
@@ -126,11 +143,14 @@ def eps_measures_for(world: World, unet, target: str, seed: int) -> dict:
     from ..concepts import encode_prompts
     from ..eval.eps import EpsSettings, eps_measures
 
-    c = world.comps
-    if target in SHAPES:
-        prompts = [f"a {s}" for s in SHAPES]
+    from .sample import _prefix
+
+    c, w = world.comps, world_of(world.model)
+    pre = _prefix(WORLDS[world.model])
+    if target in w.SHAPES:
+        prompts = [f"{pre} {s}" for s in w.SHAPES]
     else:
-        prompts = [f"a {col} square" for col in COLOURS]
+        prompts = [f"{pre} {col} square" for col in w.COLOURS]
     erased_i = [i for i, p in enumerate(prompts) if target in p.split()][0]
     cond = encode_prompts(c.text_encoder, c.tokenizer, prompts)
     uncond = encode_prompts(c.text_encoder, c.tokenizer, [""])
@@ -144,26 +164,45 @@ def eps_measures_for(world: World, unet, target: str, seed: int) -> dict:
             "gap_erased": m["gap_erased"][erased_i], "gap_base": m["gap_base"][erased_i]}
 
 
-def run_one(world: World, target: str, method: str, seed: int, args, lr: float) -> tuple[dict, torch.Tensor]:
+def oracle_set(model: str, target: str, near: list[str]) -> list[str]:
+    """The oracle's R: training captions of the near concepts (members of the vocabulary, never
+    evaluation prompts): 'a <shape>' per near shape, 'a <colour> <shape>' over every shape per
+    near colour."""
+    w = world_of(model)
+    if target in w.SHAPES:
+        return [f"a {s}" for s in near]
+    return [f"a {c} {s}" for c in near for s in w.SHAPES]
+
+
+def run_one(world: World, target: str, method: str, seed: int, args, lr: float,
+            near: list[str] | None = None) -> tuple[dict, torch.Tensor]:
     from ..config import EraseConfig
     from ..engine import Eraser
 
     t0 = time.perf_counter()
-    row = {"target": target, "method": method, "seed": seed, "lr": lr, "steps": args.steps,
+    w = world_of(world.model)
+    prompts, seeds, want_s, want_c = eval_prompts(target, args.images, seed, world.model)
+    row = {"model": world.model, "target": target, "method": method, "seed": seed, "lr": lr, "steps": args.steps,
            "batch_size": args.batch_size, "loss_space": args.loss_space, "search_lr": args.search_lr,
            "preserve_weight": args.preserve_weight, "images": args.images,
            "train_method": args.train_method, "lora_rank": args.lora_rank}
     unet = world.base_unet
     if METHODS[method] is not None:
-        cfg = EraseConfig(**{**COMMON, "erase": [target], "steps": args.steps, "lr": lr,
+        extra = dict(METHODS[method])
+        if method == "oracle":
+            extra["preserve_set"] = oracle_set(world.model, target, near)
+            row["near"] = list(near)
+        cfg = EraseConfig(**{**COMMON, "model": world.model, "erase": [target], "steps": args.steps, "lr": lr,
                              "batch_size": args.batch_size, "seed": seed,
                              "loss_space": args.loss_space, "search_lr": args.search_lr,
                              "preserve_weight": args.preserve_weight, "train_method": args.train_method,
                              "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
-                             **METHODS[method]})
+                             **extra})
         comps = world.components_for_run()
         er = Eraser(cfg, progress=sys.stderr.isatty(), components=comps)
         er.setup()
+        if hasattr(w, "assert_held_out"):  # ShapesWorld 2: no evaluation prompt is a member of R
+            w.assert_held_out(prompts, er.sets[0].words)
         er.train()
         unet = comps.unet.eval()
         picks: dict[str, int] = {}
@@ -181,10 +220,9 @@ def run_one(world: World, target: str, method: str, seed: int, args, lr: float) 
         row.update(train_s=round(er.timings["train_s"], 2), r_size=len(er.sets[0].words),
                    picks=dict(sorted(picks.items(), key=lambda kv: -kv[1])),
                    unet_evals_per_step=round(sum(er.calls.values()) / max(1, args.steps), 1))
-    prompts, seeds, want_s, want_c = eval_prompts(target, args.images, seed)
     images = world.generate(unet, prompts, seeds)
     pred_s, pred_c, _, _ = world.classifier.predict(images)
-    row.update(score(target, pred_s, pred_c, want_s, want_c))
+    row.update(score(target, pred_s, pred_c, want_s, want_c, world.model))
     row.update(eps_measures_for(world, unet, target, seed))
     row["wall_s"] = round(time.perf_counter() - t0, 2)
     return row, images
@@ -219,14 +257,15 @@ def psr_at_esr(points: list[tuple[float, float]], level: float) -> float | None:
 
 
 def matched_erasure(rows: list[dict], method: str, targets: list[str], seeds: list[int],
-                    level: float) -> tuple[list[float], int]:
-    """PSR at ``level`` ESR on each (target, seed) curve of ``method`` over the learning rates
-    (weakest first); returns the values and how many curves did not reach the level."""
+                    level: float, metric: str = "psr") -> tuple[list[float], int]:
+    """``metric`` (PSR, or PSR-near / PSR-far) at ``level`` ESR on each (target, seed) curve of
+    ``method`` over the learning rates (weakest first); returns the values and how many curves
+    did not reach the level."""
     values, missed = [], 0
     for t in targets:
         for s in seeds:
-            pts = [(r["esr"], r["psr"]) for r in sorted(rows, key=lambda r: r["lr"])
-                   if r["method"] == method and r["target"] == t and r["seed"] == s]
+            pts = [(r["esr"], r[metric]) for r in sorted(rows, key=lambda r: r["lr"])
+                   if r["method"] == method and r["target"] == t and r["seed"] == s and metric in r]
             if len({r["lr"] for r in rows if r["method"] == method and r["target"] == t and r["seed"] == s}) < 2:
                 continue
             v = psr_at_esr(pts, level)
@@ -237,23 +276,59 @@ def matched_erasure(rows: list[dict], method: str, targets: list[str], seeds: li
     return values, missed
 
 
-def summarize(rows: list[dict], methods: list[str], targets: list[str], seeds: list[int], lr: float):
-    """Per method: ESR and PSR averaged over targets for each seed, then mean ± std over seeds."""
-    from .world import all_captions
+def near_sets(rows: list[dict], targets: list[str], lr: float, model: str = "shapes",
+              k: int | None = None) -> dict:
+    """Per target, the near set: the ``k`` kept concepts (default :data:`NEAR_K`) whose accuracy
+    plain ESD erasure (λ = 0, at the main learning rate ``lr``) lowers most against the base
+    model, averaged over the seeds run. Targets without both base and esd rows are left out."""
+    w = world_of(model)
+    out = {}
+    for t in targets:
+        base = [r for r in rows if r["method"] == "base" and r["target"] == t]
+        esd = [r for r in rows if r["method"] == "esd" and r["target"] == t and r["lr"] == lr]
+        if not base or not esd:
+            continue
+        names = [n for n in base[0]["acc"] if n != t]
+        dmg = {n: statistics.fmean(r["acc"][n] for r in base) - statistics.fmean(r["acc"][n] for r in esd)
+               for n in names}
+        kk = k or NEAR_K["shape" if t in w.SHAPES else "colour"]
+        near = sorted(names, key=lambda n: (-dmg[n], names.index(n)))[:kk]
+        out[t] = {"near": near, "damage": {n: round(dmg[n], 4) for n in names},
+                  "esd_seeds": sorted(r["seed"] for r in esd), "lr": lr}
+    return out
 
-    captions = set(all_captions()) - {""}  # the non-empty captions the model was trained on
+
+def add_near_far(rows: list[dict], sets: dict) -> None:
+    """``psr_near`` / ``psr_far``: mean accuracy over the target's near set / over the other kept
+    concepts, added to every row whose target has a near set."""
+    for r in rows:
+        ns = sets.get(r["target"])
+        if ns is None:
+            continue
+        far = [n for n in r["acc"] if n != r["target"] and n not in ns["near"]]
+        r["psr_near"] = statistics.fmean(r["acc"][n] for n in ns["near"])
+        r["psr_far"] = statistics.fmean(r["acc"][n] for n in far)
+
+
+def summarize(rows: list[dict], methods: list[str], targets: list[str], seeds: list[int], lr: float,
+              model: str = "shapes"):
+    """Per method: ESR and PSR (and PSR-near / PSR-far where the rows have them) averaged over
+    targets for each seed, then mean ± std over seeds."""
+    w = world_of(model)
+    captions = set(w.all_captions()) - {""}  # the non-empty captions the model was trained on
     main = [r for r in rows if r["lr"] == lr or r["method"] == "base"]
     table = []
     for m in methods:
         entry = {"method": m}
-        for kind, tg in (("shapes", [t for t in targets if t in SHAPES]),
-                         ("colour", [t for t in targets if t not in SHAPES])):
+        for kind, tg in (("shapes", [t for t in targets if t in w.SHAPES]),
+                         ("colour", [t for t in targets if t not in w.SHAPES])):
             if not tg:
                 continue
-            for metric in ("esr", "psr"):
+            for metric in ("esr", "psr", "psr_near", "psr_far"):
                 per_seed = []
                 for s in seeds:
-                    vals = [r[metric] for r in main if r["method"] == m and r["seed"] == s and r["target"] in tg]
+                    vals = [r[metric] for r in main if r["method"] == m and r["seed"] == s and r["target"] in tg
+                            and metric in r]
                     if len(vals) == len(tg):
                         per_seed.append(statistics.fmean(vals))
                 entry[f"{metric}_{kind}"] = _mean_std(per_seed)
@@ -274,9 +349,14 @@ def summarize(rows: list[dict], methods: list[str], targets: list[str], seeds: l
 
 def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
     methods, targets, seeds = args.methods, args.targets, args.seeds
+    w = world_of(args.model)
+    shapes = w.SHAPES
+    sets = near_sets(rows, sorted({r["target"] for r in rows}), args.lr, args.model)
+    add_near_far(rows, sets)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"quality_{tag}"
-    flat_cols = ["target", "method", "seed", "lr", "steps", "batch_size", "esr", "psr", "shape_acc",
+    flat_cols = ["target", "method", "seed", "lr", "steps", "batch_size", "esr", "psr", "psr_near", "psr_far",
+                 "shape_acc",
                  "drift_erased", "drift_kept", "gap_erased", "gap_base", "r_size", "train_s", "wall_s",
                  "acc", "became", "picks"]
     with open(f"{stem}.csv", "w", newline="") as fh:
@@ -285,27 +365,34 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
         w.writerow(flat_cols)
         for r in rows:
             w.writerow([json.dumps(r[c]) if isinstance(r.get(c), dict) else r.get(c, "") for c in flat_cols])
-    table = summarize(rows, methods, targets, seeds, args.lr)
-    lines = [f"# Erasure quality on ShapesWorld ({tag})", ""]
+    table = summarize(rows, methods, targets, seeds, args.lr, args.model)
+    world_name = "ShapesWorld" if args.model == "shapes" else "ShapesWorld 2"
+    lines = [f"# Erasure quality on {world_name} ({tag})", ""]
     lines += [f"* {k}: `{v}`" if k == "command" else f"* {k}: {v}" for k, v in env.items()]
     lines += [
         f"* settings: {args.steps} steps, lr {args.lr}, batch {args.batch_size}, loss {args.loss_space}, "
         f"λ {args.preserve_weight}, π lr {args.search_lr}, train_method={args.train_method}, "
         + (f"LoRA rank {args.lora_rank} (alpha {args.lora_alpha or args.lora_rank}), " if args.lora_rank else "full fine-tuning, ")
-        + f"{', '.join(f'{k}={v}' for k, v in COMMON.items() if k not in ('model', 'device', 'quiet'))}",
+        + f"model={args.model}, {', '.join(f'{k}={v}' for k, v in COMMON.items() if k not in ('device', 'quiet'))}",
         f"* evaluation: {args.images} images per shape prompt (colour target: "
-        f"{max(1, args.images // 6)} per colour-shape pair), DDIM {EVAL_STEPS} steps, CFG {EVAL_GUIDANCE}, "
-        f"seeds paired across methods; classifier top-1. Seeds: {seeds}.",
+        f"{max(1, args.images // len(shapes))} per colour-shape pair), DDIM {EVAL_STEPS} steps, CFG {EVAL_GUIDANCE}, "
+        f"seeds paired across methods; classifier top-1. Seeds: {seeds}."
+        + (f" Prompts '{w.EVAL_PREFIX} <shape>' / '{w.EVAL_PREFIX} <colour> <shape>': trained, never members of R "
+           f"(asserted for every run)." if hasattr(w, "EVAL_PREFIX") else ""),
         "",
         "## Summary (mean ± std over seeds of the mean over targets; %)",
         "",
     ]
-    has_colour = any(t not in SHAPES for t in targets)
-    head = ["method", "ESR shapes ↑", "PSR shapes ↑"] + (["ESR colour ↑", "PSR colour ↑"] if has_colour else [])
+    has_colour = any(t not in shapes for t in targets)
+    split = bool(sets)
+    near_far = ["PSR-near shapes ↑", "PSR-far shapes ↑"] if split else []
+    head = ["method", "ESR shapes ↑", "PSR shapes ↑", *near_far] + (["ESR colour ↑", "PSR colour ↑"] if has_colour else [])
     head += ["ε drift erased", "ε drift kept ↓", "|R|", "draws that are world captions %", "train s/run"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in table:
         cells = [e["method"], e.get("esr_shapes", "–"), e.get("psr_shapes", "–")]
+        if split:
+            cells += [e.get("psr_near_shapes", "–"), e.get("psr_far_shapes", "–")]
         if has_colour:
             cells += [e.get("esr_colour", "–"), e.get("psr_colour", "–")]
         cells += [e["drift_erased"], e["drift_kept"], e["r_size"], e["caption_draws"], e["train_s"]]
@@ -384,9 +471,40 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
                 cell = _mean_std(vals) + f" ({len(vals)})" if vals else "–"
                 cells.append(cell + (f", {missed} not reached" if missed else ""))
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        if split:
+            lines += ["", "## Held-out PSR-near and PSR-far at matched erasure "
+                      "(%, mean ± std over the sweep's target × seed curves)", "",
+                      "Near: the kept concepts plain ESD damages most (table below); far: the others. "
+                      "Interpolated as above.", "",
+                      "| method | " + " | ".join(f"{part} @ ESR {100 * lv:.0f} %" for lv in MATCHED_ESR
+                                                 for part in ("PSR-near", "PSR-far")) + " |",
+                      "|" + "---|" * (2 * len(MATCHED_ESR) + 1)]
+            for m in methods:
+                if m == "base":
+                    continue
+                cells = []
+                for lv in MATCHED_ESR:
+                    for metric in ("psr_near", "psr_far"):
+                        vals, missed = matched_erasure(rows, m, args.sweep_targets, args.sweep_seeds, lv, metric)
+                        cell = _mean_std(vals) + f" ({len(vals)})" if vals else "–"
+                        cells.append(cell + (f", {missed} not reached" if missed else ""))
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            _plot_near_far(rows, args, stem.with_name(stem.name + "_near_far.png"))
+            lines += ["", f"![PSR-near and PSR-far against ESR]({stem.name}_near_far.png)"]
+    if split:
+        lines += ["", f"## Near sets (esd at lr {args.lr:g} against base; accuracy lost, %)", "",
+                  "| target | near set | next most damaged | esd seeds |", "|---|---|---|---|"]
+        for t, ns in sets.items():
+            ranked = sorted(ns["damage"], key=lambda n: -ns["damage"][n])
+            rest = [n for n in ranked if n not in ns["near"]][:3]
+            lines.append(f"| {t} | " + ", ".join(f"{n} {100 * ns['damage'][n]:.0f}" for n in ns["near"])
+                         + " | " + ", ".join(f"{n} {100 * ns['damage'][n]:.0f}" for n in rest)
+                         + f" | {ns['esd_seeds']} |")
+        with open(stem.with_name(stem.name + "_near.json"), "w") as fh:
+            json.dump(sets, fh, indent=1)
     if grid_images:
         _save_grid(grid_images, stem.with_name(stem.name + "_grid.png"))
-        lines += ["", f"Samples (first target, seed {seeds[0]}; rows: methods; columns: the six shape "
+        lines += ["", f"Samples (first target, seed {seeds[0]}; rows: methods; columns: the {len(shapes)} shape "
                   f"prompts, two images each): ![grid]({stem.name}_grid.png)"]
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     _log(f"wrote {stem}.csv, {stem}.md")
@@ -419,6 +537,41 @@ def _plot_sweep(rows, args, path: Path) -> None:
     ax.set_title(f"ShapesWorld, targets {', '.join(args.sweep_targets)}: lr sweep")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def _plot_near_far(rows, args, path: Path) -> None:
+    """Two panels, PSR-near and PSR-far against ESR: one curve per method over the learning
+    rates (mean over the sweep's targets and seeds), the base model as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True, sharey=True)
+    for ax, metric, title in zip(axes, ("psr_near", "psr_far"), ("PSR-near", "PSR-far")):
+        for m in args.methods:
+            pts = []
+            for lr in sorted({r["lr"] for r in rows}):
+                rs = [r for r in rows if r["method"] == m and (r["lr"] == lr or m == "base") and metric in r
+                      and r["target"] in args.sweep_targets and r["seed"] in args.sweep_seeds]
+                if rs:
+                    pts.append((statistics.fmean(r["esr"] for r in rs), statistics.fmean(r[metric] for r in rs)))
+            if not pts:
+                continue
+            if m == "base":
+                ax.scatter([pts[0][0]], [pts[0][1]], marker="*", s=120, color="black", label="base")
+            else:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        for lv in MATCHED_ESR:
+            ax.axvline(lv, color="grey", lw=0.6, ls="--")
+        ax.set_xlabel("ESR (erased concept no longer recognised)")
+        ax.set_ylabel(f"{title} (held-out prompts)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -471,7 +624,7 @@ def _names(text: str) -> list[str]:
 def _key(target, method, seed, lr, settings) -> tuple:
     """What identifies a finished run (the base model's evaluation depends on none of the
     erasure settings but the evaluation ones)."""
-    common = (target, method, seed, settings["images"])
+    common = (settings.get("model") or "shapes", target, method, seed, settings["images"])
     if method == "base":
         return common
     return common + (settings["steps"], lr, settings["batch_size"], settings["loss_space"], settings["search_lr"],
@@ -481,8 +634,12 @@ def _key(target, method, seed, lr, settings) -> tuple:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ap-erase bench quality", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--targets", type=_names, default=DEFAULT_TARGETS,
-                    help="concepts to erase, one run each (shapes and/or colours)")
+    ap.add_argument("--model", choices=tuple(WORLDS), default="shapes",
+                    help="the built-in world: shapes (ShapesWorld) or shapes2 (ShapesWorld 2: held-out "
+                         "evaluation prompts, PSR-near / PSR-far, the oracle method)")
+    ap.add_argument("--targets", type=_names, default=None,
+                    help="concepts to erase, one run each (shapes and/or colours); default: every "
+                         "shape and red")
     ap.add_argument("--methods", type=_names, default=list(METHODS), help=f"of: {', '.join(METHODS)}")
     ap.add_argument("--seeds", type=_ints, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=40, help="outer steps of every erasure")
@@ -532,14 +689,20 @@ def main(argv: list[str] | None = None) -> int:
     # --quick: its settings stand in for the defaults (argparse keeps values already in the
     # namespace unless their flag is given)
     args = parser.parse_args(argv, argparse.Namespace(**copy.deepcopy(QUICK)) if quick else None)
-    args.tag = args.tag or ("shapes_quick" if args.quick else "shapes_cpu")
+    args.tag = args.tag or (f"{args.model}_quick" if args.quick else f"{args.model}_cpu")
+    w = world_of(args.model)
+    if args.targets is None:
+        args.targets = list(w.SHAPES) + ["red"]
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         raise UserError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
-    bad = [t for t in args.targets + args.sweep_targets if t not in SHAPES and t not in COLOURS]
+    bad = [t for t in args.targets + args.sweep_targets if t not in w.SHAPES and t not in w.COLOURS]
     if bad:
-        raise UserError(f"unknown target(s) {', '.join(bad)}; ShapesWorld has the shapes "
-                        f"{', '.join(SHAPES)} and the colours {', '.join(COLOURS)}")
+        raise UserError(f"unknown target(s) {', '.join(bad)}; --model {args.model} has the shapes "
+                        f"{', '.join(w.SHAPES)} and the colours {', '.join(w.COLOURS)}")
+    if "oracle" in args.methods and not {"base", "esd"} <= set(args.methods):
+        raise UserError("the oracle preserves the near set that esd measures against base: "
+                        "--methods needs base and esd with oracle")
     if args.steps < 1 or args.images < 1 or args.batch_size < 1:
         raise UserError("--steps, --images and --batch-size must be at least 1")
     if args.lora_rank < 0 or (args.lora_alpha is not None and not args.lora_alpha > 0):
@@ -578,6 +741,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(t, m, s, args.lr) for s in args.seeds for t in args.targets for m in args.methods]
     jobs += [(t, m, s, lr) for lr in args.sweep_lrs if lr != args.lr for s in args.sweep_seeds
              for t in args.sweep_targets for m in args.methods if m != "base"]
+    # the oracle runs last: its R is the near set the target's base and esd runs measure
+    jobs.sort(key=lambda j: j[1] == "oracle")
     if shard is not None:
         jobs = jobs[shard[0]::shard[1]]
     todo = sum(_key(t, m, s, lr, vars(args)) not in done for t, m, s, lr in jobs)
@@ -594,16 +759,23 @@ def main(argv: list[str] | None = None) -> int:
             if key in done and (not want_grid or grid_file.exists()):
                 rows.append(done[key])
                 continue
+            near = None
+            if m == "oracle":
+                known = list(done.values()) + rows
+                near = near_sets(known, [t], args.lr, args.model).get(t, {}).get("near")
+                if near is None:
+                    raise UserError(f"the oracle for {t} needs the base and esd runs of {t} at lr {args.lr:g}; "
+                                    "run the shards that hold them first (or run without --shard)")
             if world is None:
                 _log("loading the ShapesWorld model and its classifier")
-                world = World()
+                world = World(args.model)
             _log(f"{i + 1}/{len(jobs)} {t:>8} {m:<16} seed {s} lr {lr:g}: "
                  + ("generating and classifying images" if METHODS[m] is None else
                     f"erasing ({args.steps} steps), then generating and classifying images"))
-            row, images = run_one(world, t, m, s, args, lr)
+            row, images = run_one(world, t, m, s, args, lr, near)
             if want_grid:
                 grid_dir.mkdir(exist_ok=True)
-                per = args.images if t in SHAPES else max(1, args.images // 6) * 6
+                per = args.images if t in w.SHAPES else max(1, args.images // len(w.SHAPES)) * len(w.SHAPES)
                 torch.save({"images": images, "per_prompt": torch.tensor(per)}, grid_file)
             if key not in done:
                 fh.write(json.dumps(row) + "\n")

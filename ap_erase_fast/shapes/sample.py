@@ -5,7 +5,18 @@ from __future__ import annotations
 import torch
 
 from ..concepts import encode_prompts
-from .world import COLOURS, SHAPES
+
+
+def _world(world):
+    from .nets import world_module
+
+    return world_module(world)
+
+
+def _prefix(world):
+    """The prompt prefix of evaluation prompts: "a" in ShapesWorld 1, the held-out "an image of
+    a" in ShapesWorld 2 (trained, never a member of R)."""
+    return "a" if world == 1 else _world(world).EVAL_PREFIX
 
 
 def labelled(rows):
@@ -16,21 +27,23 @@ def labelled(rows):
             torch.tensor([r[3] for r in rows]))
 
 
-def shape_rows(per_shape: int, seed_of):
-    """'a <shape>' rows, shape by shape; ``seed_of(shape_index, j)`` gives the j-th seed."""
-    for si, s in enumerate(SHAPES):
+def shape_rows(per_shape: int, seed_of, world: int = 1):
+    """'<prefix> <shape>' rows, shape by shape; ``seed_of(shape_index, j)`` gives the j-th seed."""
+    w, pre = _world(world), _prefix(world)
+    for si, s in enumerate(w.SHAPES):
         for j in range(per_shape):
-            yield f"a {s}", seed_of(si, j), si, -1
+            yield f"{pre} {s}", seed_of(si, j), si, -1
 
 
-def pair_rows(per_pair: int, seed_of, colour_major: bool = False):
-    """'a <colour> <shape>' rows for all 36 pairs; ``seed_of(shape_index, colour_index, j)``."""
-    pairs = [(si, ci) for si in range(len(SHAPES)) for ci in range(len(COLOURS))]
+def pair_rows(per_pair: int, seed_of, colour_major: bool = False, world: int = 1):
+    """'<prefix> <colour> <shape>' rows for every pair; ``seed_of(shape_index, colour_index, j)``."""
+    w, pre = _world(world), _prefix(world)
+    pairs = [(si, ci) for si in range(len(w.SHAPES)) for ci in range(len(w.COLOURS))]
     if colour_major:
         pairs.sort(key=lambda p: (p[1], p[0]))
     for si, ci in pairs:
         for j in range(per_pair):
-            yield f"a {COLOURS[ci]} {SHAPES[si]}", seed_of(si, ci, j), si, ci
+            yield f"{pre} {w.COLOURS[ci]} {w.SHAPES[si]}", seed_of(si, ci, j), si, ci
 
 
 @torch.no_grad()
@@ -79,26 +92,34 @@ def generate(
     return torch.cat(out)
 
 
-def prompt_following(components, classifier, *, per_shape: int = 32, per_pair: int = 8, seed: int = 0, **kw):
-    """Fraction of "a <shape>" images classified as that shape (per shape), and shape / colour /
-    both accuracy on "a <colour> <shape>" images over all 36 pairs."""
+def prompt_following(components, classifier, *, per_shape: int = 32, per_pair: int = 8, seed: int = 0,
+                     world: int = 1, **kw):
+    """Fraction of "<prefix> <shape>" images classified as that shape (per shape), and shape /
+    colour / both accuracy on "<prefix> <colour> <shape>" images over every pair (and, per colour,
+    the colour accuracy). The prefix is "a" in ShapesWorld 1 and "an image of a" in ShapesWorld 2."""
     unet, text_encoder, tokenizer, vae, sched_cfg = components
+    w = _world(world)
     base = seed * 1_000_003
     prompts, seeds, want_s, want_c = labelled([
-        *shape_rows(per_shape, lambda si, j: base + si * 1000 + j),
-        *pair_rows(per_pair, lambda si, ci, j: base + 500_000 + si * 10_000 + ci * 100 + j),
+        *shape_rows(per_shape, lambda si, j: base + si * 1000 + j, world=world),
+        *pair_rows(per_pair, lambda si, ci, j: base + 500_000 + si * 10_000 + ci * 100 + j, world=world),
     ])
     images = generate(unet, text_encoder, tokenizer, vae, sched_cfg, prompts, seeds, **kw)
     ps, pc, _, _ = classifier.predict(images)
     shape_only = want_c < 0
     per = {}
-    for si, s in enumerate(SHAPES):
+    for si, s in enumerate(w.SHAPES):
         m = shape_only & (want_s == si)
         per[s] = float((ps[m] == si).float().mean())
     pair = ~shape_only
     ok_s = ps[pair] == want_s[pair]
     ok_c = pc[pair] == want_c[pair]
+    per_colour = {c: float(ok_c[want_c[pair] == ci].float().mean()) for ci, c in enumerate(w.COLOURS)}
     return {
+        "prompts": {"shape": f"{_prefix(world)} <shape>",
+                    "pair": f"{_prefix(world)} <colour> <shape>"},
+        "colour_prompts": per_colour,
+        "colour_min": min(per_colour.values()),
         "shape_prompts": per,
         "shape_mean": sum(per.values()) / len(per),
         "shape_min": min(per.values()),

@@ -1,15 +1,17 @@
-"""Train the ShapesWorld model and its classifier from a seed, on CPU.
+"""Train a ShapesWorld model and its classifier from a seed, on CPU.
 
     python -m ap_erase_fast.shapes.train --out runs/shapes --seed 0 [--ship ap_erase_fast/models/shapes]
+    python -m ap_erase_fast.shapes.train --world 2 --out runs/shapes2 --seed 0 [--ship ap_erase_fast/models/shapes2]
 
 Stages (each is skipped when its output exists in ``--out``, so an interrupted run resumes):
-1. classifier: shape/colour CNN on freshly drawn images; held-out accuracy on 10k images.
+1. classifier: a CNN with one head per attribute (shape, colour; in ShapesWorld 2 also fill,
+   size, background) on freshly drawn images; held-out accuracy on 10k images.
 2. vae: AutoencoderKL 32x32x3 -> 8x8x4, L1 + MSE + 1e-6 KL; scaling factor = 1 / latent std.
 3. latents: the training set (``--images`` images) encoded once (posterior mean and std).
 4. unet: UNet2DConditionModel and CLIPTextModel trained jointly (epsilon prediction, SD noise
    schedule, AdamW with warmup and cosine decay, EMA); captions drawn fresh from the templates
    each step, 10 % empty. The loss curve goes to ``curve.jsonl``.
-5. eval: prompt following of the EMA weights as shipped (fp16-rounded), per shape.
+5. eval: prompt following of the EMA weights as shipped (fp16-rounded), per shape and colour.
 ``--ship DIR`` writes the fp16 diffusers folders (unet, text_encoder, vae, scheduler), the
 classifier and ``train_report.json`` (command, timings, curve summary, scores) into DIR.
 """
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import nets, world
+from . import nets
 
 
 def _log(msg):
@@ -43,9 +45,10 @@ def _cpu_name():
         return platform.processor() or platform.machine()
 
 
-def _images(n, rng):
-    x, s, c = world.render(n, rng)
-    return torch.from_numpy(x), torch.from_numpy(s).long(), torch.from_numpy(c).long()
+def _images(n, rng, w):
+    """``n`` images of world module ``w`` and their labels, as tensors."""
+    x, labels = w.render_labelled(n, rng)
+    return torch.from_numpy(x), {k: torch.from_numpy(np.asarray(v)).long() for k, v in labels.items()}
 
 
 def _blur(x):
@@ -54,19 +57,19 @@ def _blur(x):
     return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k.expand(3, 1, 3, 3).contiguous(), groups=3)
 
 
-def train_classifier(seed, steps=700, batch=96, lr=3e-3):
+def train_classifier(seed, steps=700, batch=96, lr=3e-3, world=1):
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 1])
-    clf = nets.ShapeClassifier()
+    w = nets.world_module(world)
+    clf = nets.ShapeClassifier(heads=nets.classifier_heads(world))
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     clf.train()
     for step in range(steps):
-        x, s, c = _images(batch, rng)
+        x, labels = _images(batch, rng, w)
         # Half the batch softened: generated images are smoother than the renderer's edges.
         x[: batch // 2] = _blur(x[: batch // 2])
-        ls, lc = clf(x)
-        loss = F.cross_entropy(ls, s) + F.cross_entropy(lc, c)
+        loss = sum(F.cross_entropy(lg, labels[name]) for name, lg in zip(clf.heads, clf(x)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -76,23 +79,28 @@ def train_classifier(seed, steps=700, batch=96, lr=3e-3):
     return clf
 
 
-def classifier_accuracy(clf, images, shapes, colours):
-    ps, pc, _, _ = clf.predict(images)
-    per = {name: float((ps[shapes == i] == i).float().mean()) for i, name in enumerate(world.SHAPES)}
-    return {"shape": float((ps == shapes).float().mean()), "colour": float((pc == colours).float().mean()), "per_shape": per}
+def classifier_accuracy(clf, images, labels, w):
+    """Held-out top-1 accuracy per head, and per shape."""
+    probs = clf.predict_all(images)
+    pred = {name: p.argmax(-1) for name, p in probs.items()}
+    out = {name: float((pred[name] == labels[name]).float().mean()) for name in clf.heads}
+    ps, shapes = pred["shape"], labels["shape"]
+    out["per_shape"] = {name: float((ps[shapes == i] == i).float().mean()) for i, name in enumerate(w.SHAPES)}
+    return out
 
 
-def train_vae(seed, steps=2000, batch=32, lr=2e-3):
+def train_vae(seed, steps=2000, batch=32, lr=2e-3, world=1):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 2])
+    w = nets.world_module(world)
     vae = AutoencoderKL(**nets.VAE_CONFIG)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     vae.train()
     for step in range(steps):
-        x, _, _ = _images(batch, rng)
+        x, _ = _images(batch, rng, w)
         x = x * 2 - 1
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
@@ -109,17 +117,19 @@ def train_vae(seed, steps=2000, batch=32, lr=2e-3):
 
 
 @torch.no_grad()
-def encode_dataset(vae, seed, n, chunk=1000):
+def encode_dataset(vae, seed, n, chunk=1000, world=1):
+    """Posterior mean and std of ``n`` fresh images, with their labels (one tensor per key)."""
     rng = np.random.default_rng([seed, 3])
-    means, stds, shapes, colours = [], [], [], []
+    w = nets.world_module(world)
+    cols = {"mean": [], "std": []}
     for i in range(0, n, chunk):
-        x, s, c = _images(min(chunk, n - i), rng)
+        x, labels = _images(min(chunk, n - i), rng, w)
         post = vae.encode(x * 2 - 1).latent_dist
-        means.append(post.mean)
-        stds.append(post.std)
-        shapes.append(s)
-        colours.append(c)
-    return {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(), "shape": torch.cat(shapes), "colour": torch.cat(colours)}
+        cols["mean"].append(post.mean)
+        cols["std"].append(post.std)
+        for k, v in labels.items():
+            cols.setdefault(k, []).append(v)
+    return {k: torch.cat(v).contiguous() for k, v in cols.items()}
 
 
 @torch.no_grad()
@@ -127,19 +137,22 @@ def reconstruct(vae, x):
     return ((vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample + 1) / 2).clamp(0, 1)
 
 
-def _caption_table(tokenizer):
-    caps = world.all_captions()
+def _caption_table(tokenizer, w):
+    caps = w.all_captions()
     ids = tokenizer(caps, padding="max_length", max_length=nets.MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
     return {c: i for i, c in enumerate(caps)}, ids
 
 
-def train_unet(seed, data, scaling_factor, tokenizer, *, steps, batch=64, lr=6e-4, warmup=200, ema_decay=0.999, curve=None):
+def train_unet(seed, data, scaling_factor, tokenizer, *, steps, batch=64, lr=6e-4, warmup=200, ema_decay=0.999, curve=None,
+               world=1):
     from diffusers import DDPMScheduler
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng([seed, 4])
-    unet, text_encoder, _ = nets.build_modules()
+    w = nets.world_module(world)
+    label_keys = [k for k in data if k not in ("mean", "std")]
+    unet, text_encoder, _ = nets.build_modules(world)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
@@ -152,7 +165,7 @@ def train_unet(seed, data, scaling_factor, tokenizer, *, steps, batch=64, lr=6e-
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     noise_sched = DDPMScheduler(**{k: v for k, v in nets.SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one", "steps_offset")})
-    index, ids = _caption_table(tokenizer)
+    index, ids = _caption_table(tokenizer, w)
     n = len(data["shape"])
     unet.train()
     text_encoder.train()
@@ -161,12 +174,7 @@ def train_unet(seed, data, scaling_factor, tokenizer, *, steps, batch=64, lr=6e-
     for step in range(steps):
         idx = torch.from_numpy(rng.integers(0, n, batch))
         z = (data["mean"][idx] + data["std"][idx] * torch.randn(data["mean"][idx].shape, generator=gen)) * scaling_factor
-        u = rng.random(batch)
-        tt = rng.integers(0, 5, batch)
-        caps = [
-            world.caption(world.SHAPES[int(s)], world.COLOURS[int(c)], float(uu), int(ti))
-            for s, c, uu, ti in zip(data["shape"][idx], data["colour"][idx], u, tt)
-        ]
+        caps = w.draw_captions({k: data[k][idx].numpy() for k in label_keys}, rng)
         tok = ids[[index[c] for c in caps]]
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=gen)
         noise = torch.randn(z.shape, generator=gen)
@@ -204,9 +212,14 @@ def _save_classifier(clf, path, meta):
 
 
 def load_classifier(path):
+    """The classifier in ``path``; its heads come from the file's metadata (ShapesWorld 1's shape
+    and colour when the file names none)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    clf = nets.ShapeClassifier()
+    with safe_open(path, framework="pt") as fh:
+        info = json.loads((fh.metadata() or {}).get("info", "{}"))
+    clf = nets.ShapeClassifier(heads=info.get("heads"))
     clf.load_state_dict(load_file(path))
     return clf.eval()
 
@@ -214,23 +227,32 @@ def load_classifier(path):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m ap_erase_fast.shapes.train", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="work folder (stages resume from it)")
+    ap.add_argument("--world", type=int, choices=(1, 2), default=1,
+                    help="1: ShapesWorld (6 shapes x 6 colours, --model shapes); 2: ShapesWorld 2 (15 shapes, "
+                         "8 colours, fill, size, background; --model shapes2)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--unet-steps", type=int, default=3000)
-    ap.add_argument("--vae-steps", type=int, default=2000)
-    ap.add_argument("--clf-steps", type=int, default=700)
-    ap.add_argument("--images", type=int, default=40000, help="training set size for the UNet")
+    ap.add_argument("--unet-steps", type=int, default=None, help="default: 3000 (world 1), 4500 (world 2)")
+    ap.add_argument("--vae-steps", type=int, default=None, help="default: 2000 (world 1), 2500 (world 2)")
+    ap.add_argument("--clf-steps", type=int, default=None, help="default: 700 (world 1), 2000 (world 2)")
+    ap.add_argument("--images", type=int, default=None,
+                    help="training set size for the UNet; default: 40000 (world 1), 60000 (world 2)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-per-shape", type=int, default=64,
-                    help="images per 'a <shape>' prompt in the final prompt-following check")
+                    help="images per '<prefix> <shape>' prompt in the final prompt-following check")
     ap.add_argument("--heldout", type=int, default=10000, help="held-out images for the classifier")
     ap.add_argument("--ship", default=None, help="folder to write the fp16 model and classifier into")
     args = ap.parse_args(argv)
+    for name, defaults in (("unet_steps", (3000, 4500)), ("vae_steps", (2000, 2500)), ("clf_steps", (700, 2000)),
+                           ("images", (40000, 60000))):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[args.world - 1])
+    w = nets.world_module(args.world)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     report_path = os.path.join(args.out, "report.json")
     report = json.load(open(report_path)) if os.path.exists(report_path) else {}
     report.update({"command": "python -m ap_erase_fast.shapes.train " + " ".join(argv if argv is not None else sys.argv[1:]),
-                   "seed": args.seed, "torch": torch.__version__, "threads": args.threads,
+                   "world": args.world, "seed": args.seed, "torch": torch.__version__, "threads": args.threads,
                    "machine": f"{_cpu_name()}, {os.cpu_count()} cores"})
     timings = report.setdefault("timings_s", {})
 
@@ -243,15 +265,17 @@ def main(argv=None):
     from ..models.tokenizer import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(model_max_length=nets.MAX_LENGTH)
-    held = _images(args.heldout, np.random.default_rng([args.seed, 99]))
+    held = _images(args.heldout, np.random.default_rng([args.seed, 99]), w)
 
     clf_path = os.path.join(args.out, "classifier.safetensors")
     if not os.path.exists(clf_path):
         t = time.time()
-        clf = train_classifier(args.seed, steps=args.clf_steps)
+        clf = train_classifier(args.seed, steps=args.clf_steps, world=args.world)
         timings["classifier"] = round(time.time() - t, 1)
-        report["classifier_heldout"] = classifier_accuracy(clf, *held)
-        _save_classifier(clf, clf_path, {"seed": args.seed, "heldout": report["classifier_heldout"]})
+        report["classifier_heldout"] = classifier_accuracy(clf, *held, w)
+        _save_classifier(clf, clf_path, {"seed": args.seed, "world": args.world,
+                                         "heads": nets.classifier_heads(args.world),
+                                         "heldout": report["classifier_heldout"]})
         save_report()
         _log(f"classifier held-out {report['classifier_heldout']}")
     clf = load_classifier(clf_path)
@@ -259,8 +283,8 @@ def main(argv=None):
     vae_dir = os.path.join(args.out, "vae")
     if not os.path.exists(os.path.join(vae_dir, "config.json")):
         t = time.time()
-        vae = train_vae(args.seed, steps=args.vae_steps)
-        lat = encode_dataset(vae, args.seed + 1000, min(4000, args.images))["mean"]
+        vae = train_vae(args.seed, steps=args.vae_steps, world=args.world)
+        lat = encode_dataset(vae, args.seed + 1000, min(4000, args.images), world=args.world)["mean"]
         sf = float(1.0 / lat.std())
         vae.register_to_config(scaling_factor=sf)
         timings["vae"] = round(time.time() - t, 1)
@@ -269,7 +293,7 @@ def main(argv=None):
         mse = F.mse_loss(rec, held[0][:n_rec]).item()
         report["vae"] = {"psnr_db": round(10 * math.log10(1 / mse), 2), "scaling_factor": sf,
                          "classifier_on_reconstructions": classifier_accuracy(
-                             clf, rec, held[1][:n_rec], held[2][:n_rec])}
+                             clf, rec, {k: v[:n_rec] for k, v in held[1].items()}, w)}
         vae.save_pretrained(vae_dir)
         save_report()
         _log(f"vae {report['vae']}")
@@ -280,7 +304,7 @@ def main(argv=None):
         from safetensors.torch import save_file
 
         t = time.time()
-        save_file(encode_dataset(vae, args.seed, args.images), lat_path)
+        save_file(encode_dataset(vae, args.seed, args.images, world=args.world), lat_path)
         timings["latents"] = round(time.time() - t, 1)
         save_report()
     from safetensors.torch import load_file
@@ -292,7 +316,7 @@ def main(argv=None):
         t = time.time()
         with open(os.path.join(args.out, "curve.jsonl"), "w") as curve:
             unet, text_encoder = train_unet(args.seed, data, vae.config.scaling_factor, tokenizer,
-                                            steps=args.unet_steps, curve=curve)
+                                            steps=args.unet_steps, curve=curve, world=args.world)
         timings["unet"] = round(time.time() - t, 1)
         unet.save_pretrained(os.path.join(model_dir, "unet"))
         text_encoder.save_pretrained(os.path.join(model_dir, "text_encoder"))
@@ -302,12 +326,12 @@ def main(argv=None):
 
     comps = load_shapes_folder(model_dir, vae_dir=vae_dir, fp16_weights=True)
     t = time.time()
-    scores, images = _prompt_following(comps, clf, args.eval_per_shape)
+    scores, images = _prompt_following(comps, clf, args.eval_per_shape, args.world)
     timings["eval"] = round(time.time() - t, 1)
     report["prompt_following"] = scores
     save_report()
     _log(f"prompt following {json.dumps(scores)}")
-    _save_grid(images, os.path.join(args.out, "grid_shapes.png"), args.eval_per_shape)
+    _save_grid(images, os.path.join(args.out, "grid_shapes.png"), args.eval_per_shape, len(w.SHAPES))
     _save_curve_plot(os.path.join(args.out, "curve.jsonl"), os.path.join(args.out, "curve.png"))
     with open(os.path.join(args.out, "report.md"), "w") as fh:
         fh.write(report_markdown(report))
@@ -316,25 +340,25 @@ def main(argv=None):
     return 0
 
 
-def _prompt_following(comps, clf, per_shape):
+def _prompt_following(comps, clf, per_shape, world=1):
     from .sample import prompt_following
 
     return prompt_following(
         (comps.unet, comps.text_encoder, comps.tokenizer, comps.vae, comps.scheduler.config), clf,
-        per_shape=per_shape, per_pair=max(1, per_shape // 8),
+        per_shape=per_shape, per_pair=max(1, per_shape // 8), world=world,
     )
 
 
-def _save_grid(images, path, per_shape, cols=8):
+def _save_grid(images, path, per_shape, n_shapes, cols=8):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = []
-    for si in range(len(world.SHAPES)):
+    for si in range(n_shapes):
         rows.append(images[si * per_shape : si * per_shape + cols])
-    g = torch.stack(rows)  # [6, cols, 3, 32, 32]
+    g = torch.stack(rows)  # [shapes, cols, 3, 32, 32]
     g = g.permute(0, 3, 1, 4, 2).reshape(len(rows) * 32, cols * 32, 3).numpy()
     plt.imsave(path, np.kron(g, np.ones((2, 2, 1))))
 
@@ -357,23 +381,35 @@ def report_markdown(report) -> str:
     """The training report as markdown (machine, command, timings, scores)."""
     pf = report["prompt_following"]
     t = report["timings_s"]
-    lines = ["# ShapesWorld model: training and scores", "",
+    world = report.get("world", 1)
+    heads = [k for k in report["classifier_heldout"] if k != "per_shape"]
+
+    def pct(d):
+        return ", ".join(f"{k} {100 * d[k]:.1f} %" for k in heads)
+
+    def table(scores, label):
+        return ["| " + label + " | " + " | ".join(scores) + " | min |", "|" + "---|" * (len(scores) + 2),
+                "| top-1 | " + " | ".join(f"{100 * v:.1f} %" for v in scores.values())
+                + f" | {100 * min(scores.values()):.1f} % |"]
+
+    prompts = pf.get("prompts", {"shape": "a <shape>", "pair": "a <colour> <shape>"})
+    n_pairs = len(pf["shape_prompts"]) * (len(pf["colour_prompts"]) if "colour_prompts" in pf else 6)
+    title = "ShapesWorld model" if world == 1 else "ShapesWorld 2 model"
+    lines = [f"# {title}: training and scores", "",
              f"* machine: {report['machine']}, torch {report['torch']}, {report['threads']} threads",
              f"* command: `{report['command']}`",
-             f"* stage times (s): " + ", ".join(f"{k} {v}" for k, v in t.items())
+             "* stage times (s): " + ", ".join(f"{k} {v}" for k, v in t.items())
              + f"; total {sum(t.values()) / 60:.1f} min",
-             f"* classifier, held out: shape {100 * report['classifier_heldout']['shape']:.1f} %, "
-             f"colour {100 * report['classifier_heldout']['colour']:.1f} %",
-             f"* VAE: PSNR {report['vae']['psnr_db']} dB; classifier on reconstructions: shape "
-             f"{100 * report['vae']['classifier_on_reconstructions']['shape']:.1f} %, colour "
-             f"{100 * report['vae']['classifier_on_reconstructions']['colour']:.1f} %", "",
-             f"Prompt following ({pf['images']['per_shape']} images per 'a <shape>' prompt, DDIM 25 steps, "
+             f"* classifier, held out: {pct(report['classifier_heldout'])}",
+             f"* VAE: PSNR {report['vae']['psnr_db']} dB; classifier on reconstructions: "
+             f"{pct(report['vae']['classifier_on_reconstructions'])}", "",
+             f"Prompt following ({pf['images']['per_shape']} images per '{prompts['shape']}' prompt, DDIM 25 steps, "
              "CFG 5, fp16-rounded EMA weights, classifier top-1):", "",
-             "| " + " | ".join(pf["shape_prompts"]) + " | mean | min |", "|" + "---|" * (len(pf["shape_prompts"]) + 2),
-             "| " + " | ".join(f"{100 * v:.1f} %" for v in pf["shape_prompts"].values())
-             + f" | {100 * pf['shape_mean']:.1f} % | {100 * pf['shape_min']:.1f} % |", "",
-             f"'a <colour> <shape>', all 36 pairs × {pf['images']['per_pair']}: shape {100 * pf['pair_shape']:.1f} %, "
+             *table(pf["shape_prompts"], "shape"), "",
+             f"'{prompts['pair']}', all {n_pairs} pairs × {pf['images']['per_pair']}: shape {100 * pf['pair_shape']:.1f} %, "
              f"colour {100 * pf['pair_colour']:.1f} %, both {100 * pf['pair_both']:.1f} %"]
+    if "colour_prompts" in pf:
+        lines += ["", f"Colour accuracy per colour on '{prompts['pair']}':", "", *table(pf["colour_prompts"], "colour")]
     return "\n".join(lines) + "\n"
 
 

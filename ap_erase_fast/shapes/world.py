@@ -157,3 +157,23 @@ def shapes_vocabulary() -> list[str]:
     """The ShapesWorld preservation vocabulary: every non-empty training caption (210) plus
     150 distractor words."""
     return [c for c in all_captions() if c] + distractor_words()
+
+
+def labels_of(shape_idx, colour_idx):
+    """The attribute labels of rendered images, as the classifier heads name them."""
+    return {"shape": shape_idx, "colour": colour_idx}
+
+
+def render_labelled(n, rng):
+    """``(images, {"shape": ..., "colour": ...})``: :func:`render` in the form the trainer uses."""
+    x, s, c = render(n, rng)
+    return x, labels_of(s, c)
+
+
+def draw_captions(labels, rng):
+    """One training caption per image (``labels``: index arrays), drawn with ``rng``."""
+    n = len(labels["shape"])
+    u = rng.random(n)
+    tt = rng.integers(0, 5, n)
+    return [caption(SHAPES[int(s)], COLOURS[int(c)], float(uu), int(ti))
+            for s, c, uu, ti in zip(labels["shape"], labels["colour"], u, tt)]

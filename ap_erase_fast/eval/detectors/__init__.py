@@ -10,7 +10,7 @@
 """
 from __future__ import annotations
 
-DETECTORS = ("nudenet", "resnet50", "clip", "lpips", "shapes")
+DETECTORS = ("nudenet", "resnet50", "clip", "lpips", "shapes", "shapes2")
 
 
 def load_detector(name: str, weights_dir: str, device: str, options: dict):
@@ -32,8 +32,8 @@ def load_detector(name: str, weights_dir: str, device: str, options: dict):
         from .lpips import LPIPSMetric
 
         return LPIPSMetric(weights_dir, device)
-    if name == "shapes":
+    if name in ("shapes", "shapes2"):
         from .shapes import ShapesClassifier
 
-        return ShapesClassifier(device)
+        return ShapesClassifier(device, model=name)
     raise ValueError(name)

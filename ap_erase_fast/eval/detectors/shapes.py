@@ -21,15 +21,15 @@ import torch
 from ...errors import UserError
 
 
-def load_shapes_classifier():
-    """``(classifier, path)``: the classifier beside the ShapesWorld model in use."""
+def load_shapes_classifier(model: str = "shapes"):
+    """``(classifier, path)``: the classifier beside the ShapesWorld model ``model`` in use."""
     from ...shapes import loading
 
-    path = os.path.join(loading.shipped_dir(), "classifier.safetensors")
+    path = os.path.join(loading.shipped_dir(model), "classifier.safetensors")
     if not os.path.isfile(path):
-        raise UserError(f"the ShapesWorld classifier {path} is missing; reinstall ap_erase_fast "
-                        f"or point AP_ERASE_SHAPES_DIR at a folder written by 'python -m "
-                        f"ap_erase_fast.shapes.train --ship'")
+        raise UserError(f"the {model} classifier {path} is missing; reinstall ap_erase_fast "
+                        f"or point {loading.ENV_VARS[model]} at a folder written by 'python -m "
+                        f"ap_erase_fast.shapes.train --world {loading.WORLDS[model]} --ship'")
     loader = getattr(loading, "load_classifier", None)
     if loader is None:
         from ...shapes.train import load_classifier as loader
@@ -40,11 +40,14 @@ class ShapesClassifier:
     name = "shapes"
     kind = "single"
 
-    def __init__(self, device: str):
-        from ...shapes import world
+    def __init__(self, device: str, model: str = "shapes"):
+        from ...shapes.loading import WORLDS
+        from ...shapes.nets import world_module
         from .common import hash_files
 
-        self.model, path = load_shapes_classifier()
+        world = world_module(WORLDS[model])
+        self.name = model
+        self.model, path = load_shapes_classifier(model)
         self.model = self.model.to(device).eval()
         self.device = device
         self.names = {"shape": list(world.SHAPES), "colour": list(world.COLOURS)}
@@ -78,7 +81,7 @@ class ShapesClassifier:
                 if judged is None:
                     continue
                 attribute, want = judged
-                got = r[model]["shapes"][attribute]
+                got = r[model][self.name][attribute]
                 n += 1
                 hits += (got != want) if metric == "ESR" else (got == want)
                 if group == "erased":

@@ -1,0 +1,186 @@
+"""ShapesWorld 2: the world (attributes, captions, vocabulary, held-out evaluation prompts), the
+attribute classifier, the training script for ``--world 2`` and the shipped ``--model shapes2``."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ap_erase_fast.shapes import world2 as w
+
+SHIPPED2 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ap_erase_fast",
+                        "models", "shapes2")
+
+
+def test_world_has_the_look_alike_groups_and_attributes():
+    assert len(w.SHAPES) >= 12 and len(set(w.SHAPES)) == len(w.SHAPES)
+    for group in (("circle", "ring", "ellipse"), ("square", "rectangle", "diamond"), ("triangle", "arrow"),
+                  ("star", "cross", "plus"), ("pentagon", "hexagon"), ("heart",), ("crescent",)):
+        assert set(group) <= set(w.SHAPES)
+    assert len(w.COLOURS) >= 8 and {"red", "orange", "pink", "blue", "cyan"} <= set(w.COLOURS)
+    assert w.FILLS == ("solid", "outline", "striped") and w.SIZES == ("small", "large")
+    assert w.BACKGROUNDS == ("light", "dark")
+    assert list(w.ATTRIBUTES) == ["shape", "colour", "fill", "size", "background"]
+
+
+def test_render_is_seeded_fixes_what_it_is_told_and_stays_inside():
+    a, la = w.render(48, 7)
+    b, lb = w.render(48, 7)
+    assert np.array_equal(a, b) and all(np.array_equal(la[k], lb[k]) for k in w.ATTRIBUTES)
+    assert not np.array_equal(a, w.render(48, 8)[0])
+    assert a.shape == (48, 3, 32, 32) and a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
+    _, lab = w.render(30, 1, shape=np.arange(15).repeat(2), fill=2, background=1)
+    assert list(lab["shape"]) == list(np.arange(15).repeat(2)) and set(lab["fill"]) == {2}
+    assert set(lab["background"]) == {1}
+    # the border rows and columns are background only: every object stays inside the image
+    big, _ = w.render(60, 3, size=1, background=1, fill=0)
+    border = np.concatenate([big[:, :, 0, :], big[:, :, -1, :], big[:, :, :, 0], big[:, :, :, -1]], axis=-1)
+    assert border.max() < 0.36
+    with pytest.raises(ValueError, match="unknown attribute"):
+        w.render(2, 0, colour_name=1)
+
+
+def _silhouettes(radius=10.0):
+    n = len(w.SHAPES)
+    side = w.SIZE * w._SS
+    g = (np.arange(side) + 0.5) / w._SS
+    py, px = np.meshgrid(g, g, indexing="ij")
+    return w._silhouettes(np.arange(n), np.full(n, 16.0), np.full(n, 16.0), np.full(n, radius), np.zeros(n),
+                          px.ravel(), py.ravel())
+
+
+def test_silhouettes_have_the_expected_areas_and_every_pair_differs():
+    m = _silhouettes()
+    area = dict(zip(w.SHAPES, m.sum(1) / w._SS ** 2))
+    assert area["circle"] == pytest.approx(np.pi * 9.5 ** 2, rel=0.03)
+    assert area["ring"] == pytest.approx(np.pi * (100 - 36), rel=0.04)
+    assert area["ellipse"] == pytest.approx(np.pi * 10 * 5.5, rel=0.04)
+    assert area["square"] == pytest.approx(15.6 ** 2, rel=0.06)  # on a 0.5 px grid
+    assert area["rectangle"] == pytest.approx(20 * 10, rel=0.03)
+    assert area["diamond"] == pytest.approx(2 * 7.2 * 10, rel=0.04)
+    assert area["hexagon"] == pytest.approx(3 * np.sqrt(3) / 2 * 100, rel=0.03)
+    assert area["pentagon"] == pytest.approx(5 / 2 * np.sin(2 * np.pi / 5) * 100, rel=0.03)
+    assert area["plus"] == pytest.approx(area["cross"], rel=0.03)  # the same figure turned by 45°
+    assert area["plus"] == pytest.approx(2 * 20 * 6 - 36, rel=0.04)
+    # no two shapes are the same figure: intersection over union below 1 for every pair; the
+    # closest pair is circle / hexagon (0.90), then square / hexagon (0.83) and pentagon / hexagon
+    ious = {}
+    for i in range(len(w.SHAPES)):
+        for j in range(i + 1, len(w.SHAPES)):
+            ious[w.SHAPES[i], w.SHAPES[j]] = (m[i] & m[j]).sum() / (m[i] | m[j]).sum()
+    assert max(ious, key=ious.get) == ("circle", "hexagon") and ious["circle", "hexagon"] < 0.92
+    assert sorted(ious.values())[-2] < 0.85, sorted(ious.items(), key=lambda kv: kv[1])[-3:]
+
+
+def test_fills_outline_and_stripes():
+    kw = dict(shape=0, colour=4, size=1, background=0)
+    solid, _ = w.render(8, 5, fill=0, **kw)
+    outline, _ = w.render(8, 5, fill=1, **kw)
+    striped, _ = w.render(8, 5, fill=2, **kw)
+    bg = solid[:, :, 0, 0].mean()
+
+    def painted(x):  # blue-dominant pixels: the object on a light grey background
+        return ((x[:, 2] - x[:, 0]) > 0.3).sum(axis=(1, 2))
+
+    assert (painted(outline) < 0.5 * painted(solid)).all() and (painted(outline) > 0.1 * painted(solid)).all()
+    # stripes: the object is painted in two clearly different shades
+    obj = striped.transpose(0, 2, 3, 1)[((striped[:, 2] - striped[:, 0]) > 0.15)]
+    assert obj[:, 2].max() - obj[:, 2].min() > 0.35 and bg > 0.6
+
+
+def test_captions_vocabulary_and_held_out_evaluation_prompts():
+    from ap_erase_fast.concepts import is_candidate
+    from ap_erase_fast.models.vocab import load_vocabulary
+
+    assert w.describe("star") == "a star"
+    assert (w.describe("star", "red", "striped", "large", "dark", prefix="a photo of a")
+            == "a photo of a large red striped star on a dark background")
+    row = {"shape": 9, "colour": 0, "fill": 2, "size": 1, "background": 1}
+    assert w.caption(row, [0.5, 0.0, 0.0, 0.0, 0.0], 1) == "a photo of a large red striped star on a dark background"
+    assert w.caption(row, [0.5, 0.9, 0.0, 0.9, 0.9], 4) == "an image of a red star"
+    assert w.caption(row, [0.05, 0, 0, 0, 0], 0) == ""
+    caps = w.all_captions()
+    assert len(caps) == len(set(caps)) == 5 * 15 * 3 * 9 * 4 * 3 + 1 and caps[-1] == ""
+    vocab = load_vocabulary("shapes2")
+    assert vocab == w.shapes2_vocabulary() and len(vocab) == len(set(vocab)) == 645
+    # every candidate is a training caption, a candidate by the authors' filter, and none is an
+    # evaluation prompt; every evaluation prompt is a training caption too (trained, held out of R)
+    cap_set = set(caps)
+    assert all(v in cap_set and is_candidate(v) for v in vocab)
+    ev = w.eval_prompts()
+    assert len(ev) == 15 + 15 * 8 and set(ev) <= cap_set
+    w.assert_held_out(ev, vocab)
+    assert not any(v.startswith(w.EVAL_PREFIX) for v in vocab)
+    with pytest.raises(AssertionError, match="1 evaluation prompt"):
+        w.assert_held_out(ev, vocab + [ev[3]])
+
+
+def test_training_captions_follow_the_mix():
+    rng = np.random.default_rng(0)
+    _, labels = w.render(2000, 1)
+    caps = w.draw_captions(labels, rng)
+    assert set(caps) <= set(w.all_captions())
+    empty = sum(c == "" for c in caps) / len(caps)
+    assert 0.07 < empty < 0.13
+    named = [c for c in caps if c]
+    for i, c in enumerate(caps):  # the caption names the image's own shape
+        if c:
+            assert c.split(" on a ")[0].endswith(w.SHAPES[labels["shape"][i]])
+    eval_share = sum(c.startswith(w.EVAL_PREFIX + " ") for c in named) / len(named)
+    assert 0.15 < eval_share < 0.25  # the evaluation prefix is trained as often as the others
+    colour_share = sum(any(f" {col} " in f" {c} " for col in w.COLOURS) for c in named) / len(named)
+    assert abs(colour_share - w.P_NAME["colour"]) < 0.05
+
+
+def test_classifier_heads_and_loading_from_metadata(tmp_path):
+    from ap_erase_fast.shapes import nets
+    from ap_erase_fast.shapes.train import _save_classifier, load_classifier
+
+    heads = nets.classifier_heads(2)
+    assert heads == {"shape": 15, "colour": 8, "fill": 3, "size": 2, "background": 2}
+    clf = nets.ShapeClassifier(heads=heads)
+    x = torch.rand(5, 3, 32, 32)
+    out = clf.eval()(x)
+    assert [o.shape[-1] for o in out] == [15, 8, 3, 2, 2]
+    path = str(tmp_path / "c.safetensors")
+    _save_classifier(clf, path, {"heads": heads})
+    back = load_classifier(path)
+    probs = back.predict_all(x)
+    assert list(probs) == list(heads) and torch.allclose(probs["fill"], out[2].softmax(-1), atol=1e-6)
+    s, c, _, _ = back.predict(x)
+    assert torch.equal(s, out[0].argmax(-1)) and torch.equal(c, out[1].argmax(-1))
+    with pytest.raises(ValueError, match="shape and colour"):
+        nets.ShapeClassifier(heads={"colour": 8, "shape": 15})
+
+
+def test_training_script_world2_end_to_end(tmp_path, monkeypatch):
+    """A few steps of every stage for --world 2; the shipped folder loads as --model shapes2."""
+    from ap_erase_fast.models import load_components
+    from ap_erase_fast.shapes.train import load_classifier, main
+
+    ship = tmp_path / "ship"
+    rc = main(["--world", "2", "--out", str(tmp_path / "work"), "--clf-steps", "2", "--vae-steps", "2",
+               "--images", "64", "--unet-steps", "3", "--eval-per-shape", "1", "--heldout", "64",
+               "--threads", "1", "--ship", str(ship)])
+    assert rc == 0
+    report = json.loads((ship / "train_report.json").read_text())
+    assert report["world"] == 2
+    assert set(report["classifier_heldout"]) == {"shape", "colour", "fill", "size", "background", "per_shape"}
+    pf = report["prompt_following"]
+    assert list(pf["shape_prompts"]) == list(w.SHAPES) and list(pf["colour_prompts"]) == list(w.COLOURS)
+    assert pf["prompts"]["shape"] == "an image of a <shape>"
+    assert "| colour | red |" in (tmp_path / "work" / "report.md").read_text()
+    assert load_classifier(str(ship / "classifier.safetensors")).heads == tuple(w.ATTRIBUTES)
+    monkeypatch.setenv("AP_ERASE_SHAPES2_DIR", str(ship))
+    comps = load_components("shapes2")
+    assert comps.unet.config.block_out_channels == (96, 192) or list(comps.unet.config.block_out_channels) == [96, 192]
+    assert comps.source["sd_version"] == "shapes2" and comps.default_resolution == 32
+
+
+def test_missing_shapes2_model_is_one_clear_error(tmp_path, monkeypatch):
+    from ap_erase_fast.models import ModelLoadError, load_components
+
+    monkeypatch.setenv("AP_ERASE_SHAPES2_DIR", str(tmp_path))
+    with pytest.raises(ModelLoadError, match=r"ShapesWorld model is missing.*--model shapes2.*--world 2"):
+        load_components("shapes2")
