@@ -184,3 +184,62 @@ def test_missing_shapes2_model_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("AP_ERASE_SHAPES2_DIR", str(tmp_path))
     with pytest.raises(ModelLoadError, match=r"ShapesWorld model is missing.*--model shapes2.*--world 2"):
         load_components("shapes2")
+
+
+def test_near_sets_are_what_esd_damages_most_and_split_psr():
+    """Near = the k kept concepts whose accuracy ESD (main lr) lowers most against base, averaged
+    over seeds; PSR-near / PSR-far average the accuracy over the near set / the other kept
+    concepts. Mutations checked: damage measured on the sweep lr's esd rows, the target counted
+    in the far set, sorting by accuracy instead of damage."""
+    from ap_erase_fast.shapes.quality import add_near_far, matched_erasure, near_sets, oracle_set
+
+    names = list(w.SHAPES)
+
+    def acc(**low):
+        return {n: low.get(n, 1.0) for n in names}
+
+    rows = [
+        {"method": "base", "target": "circle", "seed": 0, "lr": 1e-3, "acc": acc(ellipse=0.9)},
+        {"method": "base", "target": "circle", "seed": 1, "lr": 1e-3, "acc": acc(ellipse=0.9)},
+        # ellipse starts lower but ESD damages hexagon and ring most
+        {"method": "esd", "target": "circle", "seed": 0, "lr": 1e-3,
+         "acc": acc(circle=0.0, hexagon=0.2, ring=0.5, ellipse=0.7, square=0.8)},
+        {"method": "esd", "target": "circle", "seed": 1, "lr": 1e-3,
+         "acc": acc(circle=0.1, hexagon=0.4, ring=0.5, ellipse=0.8, square=0.9)},
+        # a stronger sweep run that damages squares most must not decide the near set
+        {"method": "esd", "target": "circle", "seed": 0, "lr": 1e-2, "acc": acc(circle=0.0, square=0.0)},
+        {"method": "esd", "target": "square", "seed": 0, "lr": 1e-3, "acc": acc(square=0.0)},
+    ]
+    sets = near_sets(rows, ["circle", "square", "heart"], 1e-3, "shapes2")
+    assert set(sets) == {"circle"}  # square has no base row, heart no runs
+    assert sets["circle"]["near"] == ["hexagon", "ring", "ellipse"]
+    assert sets["circle"]["damage"]["hexagon"] == pytest.approx(0.7)
+    assert sets["circle"]["damage"]["ellipse"] == pytest.approx(0.15)
+    assert sets["circle"]["esd_seeds"] == [0, 1] and "circle" not in sets["circle"]["damage"]
+    assert near_sets(rows, ["circle"], 1e-3, "shapes2", k=1)["circle"]["near"] == ["hexagon"]
+    add_near_far(rows, sets)
+    r = rows[2]
+    assert r["psr_near"] == pytest.approx((0.2 + 0.5 + 0.7) / 3)
+    assert r["psr_far"] == pytest.approx((0.8 + 10 * 1.0) / 11)  # 15 shapes - target - 3 near
+    assert "psr_near" not in rows[5]
+    # matched erasure on the split metric follows each seed's curve over the learning rates
+    curve = [{"method": "esd", "target": "circle", "seed": 0, "lr": lr, "esr": e, "psr_near": p}
+             for lr, e, p in ((1e-3, 0.5, 0.9), (1e-2, 1.0, 0.4))]
+    vals, missed = matched_erasure(curve, "esd", ["circle"], [0], 0.8, "psr_near")
+    assert vals == pytest.approx([0.9 - 0.5 * 0.3 / 0.5]) and missed == 0
+    # the oracle preserves the near concepts through training captions that are not eval prompts
+    r_shape = oracle_set("shapes2", "circle", ["hexagon", "ring"])
+    assert r_shape == ["a hexagon", "a ring"]
+    r_colour = oracle_set("shapes2", "red", ["orange"])
+    assert len(r_colour) == 15 and r_colour[0] == "a orange circle"
+    vocab = set(w.shapes2_vocabulary())
+    assert set(r_shape + r_colour) <= vocab
+    w.assert_held_out(w.eval_prompts(), r_shape + r_colour)
+
+
+def test_bench_quality_oracle_needs_base_and_esd(tmp_path):
+    from ap_erase_fast.cli import main
+
+    assert main(["bench", "quality", "--model", "shapes2", "--methods", "oracle", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "quality", "--model", "shapes2", "--targets", "blob", "--out", str(tmp_path)]) == 2
+    assert not list(tmp_path.iterdir())
