@@ -5,7 +5,7 @@ One object per 32x32 RGB image, described by five attributes the captions name:
 * shape (15, in look-alike groups): circle / ring / ellipse / crescent; square / rectangle /
   diamond; triangle / arrow; star / cross / plus; pentagon / hexagon; heart;
 * colour (8, with near pairs): red / orange / pink / purple, blue / cyan, green, yellow;
-* fill: solid, outline (a ~1.5 px contour) or striped (diagonal bands of the colour and a shade
+* fill: solid, outline (a 2 px contour) or striped (diagonal bands of the colour and a shade
   of it);
 * size: small or large;
 * background: light or dark grey.
@@ -23,6 +23,8 @@ evaluation prompts, so no evaluation prompt is ever a member of R (:func:`assert
 from __future__ import annotations
 
 import numpy as np
+
+from .world import _polygon_mask
 
 SHAPES = ("circle", "ring", "ellipse", "crescent", "square", "rectangle", "diamond", "triangle", "arrow",
           "star", "cross", "plus", "pentagon", "hexagon", "heart")
@@ -47,8 +49,8 @@ _SS = 2  # supersampling factor
 RADIUS = {"small": (7.5, 9.5), "large": (11.5, 13.5)}
 BG_GREY = {"light": (0.68, 0.88), "dark": (0.10, 0.30)}
 COLOUR_JITTER = 0.05
-OUTLINE_PX = 1.5
-STRIPE_PERIOD_PX = 7.0
+OUTLINE_PX = 2.0
+STRIPE_PERIOD_PX = 8.0
 
 TRAIN_PREFIXES = ("a", "a photo of a", "a picture of a", "a drawing of a")
 EVAL_PREFIX = "an image of a"
@@ -57,19 +59,6 @@ PREFIXES = TRAIN_PREFIXES + (EVAL_PREFIX,)
 # (classifier-free guidance dropout).
 P_NAME = {"size": 0.4, "colour": 0.6, "fill": 0.45, "background": 0.4}
 P_EMPTY = 0.1
-
-
-def _polygon_mask(px, py, verts):
-    """Even-odd point-in-polygon test. px, py: [P]; verts: [n, V, 2] -> bool [n, P]."""
-    x0 = verts[:, :, 0][:, :, None]
-    y0 = verts[:, :, 1][:, :, None]
-    x1 = np.roll(verts[:, :, 0], -1, axis=1)[:, :, None]
-    y1 = np.roll(verts[:, :, 1], -1, axis=1)[:, :, None]
-    crosses = (y0 > py) != (y1 > py)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        xint = x0 + (py - y0) * (x1 - x0) / (y1 - y0)
-    inside = crosses & (px < xint)
-    return (inside.sum(axis=1) % 2) == 1
 
 
 def _polygon(px, py, cx, cy, theta, pts):
