@@ -243,3 +243,92 @@ def test_bench_quality_oracle_needs_base_and_esd(tmp_path):
     assert main(["bench", "quality", "--model", "shapes2", "--methods", "oracle", "--out", str(tmp_path)]) == 2
     assert main(["bench", "quality", "--model", "shapes2", "--targets", "blob", "--out", str(tmp_path)]) == 2
     assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def shapes2_model():
+    from ap_erase_fast.models import load_components
+
+    return load_components("shapes2")
+
+
+@pytest.fixture(scope="module")
+def classifier2():
+    from ap_erase_fast.shapes.train import load_classifier
+
+    return load_classifier(os.path.join(SHIPPED2, "classifier.safetensors"))
+
+
+def test_shipped_shapes2_loads_and_records_its_acceptance(shapes2_model):
+    c = shapes2_model
+    assert c.default_resolution == 32 and c.tokenizer.model_max_length == 16
+    assert list(c.unet.config.block_out_channels) == [96, 192]
+    assert not c.random_weights and c.source["format"] == "builtin" and c.source["sd_version"] == "shapes2"
+    report = json.load(open(os.path.join(SHIPPED2, "train_report.json")))
+    assert report["world"] == 2
+    pf = report["prompt_following"]
+    assert pf["shape_min"] >= 0.9 and pf["colour_min"] >= 0.9  # the recorded acceptance bars
+    assert min(v for k, v in report["classifier_heldout"].items() if k != "per_shape") >= 0.98
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(SHIPPED2) for f in fs)
+    assert size < 35e6
+
+
+def test_shipped_shapes2_classifier_on_fresh_ground_truth(classifier2):
+    x, labels = w.render(600, 123456)
+    probs = classifier2.predict_all(torch.from_numpy(x))
+    for name in w.ATTRIBUTES:
+        acc = (probs[name].argmax(-1).numpy() == labels[name]).mean()
+        assert acc >= 0.98, (name, acc)
+
+
+def test_shipped_shapes2_follows_held_out_prompts(shapes2_model, classifier2):
+    """'an image of a <shape>' (the reserved prefix, fresh seeds, 4 per shape) gives that shape."""
+    from ap_erase_fast.shapes.sample import generate
+
+    c = shapes2_model
+    prompts = [f"{w.EVAL_PREFIX} {s}" for s in w.SHAPES for _ in range(4)]
+    seeds = [777_000 + i for i in range(len(prompts))]
+    images = generate(c.unet, c.text_encoder, c.tokenizer, c.vae, c.scheduler.config, prompts, seeds)
+    ps, _, _, _ = classifier2.predict(images)
+    acc = (ps.view(15, 4) == torch.arange(15)[:, None]).float().mean(1)
+    assert acc.mean() >= 0.85 and acc.min() >= 0.5, dict(zip(w.SHAPES, acc.tolist()))
+
+
+def test_shapes2_is_evaluated_on_its_held_out_prompts(tmp_path):
+    """ap-erase eval --model shapes2: drift table and images use 'an image of a ...' prompts
+    (never members of R) and the shapes2 classifier judges them."""
+    from ap_erase_fast.eval import EvalConfig, evaluate
+
+    rep = evaluate(EvalConfig(base_only=True, model="shapes2", erase=["circle"], device="cpu",
+                              output=str(tmp_path / "ev"), eps_seeds=1, eps_timesteps=2,
+                              eps_ddim_steps=10, images_per_prompt=2, quiet=True))
+    drift = rep["eps_space"]["preservation"]["drift"]
+    assert "an image of a square" in drift and "an image of a red heart" in drift
+    assert not any("circle" in c for c in drift) and not any(c.startswith("a ") for c in drift)
+    w.assert_held_out(list(drift), w.shapes2_vocabulary())
+    assert rep["defaults"]["name"] == "shapes2"
+    assert rep["images"]["groups"] == {"erased": 2, "preserved": 14 * 2}
+    res = rep["images"]["detectors"]["shapes2"]["results"]["base"]
+    assert res["erased"]["ESR"] <= 0.5 and res["preserved"]["PSR"] >= 0.8
+
+
+def test_bench_quality_shapes2_near_far_and_oracle(tmp_path):
+    """--model shapes2: base, esd, the oracle (R = the near set esd measured) and AP shared over two
+    learning rates: the report has the near sets, PSR-near / PSR-far at matched erasure and the
+    oracle row; every run asserted its evaluation prompts out of R."""
+    from ap_erase_fast.cli import main
+
+    args = ["bench", "quality", "--model", "shapes2", "--quick", "--methods", "base,esd,oracle,ap_shared",
+            "--steps", "3", "--images", "2", "--sweep-lrs", "2e-2", "--out", str(tmp_path), "--tag", "t"]
+    assert main(args) == 0
+    rows = [json.loads(x) for x in (tmp_path / "quality_t.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows][-2:] == ["oracle", "oracle"]  # the oracle runs last
+    near = json.loads((tmp_path / "quality_t_near.json").read_text())
+    assert list(near) == ["circle"] and len(near["circle"]["near"]) == 3
+    oracle = [r for r in rows if r["method"] == "oracle"]
+    assert all(r["near"] == near["circle"]["near"] for r in oracle)
+    assert all(r["model"] == "shapes2" for r in rows)
+    md = (tmp_path / "quality_t.md").read_text()
+    assert "Erasure quality on ShapesWorld 2" in md and "PSR-near @ ESR 80 %" in md
+    assert "## Near sets" in md and "| oracle |" in md and (tmp_path / "quality_t_near_far.png").exists()
+    assert "an image of a <shape>" in md
