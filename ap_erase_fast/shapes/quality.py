@@ -19,7 +19,17 @@ preserved concepts drawn, and the training time. Methods (all xattn, same steps,
 * ``preserve_random`` — preservation of a uniformly random member of R each sample, at the cost
   of the shared schedule (the control that tells whether the search itself pays off);
 * ``ap_faithful`` — AP, the authors' alternating loop;
-* ``ap_shared`` — AP, the shared schedule.
+* ``ap_shared`` — AP, the shared schedule;
+* ``oracle`` — preservation of the measured near set (the kept concepts plain ESD damages most),
+  drawn uniformly: an upper bound for any search over R (runs after the target's base and esd);
+* ``ap_normalised`` — AP faithful with ``--search-score normalised``;
+* ``ap_topk`` — AP faithful preserving a mixture of π's top-k candidates (``--gumbel-mode topk``).
+
+``--model shapes2`` judges on ShapesWorld 2's held-out prompts ("an image of a ..."; asserted
+out of R in every run) and splits PSR into PSR-near (the near set) and PSR-far (the rest); the
+ablation flags (``--tau``, ``--gumbel-mode``, ``--pgd-steps``, ``--num-centers``) change the
+search of every AP run (``ap_*``; the controls keep their settings and are not re-run) and become
+part of each row's identity.
 
 ``--sweep-lrs`` adds runs at other learning rates (``--sweep-targets``, ``--sweep-seeds``) and
 plots ESR against PSR per method. Everything goes to ``--out DIR`` as
@@ -57,7 +67,13 @@ METHODS: dict[str, dict | None] = {
     # preserve the measured near set (R = the near concepts' training captions, drawn uniformly):
     # an upper bound on what any search over R can reach; needs the target's esd runs first
     "oracle": {"search": "random", "schedule": "shared"},
+    # AP faithful whose search ascends each candidate's damage divided by its own base signal
+    "ap_normalised": {"schedule": "faithful", "search_score": "normalised"},
+    # AP faithful preserving a mixture of π's most likely candidates instead of one draw
+    "ap_topk": {"schedule": "faithful", "gumbel_mode": "topk"},
 }
+# Search settings an ablation may change for every AP method (None: the EraseConfig default).
+ABLATIONS = {"tau": float, "gumbel_mode": str, "gumbel_topk": int, "pgd_steps": int, "num_centers": int}
 DEFAULT_TARGETS = list(SHAPES) + ["red"]
 NEAR_K = {"shape": 3, "colour": 2}  # size of the near set: shapes / colours ESD damages most
 # Settings every erasure shares (the rest are EraseConfig defaults or flags of this command).
@@ -185,7 +201,8 @@ def run_one(world: World, target: str, method: str, seed: int, args, lr: float,
     row = {"model": world.model, "target": target, "method": method, "seed": seed, "lr": lr, "steps": args.steps,
            "batch_size": args.batch_size, "loss_space": args.loss_space, "search_lr": args.search_lr,
            "preserve_weight": args.preserve_weight, "images": args.images,
-           "train_method": args.train_method, "lora_rank": args.lora_rank}
+           "train_method": args.train_method, "lora_rank": args.lora_rank,
+           "ablation": _ablation(vars(args)) if method.startswith("ap_") else {}}
     unet = world.base_unet
     if METHODS[method] is not None:
         extra = dict(METHODS[method])
@@ -197,7 +214,7 @@ def run_one(world: World, target: str, method: str, seed: int, args, lr: float,
                              "loss_space": args.loss_space, "search_lr": args.search_lr,
                              "preserve_weight": args.preserve_weight, "train_method": args.train_method,
                              "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
-                             **extra})
+                             **row["ablation"], **extra})
         comps = world.components_for_run()
         er = Eraser(cfg, progress=sys.stderr.isatty(), components=comps)
         er.setup()
@@ -373,7 +390,8 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
         f"* settings: {args.steps} steps, lr {args.lr}, batch {args.batch_size}, loss {args.loss_space}, "
         f"λ {args.preserve_weight}, π lr {args.search_lr}, train_method={args.train_method}, "
         + (f"LoRA rank {args.lora_rank} (alpha {args.lora_alpha or args.lora_rank}), " if args.lora_rank else "full fine-tuning, ")
-        + f"model={args.model}, {', '.join(f'{k}={v}' for k, v in COMMON.items() if k not in ('device', 'quiet'))}",
+        + f"model={args.model}, {', '.join(f'{k}={v}' for k, v in COMMON.items() if k not in ('device', 'quiet'))}"
+        + "".join(f", {k}={v} (ablation)" for k, v in _ablation(vars(args)).items()),
         f"* evaluation: {args.images} images per shape prompt (colour target: "
         f"{max(1, args.images // len(shapes))} per colour-shape pair), DDIM {EVAL_STEPS} steps, CFG {EVAL_GUIDANCE}, "
         f"seeds paired across methods; classifier top-1. Seeds: {seeds}."
@@ -627,9 +645,18 @@ def _key(target, method, seed, lr, settings) -> tuple:
     common = (settings.get("model") or "shapes", target, method, seed, settings["images"])
     if method == "base":
         return common
-    return common + (settings["steps"], lr, settings["batch_size"], settings["loss_space"], settings["search_lr"],
-                     settings["preserve_weight"], settings.get("train_method", "xattn"),
-                     settings.get("lora_rank") or 0)
+    key = common + (settings["steps"], lr, settings["batch_size"], settings["loss_space"], settings["search_lr"],
+                    settings["preserve_weight"], settings.get("train_method", "xattn"),
+                    settings.get("lora_rank") or 0)
+    ablation = _ablation(settings) if method.startswith("ap_") else {}
+    return key + (tuple(sorted(ablation.items())),) if ablation else key
+
+
+def _ablation(settings) -> dict:
+    """The search settings changed from their defaults (an args namespace's dict or a row)."""
+    if "ablation" in settings:
+        return dict(settings["ablation"] or {})
+    return {k: settings[k] for k in ABLATIONS if settings.get(k) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -657,6 +684,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train LoRA adapters of this rank instead of the weights (0: full fine-tuning)")
     ap.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     ap.add_argument("--images", type=int, default=24, help="evaluation images per shape prompt")
+    abl = ap.add_argument_group("ablations (every erasure of the run; recorded per row and part of its identity)")
+    abl.add_argument("--tau", type=float, default=None, help="Gumbel-Softmax temperature τ (default 2)")
+    abl.add_argument("--gumbel-mode", choices=("hard", "soft", "topk"), default=None,
+                     help="hard draw (default), soft mixture, or mixture of the top k")
+    abl.add_argument("--gumbel-topk", type=int, default=None, help="k of --gumbel-mode topk (default 5)")
+    abl.add_argument("--pgd-steps", type=int, default=None, help="P: loop iterations per outer step (default 2)")
+    abl.add_argument("--num-centers", type=int, default=None,
+                     help=f"|R| bound: k-means centres over the k closest (default {COMMON['num_centers']})")
     ap.add_argument("--sweep-lrs", type=_floats, default=[], help="extra learning rates for the ESR-PSR plot")
     ap.add_argument("--sweep-targets", type=_names, default=["circle"])
     ap.add_argument("--sweep-seeds", type=_ints, default=[0])
