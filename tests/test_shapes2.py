@@ -319,9 +319,17 @@ def test_bench_quality_shapes2_near_far_and_oracle(tmp_path):
     from ap_erase_fast.cli import main
 
     args = ["bench", "quality", "--model", "shapes2", "--quick", "--methods", "base,esd,oracle,ap_shared",
-            "--steps", "3", "--images", "2", "--sweep-lrs", "2e-2", "--out", str(tmp_path), "--tag", "t"]
+            "--steps", "3", "--images", "2", "--sweep-lrs", "2e-2", "--out", str(tmp_path), "--tag", "t",
+            "--tau", "1.5"]
     assert main(args) == 0
     rows = [json.loads(x) for x in (tmp_path / "quality_t.jsonl").read_text().splitlines()]
+    # the ablation changes the AP runs only (the controls are not re-run for it)
+    assert {r["method"]: r.get("ablation") for r in rows} == {
+        "base": {}, "esd": {}, "oracle": {}, "ap_shared": {"tau": 1.5}}
+    assert main(args[:-2]) == 0  # without the ablation: only the AP runs are new
+    again = [json.loads(x) for x in (tmp_path / "quality_t.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in again[len(rows):]] == ["ap_shared", "ap_shared"]
+    assert "tau=1.5 (ablation)" not in (tmp_path / "quality_t.md").read_text()
     assert [r["method"] for r in rows][-2:] == ["oracle", "oracle"]  # the oracle runs last
     near = json.loads((tmp_path / "quality_t_near.json").read_text())
     assert list(near) == ["circle"] and len(near["circle"]["near"]) == 3
@@ -331,4 +339,9 @@ def test_bench_quality_shapes2_near_far_and_oracle(tmp_path):
     md = (tmp_path / "quality_t.md").read_text()
     assert "Erasure quality on ShapesWorld 2" in md and "PSR-near @ ESR 80 %" in md
     assert "## Near sets" in md and "| oracle |" in md and (tmp_path / "quality_t_near_far.png").exists()
-    assert "an image of a <shape>" in md
+    assert "an image of a <shape>" in md and "## Does the search find the near set?" in md
+    ap = next(r for r in rows if r["method"] == "ap_shared")
+    # every candidate names exactly one shape (never the erased one): the per-shape shares sum to 1
+    assert "circle" not in ap["r_share"]
+    assert sum(ap["r_share"].get(s, 0) for s in w.SHAPES) == pytest.approx(1, abs=1e-3)
+    assert sum(ap["pi_mass"].get(s, 0) for s in w.SHAPES) == pytest.approx(1, abs=2e-3)

@@ -234,6 +234,14 @@ def run_one(world: World, target: str, method: str, seed: int, args, lr: float,
         top = torch.argsort(prob, descending=True)[:5].tolist()
         row["pi_top"] = {er.sets[0].words[i]: round(float(prob[i]), 4) for i in top}
         row["pi_uniform"] = round(1.0 / len(prob), 4)
+        # π's final mass and R's make-up per concept the candidates name (shapes and colours)
+        words = er.sets[0].words
+        row["pi_mass"], row["r_share"] = {}, {}
+        for name in (*w.SHAPES, *w.COLOURS):
+            sel = [i for i, word in enumerate(words) if name in word.split()]
+            if sel:
+                row["pi_mass"][name] = round(float(prob[sel].sum()), 4)
+                row["r_share"][name] = round(len(sel) / len(words), 4)
         row.update(train_s=round(er.timings["train_s"], 2), r_size=len(er.sets[0].words),
                    picks=dict(sorted(picks.items(), key=lambda kv: -kv[1])),
                    unet_evals_per_step=round(sum(er.calls.values()) / max(1, args.steps), 1))
@@ -510,6 +518,30 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
             _plot_near_far(rows, args, stem.with_name(stem.name + "_near_far.png"))
             lines += ["", f"![PSR-near and PSR-far against ESR]({stem.name}_near_far.png)"]
     if split:
+        lines += ["", "## Does the search find the near set? (main lr, mean over targets and seeds, %)", "",
+                  "Draws: share of the preservation draws (outer updates) whose candidate names a near "
+                  "concept; π: π's final probability mass on those candidates; R: their share of R "
+                  "(what a uniform draw gives).", "",
+                  "| method | draws naming a near concept | π mass on the near set | near set's share of R |",
+                  "|---|---|---|---|"]
+        for m in methods:
+            rs = [r for r in main if r["method"] == m and r["target"] in sets and r.get("r_share")]
+            if not rs:
+                continue
+            draws, mass, share = [], [], []
+            for r in rs:
+                near = sets[r["target"]]["near"]
+                total = sum((r.get("picks") or {}).values())
+                if total:
+                    draws.append(sum(v for k, v in r["picks"].items() if any(n in k.split() for n in near)) / total)
+                share.append(sum(r["r_share"].get(n, 0.0) for n in near))
+                if m != "preserve_random":  # its π never moves
+                    mass.append(sum(r["pi_mass"].get(n, 0.0) for n in near))
+
+            def pct(xs):
+                return f"{100 * statistics.fmean(xs):.1f}" if xs else "–"
+
+            lines.append(f"| {m} | {pct(draws)} | {pct(mass)} | {pct(share)} |")
         lines += ["", f"## Near sets (esd at lr {args.lr:g} against base; accuracy lost, %)", "",
                   "| target | near set | next most damaged | esd seeds |", "|---|---|---|---|"]
         for t, ns in sets.items():
