@@ -385,11 +385,11 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
                  "drift_erased", "drift_kept", "gap_erased", "gap_base", "r_size", "train_s", "wall_s",
                  "acc", "became", "picks"]
     with open(f"{stem}.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow([f"# {k}: {v}" for k, v in env.items()])
-        w.writerow(flat_cols)
+        out_csv = csv.writer(fh)
+        out_csv.writerow([f"# {k}: {v}" for k, v in env.items()])
+        out_csv.writerow(flat_cols)
         for r in rows:
-            w.writerow([json.dumps(r[c]) if isinstance(r.get(c), dict) else r.get(c, "") for c in flat_cols])
+            out_csv.writerow([json.dumps(r[c]) if isinstance(r.get(c), dict) else r.get(c, "") for c in flat_cols])
     table = summarize(rows, methods, targets, seeds, args.lr, args.model)
     world_name = "ShapesWorld" if args.model == "shapes" else "ShapesWorld 2"
     lines = [f"# Erasure quality on {world_name} ({tag})", ""]
