@@ -77,13 +77,6 @@ def shapes_sampler_settings() -> tuple[int, float]:
     return int(steps), float(guidance)
 
 
-def _world(model: str):
-    from ..shapes.loading import WORLDS
-    from ..shapes.nets import world_module
-
-    return world_module(WORLDS[model])
-
-
 def _prefix(model: str) -> str:
     from ..shapes.loading import WORLDS
     from ..shapes.sample import _prefix as prefix
@@ -93,8 +86,9 @@ def _prefix(model: str) -> str:
 
 def shapes_labels(prompt: str, model: str = "shapes") -> dict:
     """The shape and colour a ShapesWorld prompt names (indices; None when it names none)."""
-    world = _world(model)
+    from ..shapes.loading import world_of
 
+    world = world_of(model)
     words = prompt.lower().replace(",", " ").split()
     shapes = [i for i, s in enumerate(world.SHAPES) if s in words]
     colours = [i for i, c in enumerate(world.COLOURS) if c in words]
@@ -105,7 +99,9 @@ def shapes_labels(prompt: str, model: str = "shapes") -> dict:
 def _world_prompts(model: str = "shapes") -> list[str]:
     """The world's evaluation prompts: "<prefix> <shape>" and "<prefix> <colour> <shape>" (kept
     only if the world's own captions contain them)."""
-    world, pre = _world(model), _prefix(model)
+    from ..shapes.loading import world_of
+
+    world, pre = world_of(model), _prefix(model)
     prompts = [f"{pre} {s}" for s in world.SHAPES]
     prompts += [f"{pre} {c} {s}" for c in world.COLOURS for s in world.SHAPES]
     captions = set(world.all_captions())
@@ -130,8 +126,9 @@ def _shapes_rows(erased: list[str], heldout: list[str], per_prompt: int, model: 
     for a colour, the colour-shape pairs of the other colours) that no erased concept mentions.
     Every row carries the attribute the classifier checks."""
     from ..concepts import mentions
+    from ..shapes.loading import world_of
 
-    world, pre = _world(model), _prefix(model)
+    world, pre = world_of(model), _prefix(model)
     rows: list[PromptRow] = []
 
     def add(prompt: str, group: str, concept: str, attribute: str | None, n: int) -> None:

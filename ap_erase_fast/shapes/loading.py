@@ -11,6 +11,13 @@ ENV_VARS = {"shapes": "AP_ERASE_SHAPES_DIR", "shapes2": "AP_ERASE_SHAPES2_DIR"}
 WORLDS = {"shapes": 1, "shapes2": 2}
 
 
+def world_of(model: str):
+    """The world module (``SHAPES``, ``COLOURS``, captions) of the built-in model ``model``."""
+    from .nets import world_module
+
+    return world_module(WORLDS[model])
+
+
 def shipped_dir(name: str = "shapes") -> str:
     """Where ``--model shapes`` (ShapesWorld) or ``--model shapes2`` (ShapesWorld 2) and its
     classifier are read from: the package's copy, or the folder in ``AP_ERASE_SHAPES_DIR`` /

@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 
 from ..config import TRAIN_METHODS
-from .loading import WORLDS
+from .loading import WORLDS, world_of
 from .world import SHAPES
 
 METHODS: dict[str, dict | None] = {
@@ -88,13 +88,6 @@ QUICK = dict(targets=["circle"], seeds=[0], steps=12, lr=4e-3, images=8,
 
 def _log(msg: str) -> None:
     print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def world_of(model: str):
-    """The world module (its SHAPES, COLOURS, captions) of the built-in model ``model``."""
-    from .nets import world_module
-
-    return world_module(WORLDS[model])
 
 
 class World:

@@ -41,11 +41,10 @@ class ShapesClassifier:
     kind = "single"
 
     def __init__(self, device: str, model: str = "shapes"):
-        from ...shapes.loading import WORLDS
-        from ...shapes.nets import world_module
+        from ...shapes.loading import world_of
         from .common import hash_files
 
-        world = world_module(WORLDS[model])
+        world = world_of(model)
         self.name = model
         self.model, path = load_shapes_classifier(model)
         self.model = self.model.to(device).eval()
