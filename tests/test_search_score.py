@@ -6,7 +6,6 @@ accepts, against a gradient computed here with plain autograd from the library's
 import pytest
 import torch
 
-from ap_erase_fast.backbones import Cond
 from ap_erase_fast.objective import preservation_loss
 from ap_erase_fast.steps import fast_iteration, reference_iteration, shared_outer_step
 

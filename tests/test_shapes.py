@@ -246,7 +246,7 @@ def test_psr_at_matched_erasure_interpolates_and_never_extrapolates():
     """The curve is followed from the weakest erasure to the strongest and the first crossing
     counts, also when a stronger setting erases less. Mutations checked: interpolating in PSR
     instead of ESR, extrapolating past the last point, sorting the points by ESR, the rows not
-    ordered by learning rate."""
+    ordered by learning rate, the base point left out."""
     from ap_erase_fast.shapes.quality import matched_erasure, psr_at_esr
 
     curve = [(0.5, 0.9), (0.9, 0.6), (1.0, 0.4)]
@@ -262,3 +262,12 @@ def test_psr_at_matched_erasure_interpolates_and_never_extrapolates():
             for lr, e, p in ((1e-2, 1.0 if t == "circle" else 0.7, 0.5), (1e-3, 0.5, 0.9))]
     vals, missed = matched_erasure(rows, "esd", ["circle", "square"], [0, 1], 0.8)
     assert vals == pytest.approx([0.66, 0.66]) and missed == 2
+    # the base model is each curve's learning-rate-0 point: one learning rate makes a curve, and
+    # a curve whose weakest run is already past the level crosses it from the base
+    base = [{"method": "base", "target": "circle", "seed": s, "lr": 1e-3, "esr": 0.1, "psr": 1.0} for s in (0, 1)]
+    one = [{"method": "esd", "target": "circle", "seed": 0, "lr": 1e-2, "esr": 0.9, "psr": 0.6}]
+    vals, missed = matched_erasure(base + one, "esd", ["circle"], [0, 1], 0.8)
+    assert vals == pytest.approx([1.0 - 0.4 * 0.7 / 0.8]) and missed == 0
+    assert matched_erasure(one, "esd", ["circle"], [0], 0.8) == ([], 0)  # no base: no curve
+    # a base point below the first run leaves a later crossing as it was
+    assert matched_erasure(base + rows[:4], "esd", ["circle"], [0], 0.95) == (pytest.approx([0.9 - 0.4 * 0.45 / 0.5]), 0)

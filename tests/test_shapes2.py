@@ -242,7 +242,24 @@ def test_bench_quality_oracle_needs_base_and_esd(tmp_path):
 
     assert main(["bench", "quality", "--model", "shapes2", "--methods", "oracle", "--out", str(tmp_path)]) == 2
     assert main(["bench", "quality", "--model", "shapes2", "--targets", "blob", "--out", str(tmp_path)]) == 2
+    # a shard that holds the oracle but not the runs it preserves against (jobs: base, esd, oracle)
+    shard = ["bench", "quality", "--model", "shapes2", "--targets", "circle", "--seeds", "0", "--methods",
+             "base,esd,oracle", "--out", str(tmp_path)]
+    assert main([*shard, "--shard", "2/3"]) == 2
     assert not list(tmp_path.iterdir())
+    # the runs it needs, finished by other shards: then the same shard starts
+    from ap_erase_fast.shapes import quality
+
+    args = quality.build_parser().parse_args(shard[2:])
+    rows = [{"target": "circle", "method": m, "seed": 0, "lr": args.lr, **{k: v for k, v in vars(args).items()
+             if k not in ("seeds", "targets", "methods")}} for m in ("base", "esd")]
+    (tmp_path / "quality_shapes2_cpu.shard0of3.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert main([*shard, "--shard", "2/3"]) == 2  # esd still lacking
+    (tmp_path / "quality_shapes2_cpu.shard1of3.jsonl").write_text(json.dumps(rows[1]) + "\n")
+    with pytest.MonkeyPatch.context() as mp:  # the run itself is not this test's business
+        mp.setattr(quality, "near_sets", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("started")))
+        with pytest.raises(RuntimeError, match="started"):
+            quality.main([*shard[2:], "--shard", "2/3"])
 
 
 @pytest.fixture(scope="module")
@@ -316,24 +333,24 @@ def test_shapes2_is_evaluated_on_its_held_out_prompts(tmp_path):
 
 
 def test_bench_quality_shapes2_near_far_and_oracle(tmp_path):
-    """--model shapes2: base, esd, the oracle (R = the near set esd measured) and AP shared over two
-    learning rates: the report has the near sets, PSR-near / PSR-far at matched erasure and the
-    oracle row; every run asserted its evaluation prompts out of R."""
+    """--model shapes2: base, esd, the oracle (R = the near set esd measured) and AP shared: the
+    report has the near sets, PSR-near / PSR-far at matched erasure (each curve from the base model
+    to the one learning rate) and the oracle row; every run asserted its evaluation prompts out of R."""
     from ap_erase_fast.cli import main
 
     args = ["bench", "quality", "--model", "shapes2", "--quick", "--methods", "base,esd,oracle,ap_shared",
-            "--steps", "3", "--images", "2", "--sweep-lrs", "2e-2", "--out", str(tmp_path), "--tag", "t",
-            "--tau", "1.5"]
+            "--steps", "3", "--images", "2", "--out", str(tmp_path), "--tag", "t", "--tau", "1.5"]
     assert main(args) == 0
     rows = [json.loads(x) for x in (tmp_path / "quality_t.jsonl").read_text().splitlines()]
-    # the ablation changes the AP runs only (the controls are not re-run for it)
+    # the ablation is recorded on the AP runs only
     assert {r["method"]: r.get("ablation") for r in rows} == {
         "base": {}, "esd": {}, "oracle": {}, "ap_shared": {"tau": 1.5}}
-    assert main(args[:-2]) == 0  # without the ablation: only the AP runs are new
-    again = [json.loads(x) for x in (tmp_path / "quality_t.jsonl").read_text().splitlines()]
-    assert [r["method"] for r in again[len(rows):]] == ["ap_shared", "ap_shared"]
-    assert "tau=1.5 (ablation)" not in (tmp_path / "quality_t.md").read_text()
-    assert [r["method"] for r in rows][-2:] == ["oracle", "oracle"]  # the oracle runs last
+    assert [r["method"] for r in rows][-1] == "oracle"  # the oracle runs last
+    md = (tmp_path / "quality_t.md").read_text()
+    assert "tau=1.5 (ablation)" in md
+    for m in ("esd", "oracle", "ap_shared"):  # one curve each, base to lr 4e-3, at both levels or "not reached"
+        line = next(x for x in md.splitlines() if x.startswith(f"| {m} |") and ("(1)" in x or "not reached" in x))
+        assert line.count("(1)") + line.count("1 not reached") == 2, line
     near = json.loads((tmp_path / "quality_t_near.json").read_text())
     assert list(near) == ["circle"] and len(near["circle"]["near"]) == 3
     oracle = [r for r in rows if r["method"] == "oracle"]
@@ -348,3 +365,17 @@ def test_bench_quality_shapes2_near_far_and_oracle(tmp_path):
     assert "circle" not in ap["r_share"]
     assert sum(ap["r_share"].get(s, 0) for s in w.SHAPES) == pytest.approx(1, abs=1e-3)
     assert sum(ap["pi_mass"].get(s, 0) for s in w.SHAPES) == pytest.approx(1, abs=2e-3)
+
+
+def test_ablations_are_part_of_the_ap_runs_identity_only():
+    """An ablation re-runs the AP methods and reuses the controls (base, esd, the preserving ones)."""
+    from ap_erase_fast.shapes.quality import _key, build_parser
+
+    plain = vars(build_parser().parse_args(["--model", "shapes2"]))
+    tau = vars(build_parser().parse_args(["--model", "shapes2", "--tau", "1.5"]))
+    for m in ("base", "esd", "preserve_random", "oracle"):
+        assert _key("circle", m, 0, 1e-3, plain) == _key("circle", m, 0, 1e-3, tau)
+    for m in ("ap_faithful", "ap_shared", "ap_normalised"):
+        assert _key("circle", m, 0, 1e-3, plain) != _key("circle", m, 0, 1e-3, tau)
+    assert _key("circle", "esd", 0, 1e-3, plain) != _key("circle", "esd", 0, 2e-3, plain)
+    assert _key("circle", "base", 0, 1e-3, plain) == _key("circle", "base", 0, 2e-3, plain)

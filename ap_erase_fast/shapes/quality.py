@@ -278,14 +278,19 @@ def matched_erasure(rows: list[dict], method: str, targets: list[str], seeds: li
                     level: float, metric: str = "psr") -> tuple[list[float], int]:
     """``metric`` (PSR, or PSR-near / PSR-far) at ``level`` ESR on each (target, seed) curve of
     ``method`` over the learning rates (weakest first); returns the values and how many curves
-    did not reach the level."""
+    did not reach the level. The base model's row of the same target and seed, where there is
+    one, is the curve's first point: learning rate 0 leaves the base model, with the same
+    evaluation images."""
     values, missed = [], 0
     for t in targets:
         for s in seeds:
-            pts = [(r["esr"], r[metric]) for r in sorted(rows, key=lambda r: r["lr"])
-                   if r["method"] == method and r["target"] == t and r["seed"] == s and metric in r]
-            if len({r["lr"] for r in rows if r["method"] == method and r["target"] == t and r["seed"] == s}) < 2:
+            own = sorted((r for r in rows if r["method"] == method and r["target"] == t and r["seed"] == s
+                          and metric in r), key=lambda r: r["lr"])
+            base = [r for r in rows if r["method"] == "base" and r["target"] == t and r["seed"] == s
+                    and metric in r][:1] if method != "base" else []
+            if not own or len({r["lr"] for r in own}) + len(base) < 2:
                 continue
+            pts = [(r["esr"], r[metric]) for r in base + own]
             v = psr_at_esr(pts, level)
             if v is None:
                 missed += 1
@@ -475,41 +480,45 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
                              f"{100 * statistics.fmean(r['psr'] for r in rs):.0f}" if rs else "–")
             lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
         _plot_sweep(rows, args, stem.with_name(stem.name + "_sweep.png"))
-        lines += ["", "## PSR at matched erasure (%, mean ± std over the sweep's target × seed curves)", "",
-                  "Each (target, seed) curve runs over the learning rates, smallest first; PSR is "
-                  "interpolated linearly where the curve first reaches the ESR level. A curve that never reaches it (or "
-                  "starts above it) is counted, not extrapolated.", "",
-                  "| method | " + " | ".join(f"PSR @ ESR {100 * lv:.0f} % (curves)" for lv in MATCHED_ESR) + " |",
-                  "|" + "---|" * (len(MATCHED_ESR) + 1)]
+    # the curves of the matched-erasure tables: the sweep's (target, seed) pairs, or without a
+    # sweep every pair, whose curve is then the base model and the main learning rate
+    ct, cs = (args.sweep_targets, args.sweep_seeds) if sweep else (targets, seeds)
+    lines += ["", "## PSR at matched erasure (%, mean ± std over the target × seed curves)", "",
+              "Each (target, seed) curve starts at the base model (learning rate 0) and runs over "
+              "the learning rates, smallest first; PSR is "
+              "interpolated linearly where the curve first reaches the ESR level. A curve that never reaches it (or "
+              "starts above it) is counted, not extrapolated.", "",
+              "| method | " + " | ".join(f"PSR @ ESR {100 * lv:.0f} % (curves)" for lv in MATCHED_ESR) + " |",
+              "|" + "---|" * (len(MATCHED_ESR) + 1)]
+    for m in methods:
+        if m == "base":
+            continue
+        cells = []
+        for lv in MATCHED_ESR:
+            vals, missed = matched_erasure(rows, m, ct, cs, lv)
+            cell = _mean_std(vals) + f" ({len(vals)})" if vals else "–"
+            cells.append(cell + (f", {missed} not reached" if missed else ""))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if split:
+        lines += ["", "## Held-out PSR-near and PSR-far at matched erasure "
+                  "(%, mean ± std over the target × seed curves)", "",
+                  "Near: the kept concepts plain ESD damages most (table below); far: the others. "
+                  "Interpolated as above.", "",
+                  "| method | " + " | ".join(f"{part} @ ESR {100 * lv:.0f} %" for lv in MATCHED_ESR
+                                             for part in ("PSR-near", "PSR-far")) + " |",
+                  "|" + "---|" * (2 * len(MATCHED_ESR) + 1)]
         for m in methods:
             if m == "base":
                 continue
             cells = []
             for lv in MATCHED_ESR:
-                vals, missed = matched_erasure(rows, m, args.sweep_targets, args.sweep_seeds, lv)
-                cell = _mean_std(vals) + f" ({len(vals)})" if vals else "–"
-                cells.append(cell + (f", {missed} not reached" if missed else ""))
+                for metric in ("psr_near", "psr_far"):
+                    vals, missed = matched_erasure(rows, m, ct, cs, lv, metric)
+                    cell = _mean_std(vals) + f" ({len(vals)})" if vals else "–"
+                    cells.append(cell + (f", {missed} not reached" if missed else ""))
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        if split:
-            lines += ["", "## Held-out PSR-near and PSR-far at matched erasure "
-                      "(%, mean ± std over the sweep's target × seed curves)", "",
-                      "Near: the kept concepts plain ESD damages most (table below); far: the others. "
-                      "Interpolated as above.", "",
-                      "| method | " + " | ".join(f"{part} @ ESR {100 * lv:.0f} %" for lv in MATCHED_ESR
-                                                 for part in ("PSR-near", "PSR-far")) + " |",
-                      "|" + "---|" * (2 * len(MATCHED_ESR) + 1)]
-            for m in methods:
-                if m == "base":
-                    continue
-                cells = []
-                for lv in MATCHED_ESR:
-                    for metric in ("psr_near", "psr_far"):
-                        vals, missed = matched_erasure(rows, m, args.sweep_targets, args.sweep_seeds, lv, metric)
-                        cell = _mean_std(vals) + f" ({len(vals)})" if vals else "–"
-                        cells.append(cell + (f", {missed} not reached" if missed else ""))
-                lines.append(f"| {m} | " + " | ".join(cells) + " |")
-            _plot_near_far(rows, args, stem.with_name(stem.name + "_near_far.png"))
-            lines += ["", f"![PSR-near and PSR-far against ESR]({stem.name}_near_far.png)"]
+        _plot_near_far(rows, args, ct, cs, stem.with_name(stem.name + "_near_far.png"))
+        lines += ["", f"![PSR-near and PSR-far against ESR]({stem.name}_near_far.png)"]
     if split:
         lines += ["", "## Does the search find the near set? (main lr, mean over targets and seeds, %)", "",
                   "Draws: share of the preservation draws (outer updates) whose candidate names a near "
@@ -585,9 +594,9 @@ def _plot_sweep(rows, args, path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_near_far(rows, args, path: Path) -> None:
+def _plot_near_far(rows, args, targets, seeds, path: Path) -> None:
     """Two panels, PSR-near and PSR-far against ESR: one curve per method over the learning
-    rates (mean over the sweep's targets and seeds), the base model as a star."""
+    rates (mean over ``targets`` and ``seeds``), the base model as a star."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -599,7 +608,7 @@ def _plot_near_far(rows, args, path: Path) -> None:
             pts = []
             for lr in sorted({r["lr"] for r in rows}):
                 rs = [r for r in rows if r["method"] == m and (r["lr"] == lr or m == "base") and metric in r
-                      and r["target"] in args.sweep_targets and r["seed"] in args.sweep_seeds]
+                      and r["target"] in targets and r["seed"] in seeds]
                 if rs:
                     pts.append((statistics.fmean(r["esr"] for r in rs), statistics.fmean(r[metric] for r in rs)))
             if not pts:
@@ -675,6 +684,18 @@ def _key(target, method, seed, lr, settings) -> tuple:
                     settings.get("lora_rank") or 0)
     ablation = _ablation(settings) if method.startswith("ap_") else {}
     return key + (tuple(sorted(ablation.items())),) if ablation else key
+
+
+def _load_done(out: Path, tag: str) -> dict[tuple, dict]:
+    """The rows already in the results folder (its results file and any shards'), by identity."""
+    done = {}
+    main_file = out / f"quality_{tag}.jsonl"
+    for path in [main_file] * main_file.exists() + sorted(out.glob(f"quality_{tag}.shard*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done[_key(r["target"], r["method"], r["seed"], r["lr"], r)] = r
+    return done
 
 
 def _ablation(settings) -> dict:
@@ -783,12 +804,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     raw = out / (f"quality_{args.tag}.jsonl" if shard is None else f"quality_{args.tag}.shard{shard[0]}of{shard[1]}.jsonl")
     grid_dir = out / f".quality_{args.tag}_grid"  # sample images of the grid, for the report
-    done: dict[tuple, dict] = {}
-    main_file = out / f"quality_{args.tag}.jsonl"
-    for path in [main_file] * main_file.exists() + sorted(out.glob(f"quality_{args.tag}.shard*.jsonl")):
-        for line in path.read_text().splitlines():
-            r = json.loads(line)
-            done[_key(r["target"], r["method"], r["seed"], r["lr"], r)] = r
+    done = _load_done(out, args.tag)
     if shard is None:  # collect the shards' results into the one results file
         shards = sorted(out.glob(f"quality_{args.tag}.shard*.jsonl"))
         if shards:
@@ -806,6 +822,20 @@ def main(argv: list[str] | None = None) -> int:
     if shard is not None:
         jobs = jobs[shard[0]::shard[1]]
     todo = sum(_key(t, m, s, lr, vars(args)) not in done for t, m, s, lr in jobs)
+
+    def oracle_needs(t):
+        """The runs whose near set the oracle of ``t`` preserves: base and esd of every seed."""
+        return {f"{mm} seed {ss}": _key(t, mm, ss, args.lr, vars(args)) for ss in args.seeds for mm in ("base", "esd")}
+
+    # the oracle's near set comes from runs finished before it (in this process, which runs
+    # the oracle last, or earlier): one shard cannot wait for another's
+    own = {_key(t, m, s, lr, vars(args)) for t, m, s, lr in jobs}
+    for t in dict.fromkeys(t for t, m, _, _ in jobs if m == "oracle"):
+        lacking = [name for name, k in oracle_needs(t).items() if k not in done and k not in own]
+        if lacking:
+            raise UserError(f"the oracle for {t} needs the base and esd runs of {t} at lr {args.lr:g} for every "
+                            f"seed (missing: {', '.join(lacking)}); run the other methods first (every shard), "
+                            "then the oracle")
     _log(f"{len(jobs)} runs ({len(jobs) - todo} already in {raw.name}), {args.steps} steps each; "
          f"results in {out}")
     world = None
@@ -820,12 +850,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(done[key])
                 continue
             near = None
-            if m == "oracle":
-                known = list(done.values()) + rows
-                near = near_sets(known, [t], args.lr, args.model).get(t, {}).get("near")
-                if near is None:
-                    raise UserError(f"the oracle for {t} needs the base and esd runs of {t} at lr {args.lr:g}; "
-                                    "run the shards that hold them first (or run without --shard)")
+            if m == "oracle":  # every seed's base and esd run are in by now (checked above)
+                found = {**_load_done(out, args.tag), **done}
+                known = [found[k] for k in oracle_needs(t).values()]
+                near = near_sets(known, [t], args.lr, args.model)[t]["near"]
             if world is None:
                 _log("loading the ShapesWorld model and its classifier")
                 world = World(args.model)
