@@ -379,3 +379,10 @@ def test_ablations_are_part_of_the_ap_runs_identity_only():
         assert _key("circle", m, 0, 1e-3, plain) != _key("circle", m, 0, 1e-3, tau)
     assert _key("circle", "esd", 0, 1e-3, plain) != _key("circle", "esd", 0, 2e-3, plain)
     assert _key("circle", "base", 0, 1e-3, plain) == _key("circle", "base", 0, 2e-3, plain)
+    # the evaluation's DDIM steps are part of every run's identity, the base model's too; rows
+    # written before the flag existed (no eval_steps) are the default's
+    fast = vars(build_parser().parse_args(["--model", "shapes2", "--eval-steps", "10"]))
+    old = {k: v for k, v in plain.items() if k != "eval_steps"}
+    for m in ("base", "esd", "ap_shared"):
+        assert _key("circle", m, 0, 1e-3, fast) != _key("circle", m, 0, 1e-3, plain)
+        assert _key("circle", m, 0, 1e-3, old) == _key("circle", m, 0, 1e-3, plain)

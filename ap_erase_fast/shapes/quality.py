@@ -107,12 +107,12 @@ class World:
         """A components object whose UNet is a fresh copy of the base (the engine trains it)."""
         return dataclasses.replace(self.comps, unet=copy.deepcopy(self.base_unet))
 
-    def generate(self, unet, prompts, seeds):
+    def generate(self, unet, prompts, seeds, steps: int = EVAL_STEPS):
         from .sample import generate
 
         c = self.comps
         return generate(unet, c.text_encoder, c.tokenizer, c.vae, c.scheduler.config, prompts, seeds,
-                        steps=EVAL_STEPS, guidance=EVAL_GUIDANCE)
+                        steps=steps, guidance=EVAL_GUIDANCE)
 
 
 def eval_prompts(target: str, images: int, seed: int, model: str = "shapes"):
@@ -147,7 +147,7 @@ def score(target: str, pred_s, pred_c, want_s, want_c, model: str = "shapes") ->
     return out
 
 
-def eps_measures_for(world: World, unet, target: str, seed: int) -> dict:
+def eps_measures_for(world: World, unet, target: str, seed: int, steps: int = EVAL_STEPS) -> dict:
     """ε-space drift of the erased prompt and of the kept prompts (``ap-erase eval``'s measures)."""
     from ..concepts import encode_prompts
     from ..eval.eps import EpsSettings, eps_measures
@@ -166,7 +166,7 @@ def eps_measures_for(world: World, unet, target: str, seed: int) -> dict:
     size = world.base_unet.config.sample_size
     m = eps_measures(world.base_unet, unet, cond, uncond, c.scheduler,
                      (world.base_unet.config.in_channels, size, size),
-                     EpsSettings(seeds=(seed, seed + 1), ddim_steps=EVAL_STEPS, num_timesteps=5,
+                     EpsSettings(seeds=(seed, seed + 1), ddim_steps=steps, num_timesteps=5,
                                  guidance=EVAL_GUIDANCE))
     kept = [d for i, d in enumerate(m["drift"]) if i != erased_i]
     return {"drift_erased": m["drift"][erased_i], "drift_kept": sum(kept) / len(kept),
@@ -193,7 +193,7 @@ def run_one(world: World, target: str, method: str, seed: int, args, lr: float,
     prompts, seeds, want_s, want_c = eval_prompts(target, args.images, seed, world.model)
     row = {"model": world.model, "target": target, "method": method, "seed": seed, "lr": lr, "steps": args.steps,
            "batch_size": args.batch_size, "loss_space": args.loss_space, "search_lr": args.search_lr,
-           "preserve_weight": args.preserve_weight, "images": args.images,
+           "preserve_weight": args.preserve_weight, "images": args.images, "eval_steps": args.eval_steps,
            "train_method": args.train_method, "lora_rank": args.lora_rank,
            "ablation": _ablation(vars(args)) if method.startswith("ap_") else {}}
     unet = world.base_unet
@@ -238,10 +238,10 @@ def run_one(world: World, target: str, method: str, seed: int, args, lr: float,
         row.update(train_s=round(er.timings["train_s"], 2), r_size=len(er.sets[0].words),
                    picks=dict(sorted(picks.items(), key=lambda kv: -kv[1])),
                    unet_evals_per_step=round(sum(er.calls.values()) / max(1, args.steps), 1))
-    images = world.generate(unet, prompts, seeds)
+    images = world.generate(unet, prompts, seeds, args.eval_steps)
     pred_s, pred_c, _, _ = world.classifier.predict(images)
     row.update(score(target, pred_s, pred_c, want_s, want_c, world.model))
-    row.update(eps_measures_for(world, unet, target, seed))
+    row.update(eps_measures_for(world, unet, target, seed, args.eval_steps))
     row["wall_s"] = round(time.perf_counter() - t0, 2)
     return row, images
 
@@ -399,7 +399,7 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
         + f"model={args.model}, {', '.join(f'{k}={v}' for k, v in COMMON.items() if k not in ('device', 'quiet'))}"
         + "".join(f", {k}={v} (ablation)" for k, v in _ablation(vars(args)).items()),
         f"* evaluation: {args.images} images per shape prompt (colour target: "
-        f"{max(1, args.images // len(shapes))} per colour-shape pair), DDIM {EVAL_STEPS} steps, CFG {EVAL_GUIDANCE}, "
+        f"{max(1, args.images // len(shapes))} per colour-shape pair), DDIM {args.eval_steps} steps, CFG {EVAL_GUIDANCE}, "
         f"seeds paired across methods; classifier top-1. Seeds: {seeds}."
         + (f" Prompts '{w.EVAL_PREFIX} <shape>' / '{w.EVAL_PREFIX} <colour> <shape>': trained, never members of R "
            f"(asserted for every run)." if hasattr(w, "EVAL_PREFIX") else ""),
@@ -677,6 +677,8 @@ def _key(target, method, seed, lr, settings) -> tuple:
     """What identifies a finished run (the base model's evaluation depends on none of the
     erasure settings but the evaluation ones)."""
     common = (settings.get("model") or "shapes", target, method, seed, settings["images"])
+    if settings.get("eval_steps", EVAL_STEPS) != EVAL_STEPS:
+        common += (("eval_steps", settings["eval_steps"]),)
     if method == "base":
         return common
     key = common + (settings["steps"], lr, settings["batch_size"], settings["loss_space"], settings["search_lr"],
@@ -730,6 +732,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train LoRA adapters of this rank instead of the weights (0: full fine-tuning)")
     ap.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     ap.add_argument("--images", type=int, default=24, help="evaluation images per shape prompt")
+    ap.add_argument("--eval-steps", type=int, default=EVAL_STEPS,
+                    help=f"DDIM steps of the evaluation images and ε measures (default {EVAL_STEPS})")
     abl = ap.add_argument_group("ablations (every erasure of the run; recorded per row and part of its identity)")
     abl.add_argument("--tau", type=float, default=None, help="Gumbel-Softmax temperature τ (default 2)")
     abl.add_argument("--gumbel-mode", choices=("hard", "soft", "topk"), default=None,
@@ -784,8 +788,8 @@ def main(argv: list[str] | None = None) -> int:
     if "oracle" in args.methods and not {"base", "esd"} <= set(args.methods):
         raise UserError("the oracle preserves the near set that esd measures against base: "
                         "--methods needs base and esd with oracle")
-    if args.steps < 1 or args.images < 1 or args.batch_size < 1:
-        raise UserError("--steps, --images and --batch-size must be at least 1")
+    if args.steps < 1 or args.images < 1 or args.batch_size < 1 or args.eval_steps < 1:
+        raise UserError("--steps, --images, --eval-steps and --batch-size must be at least 1")
     if args.lora_rank < 0 or (args.lora_alpha is not None and not args.lora_alpha > 0):
         raise UserError("--lora-rank must be 0 (full fine-tuning) or positive, and --lora-alpha positive")
     shard = None
