@@ -376,9 +376,11 @@ class Eraser:
                             f"{i // self.cfg.pgd_steps}); stopped, {where}; try a lower --lr")
 
     # -- the loop -----------------------------------------------------------------------------
-    def train(self, checkpoint_root: str | None = None) -> None:
+    def train(self, checkpoint_root: str | None = None, until: int | None = None) -> None:
+        """Run the outer steps up to ``cfg.steps`` (or up to step ``until`` of them: a later call
+        continues where this one stopped, exactly as one uninterrupted run)."""
         cfg = self.cfg
-        total_iters = cfg.pgd_steps * cfg.steps
+        total_iters = cfg.pgd_steps * (cfg.steps if until is None else min(until, cfg.steps))
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=self.iteration // cfg.pgd_steps, unit="step",

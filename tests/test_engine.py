@@ -92,6 +92,37 @@ def test_resume_equals_uninterrupted_run(tiny_cfg, tmp_path):
         full.run_info["final_pi_top"]
 
 
+@pytest.mark.parametrize("schedule", ["faithful", "shared"])
+def test_train_until_a_budget_then_on_equals_one_run(tiny_cfg, schedule):
+    """train(until=b) stops after b outer steps; judging the UNet there and training on gives the
+    uninterrupted run bit for bit, and the state at b is that of a b-step run (bench quality's
+    step budgets rely on both)."""
+    def run(steps, until=None, touch=False):
+        er = Eraser(tiny_cfg(steps=steps, schedule=schedule))
+        er.setup()
+        mid = None
+        if until is not None:
+            er.train(until=until)
+            assert er.iteration == er.cfg.pgd_steps * until
+            mid = {k: v.clone() for k, v in er.trained_state().items()}
+            if touch:  # what judging does: eval mode, forward passes, the global RNG
+                er.unet.eval()
+                with torch.no_grad():
+                    er.unet(torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32))
+                er.unet.train()
+        er.train()
+        return er, mid
+
+    full, _ = run(4)
+    part, mid = run(4, until=2, touch=True)
+    short, _ = run(2)
+    _equal_logs(full.log, part.log)
+    for name, v in full.trained_state().items():
+        assert torch.equal(v, part.trained_state()[name]), name
+        assert torch.equal(mid[name], short.trained_state()[name]), name
+    assert not all(torch.equal(mid[n], v) for n, v in full.trained_state().items())
+
+
 def test_resume_refuses_other_settings(tiny_cfg, tmp_path):
     from ap_erase_fast.errors import UserError
 

@@ -228,6 +228,32 @@ def test_bench_quality_lora_runs_are_their_own_rows_and_erase(tmp_path):
     assert "LoRA rank 4 (alpha 4)" in (tmp_path / "quality_l.md").read_text()
 
 
+def test_bench_quality_step_budgets_are_the_shorter_runs(tmp_path):
+    """--budgets 2 with --steps 4: each erasure is judged after 2 steps and then continues; the
+    step-2 rows are those of a 2-step run (images, ε measures, the search's state), the step-4
+    rows those of a 4-step run, and the report draws one curve per method through both.
+    Mutation checked: the budget judged one step early."""
+    from ap_erase_fast.cli import main
+
+    small = ["bench", "quality", "--quick", "--methods", "esd,ap_shared", "--images", "1", "--eval-steps", "4",
+             "--out", str(tmp_path)]
+    assert main([*small, "--steps", "4", "--budgets", "2", "--tag", "b"]) == 0
+    assert main([*small, "--steps", "2", "--tag", "s"]) == 0
+    assert main([*small, "--steps", "4", "--tag", "f"]) == 0
+    read = lambda tag: [json.loads(x) for x in (tmp_path / f"quality_{tag}.jsonl").read_text().splitlines()]  # noqa: E731
+    b, two, four = read("b"), read("s"), read("f")
+    assert [(r["method"], r["steps"]) for r in b] == [("esd", 2), ("esd", 4), ("ap_shared", 2), ("ap_shared", 4)]
+    same = ("esr", "psr", "acc", "became", "drift_erased", "drift_kept", "picks", "pi_top", "r_size")
+    for mid, end, short, full in ((b[0], b[1], two[0], four[0]), (b[2], b[3], two[1], four[1])):
+        assert {k: mid[k] for k in same} == {k: short[k] for k in same}
+        assert {k: end[k] for k in same} == {k: full[k] for k in same}
+    assert b[2]["drift_erased"] != b[3]["drift_erased"]
+    assert main([*small, "--steps", "4", "--budgets", "2", "--tag", "b"]) == 0  # all read back
+    assert len(read("b")) == 4
+    md = (tmp_path / "quality_b.md").read_text()
+    assert "4 steps (judged also after 2)" in md and "| 0.004 | 2 |" in md and "| 0.004 | 4 |" in md
+
+
 def test_bench_quality_rejects_bad_input(tmp_path, capsys):
     from ap_erase_fast.cli import main
 
@@ -239,6 +265,8 @@ def test_bench_quality_rejects_bad_input(tmp_path, capsys):
     assert main(["bench", "quality", "--lora-rank", "-1", "--out", str(tmp_path)]) == 2
     assert "--lora-rank must be 0" in capsys.readouterr().err
     assert main(["bench", "quality", "--train-method", "attn", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "quality", "--steps", "4", "--budgets", "2,4", "--out", str(tmp_path)]) == 2
+    assert "--budgets must lie between 1 and --steps - 1 (3)" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 

@@ -386,3 +386,24 @@ def test_ablations_are_part_of_the_ap_runs_identity_only():
     for m in ("base", "esd", "ap_shared"):
         assert _key("circle", m, 0, 1e-3, fast) != _key("circle", m, 0, 1e-3, plain)
         assert _key("circle", m, 0, 1e-3, old) == _key("circle", m, 0, 1e-3, plain)
+
+
+def test_quality_shapes2_script_quick(tmp_path):
+    """benchmarks/quality_shapes2.sh --quick: the full table's three phases (shards without the
+    oracle, shards with it, the collecting report) on one target and tiny budgets."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "QUICK_OUT": str(tmp_path), "SHARDS": "2", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", os.path.join(root, "benchmarks", "quality_shapes2.sh"), "--quick"],
+                          env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [json.loads(x) for x in (tmp_path / "quality_shapes2_quick.jsonl").read_text().splitlines()]
+    got = sorted((r["method"], r["steps"]) for r in rows)  # --steps 2 --budgets 1
+    assert got == sorted([("base", 2)] + [(m, st) for m in ("esd", "ap_shared", "oracle") for st in (1, 2)])
+    assert not list(tmp_path.glob("*.shard*.jsonl"))  # collected into the one results file
+    near = json.loads((tmp_path / "quality_shapes2_quick_near.json").read_text())["circle"]["near"]
+    assert all(r["near"] == near for r in rows if r["method"] == "oracle")
+    md = (tmp_path / "quality_shapes2_quick.md").read_text()
+    assert "| oracle |" in md and "PSR-near @ ESR 80 %" in md and "--eval-steps 4" in md

@@ -184,7 +184,10 @@ def oracle_set(model: str, target: str, near: list[str]) -> list[str]:
 
 
 def run_one(world: World, target: str, method: str, seed: int, args, lr: float,
-            near: list[str] | None = None) -> tuple[dict, torch.Tensor]:
+            near: list[str] | None = None) -> list[tuple[dict, torch.Tensor]]:
+    """Erase ``target`` with ``method`` (the base model: nothing) and judge it: one (row, images)
+    per step budget of ``args.budgets`` below ``args.steps`` (the same erasure, evaluated on the
+    way, then continued) and one for ``args.steps``, the last."""
     from ..config import EraseConfig
     from ..engine import Eraser
 
@@ -196,54 +199,72 @@ def run_one(world: World, target: str, method: str, seed: int, args, lr: float,
            "preserve_weight": args.preserve_weight, "images": args.images, "eval_steps": args.eval_steps,
            "train_method": args.train_method, "lora_rank": args.lora_rank,
            "ablation": _ablation(vars(args)) if method.startswith("ap_") else {}}
-    unet = world.base_unet
-    if METHODS[method] is not None:
-        extra = dict(METHODS[method])
-        if method == "oracle":
-            extra["preserve_set"] = oracle_set(world.model, target, near)
-            row["near"] = list(near)
-        cfg = EraseConfig(**{**COMMON, "model": world.model, "erase": [target], "steps": args.steps, "lr": lr,
-                             "batch_size": args.batch_size, "seed": seed,
-                             "loss_space": args.loss_space, "search_lr": args.search_lr,
-                             "preserve_weight": args.preserve_weight, "train_method": args.train_method,
-                             "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
-                             **row["ablation"], **extra})
-        comps = world.components_for_run()
-        er = Eraser(cfg, progress=sys.stderr.isatty(), components=comps)
-        er.setup()
-        if hasattr(w, "assert_held_out"):  # ShapesWorld 2: no evaluation prompt is a member of R
-            w.assert_held_out(prompts, er.sets[0].words)
-        er.train()
-        unet = comps.unet.eval()
-        picks: dict[str, int] = {}
-        for rec in er.log:
-            if rec["kind"] in ("outer", "shared"):
-                for s in rec["samples"]:
-                    picks[s["adv_word"]] = picks.get(s["adv_word"], 0) + 1
-        if cfg.preserve_weight == 0:  # nothing is preserved: the draws are unused
-            picks = {}
-        # where the search ended: the hard draw's probabilities at τ are about softmax(π / τ)
-        prob = torch.softmax(er.pi[0].detach().float() / cfg.tau, 0)
-        top = torch.argsort(prob, descending=True)[:5].tolist()
-        row["pi_top"] = {er.sets[0].words[i]: round(float(prob[i]), 4) for i in top}
-        row["pi_uniform"] = round(1.0 / len(prob), 4)
-        # π's final mass and R's make-up per concept the candidates name (shapes and colours)
-        words = er.sets[0].words
-        row["pi_mass"], row["r_share"] = {}, {}
-        for name in (*w.SHAPES, *w.COLOURS):
-            sel = [i for i, word in enumerate(words) if name in word.split()]
-            if sel:
-                row["pi_mass"][name] = round(float(prob[sel].sum()), 4)
-                row["r_share"][name] = round(len(sel) / len(words), 4)
-        row.update(train_s=round(er.timings["train_s"], 2), r_size=len(er.sets[0].words),
-                   picks=dict(sorted(picks.items(), key=lambda kv: -kv[1])),
-                   unet_evals_per_step=round(sum(er.calls.values()) / max(1, args.steps), 1))
-    images = world.generate(unet, prompts, seeds, args.eval_steps)
-    pred_s, pred_c, _, _ = world.classifier.predict(images)
-    row.update(score(target, pred_s, pred_c, want_s, want_c, world.model))
-    row.update(eps_measures_for(world, unet, target, seed, args.eval_steps))
-    row["wall_s"] = round(time.perf_counter() - t0, 2)
-    return row, images
+
+    def judge(unet, extra):
+        images = world.generate(unet, prompts, seeds, args.eval_steps)
+        pred_s, pred_c, _, _ = world.classifier.predict(images)
+        out = {**row, **extra}
+        out.update(score(target, pred_s, pred_c, want_s, want_c, world.model))
+        out.update(eps_measures_for(world, unet, target, seed, args.eval_steps))
+        out["wall_s"] = round(time.perf_counter() - t0, 2)
+        return out, images
+
+    if METHODS[method] is None:
+        return [judge(world.base_unet, {})]
+    extra = dict(METHODS[method])
+    if method == "oracle":
+        extra["preserve_set"] = oracle_set(world.model, target, near)
+        row["near"] = list(near)
+    cfg = EraseConfig(**{**COMMON, "model": world.model, "erase": [target], "steps": args.steps, "lr": lr,
+                         "batch_size": args.batch_size, "seed": seed,
+                         "loss_space": args.loss_space, "search_lr": args.search_lr,
+                         "preserve_weight": args.preserve_weight, "train_method": args.train_method,
+                         "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
+                         **row["ablation"], **extra})
+    comps = world.components_for_run()
+    er = Eraser(cfg, progress=sys.stderr.isatty(), components=comps)
+    er.setup()
+    if hasattr(w, "assert_held_out"):  # ShapesWorld 2: no evaluation prompt is a member of R
+        w.assert_held_out(prompts, er.sets[0].words)
+    out = []
+    for budget in [*budgets_below(args), args.steps]:
+        er.train(until=budget)
+        # the engine's own generator drives the erasure: judging on the way changes nothing of it
+        out.append(judge(comps.unet.eval(), {"steps": budget, **_search_state(er, cfg, w, budget)}))
+        comps.unet.train()
+    return out
+
+
+def budgets_below(args) -> list[int]:
+    """The step budgets judged inside each erasure before its last step."""
+    return sorted({b for b in (args.budgets or []) if 0 < b < args.steps})
+
+
+def _search_state(er, cfg, w, steps: int) -> dict:
+    """What the search did so far: the draws, π's top candidates, π's mass and R's make-up per
+    concept the candidates name, the training time."""
+    picks: dict[str, int] = {}
+    for rec in er.log:
+        if rec["kind"] in ("outer", "shared"):
+            for s in rec["samples"]:
+                picks[s["adv_word"]] = picks.get(s["adv_word"], 0) + 1
+    if cfg.preserve_weight == 0:  # nothing is preserved: the draws are unused
+        picks = {}
+    # where the search is: the hard draw's probabilities at τ are about softmax(π / τ)
+    prob = torch.softmax(er.pi[0].detach().float() / cfg.tau, 0)
+    words = er.sets[0].words
+    top = torch.argsort(prob, descending=True)[:5].tolist()
+    out = {"pi_top": {words[i]: round(float(prob[i]), 4) for i in top}, "pi_uniform": round(1.0 / len(prob), 4),
+           "pi_mass": {}, "r_share": {}}
+    for name in (*w.SHAPES, *w.COLOURS):
+        sel = [i for i, word in enumerate(words) if name in word.split()]
+        if sel:
+            out["pi_mass"][name] = round(float(prob[sel].sum()), 4)
+            out["r_share"][name] = round(len(sel) / len(words), 4)
+    out.update(train_s=round(er.timings["train_s"], 2), r_size=len(words),
+               picks=dict(sorted(picks.items(), key=lambda kv: -kv[1])),
+               unet_evals_per_step=round(sum(er.calls.values()) / max(1, steps), 1))
+    return out
 
 
 # -- aggregation ----------------------------------------------------------------------------------
@@ -277,18 +298,19 @@ def psr_at_esr(points: list[tuple[float, float]], level: float) -> float | None:
 def matched_erasure(rows: list[dict], method: str, targets: list[str], seeds: list[int],
                     level: float, metric: str = "psr") -> tuple[list[float], int]:
     """``metric`` (PSR, or PSR-near / PSR-far) at ``level`` ESR on each (target, seed) curve of
-    ``method`` over the learning rates (weakest first); returns the values and how many curves
-    did not reach the level. The base model's row of the same target and seed, where there is
+    ``method`` over its erasures, the weakest first (:func:`_point`: a learning-rate sweep, step
+    budgets judged on the way, or both); returns the values and how many curves did not reach
+    the level. The base model's row of the same target and seed, where there is
     one, is the curve's first point: learning rate 0 leaves the base model, with the same
     evaluation images."""
     values, missed = [], 0
     for t in targets:
         for s in seeds:
             own = sorted((r for r in rows if r["method"] == method and r["target"] == t and r["seed"] == s
-                          and metric in r), key=lambda r: r["lr"])
+                          and metric in r), key=_point)
             base = [r for r in rows if r["method"] == "base" and r["target"] == t and r["seed"] == s
                     and metric in r][:1] if method != "base" else []
-            if not own or len({r["lr"] for r in own}) + len(base) < 2:
+            if not own or len({_point(r) for r in own}) + len(base) < 2:
                 continue
             pts = [(r["esr"], r[metric]) for r in base + own]
             v = psr_at_esr(pts, level)
@@ -300,15 +322,16 @@ def matched_erasure(rows: list[dict], method: str, targets: list[str], seeds: li
 
 
 def near_sets(rows: list[dict], targets: list[str], lr: float, model: str = "shapes",
-              k: int | None = None) -> dict:
+              k: int | None = None, steps: int | None = None) -> dict:
     """Per target, the near set: the ``k`` kept concepts (default :data:`NEAR_K`) whose accuracy
-    plain ESD erasure (λ = 0, at the main learning rate ``lr``) lowers most against the base
-    model, averaged over the seeds run. Targets without both base and esd rows are left out."""
+    plain ESD erasure (λ = 0, at the main learning rate ``lr`` and, when given, after ``steps``
+    outer steps) lowers most against the base model, averaged over the seeds run. Targets without both base and esd rows are left out."""
     w = world_of(model)
     out = {}
     for t in targets:
         base = [r for r in rows if r["method"] == "base" and r["target"] == t]
-        esd = [r for r in rows if r["method"] == "esd" and r["target"] == t and r["lr"] == lr]
+        esd = [r for r in rows if r["method"] == "esd" and r["target"] == t and r["lr"] == lr
+               and (steps is None or r["steps"] == steps)]
         if not base or not esd:
             continue
         names = [n for n in base[0]["acc"] if n != t]
@@ -333,13 +356,25 @@ def add_near_far(rows: list[dict], sets: dict) -> None:
         r["psr_far"] = statistics.fmean(r["acc"][n] for n in far)
 
 
+def _is_main(r: dict, lr: float, steps: int | None = None) -> bool:
+    """A row of the main setting: the base model, or an erasure at ``lr`` (and ``steps``)."""
+    return r["method"] == "base" or (r["lr"] == lr and (steps is None or r["steps"] == steps))
+
+
+def _point(r: dict) -> tuple:
+    """Where a row sits on its method's curve, weakest first: by lr × steps (how far Adam's
+    constant-size steps can take the weights), then by lr."""
+    return (r["lr"] * r.get("steps", 1), r["lr"])
+
+
 def summarize(rows: list[dict], methods: list[str], targets: list[str], seeds: list[int], lr: float,
-              model: str = "shapes"):
+              model: str = "shapes", steps: int | None = None):
     """Per method: ESR and PSR (and PSR-near / PSR-far where the rows have them) averaged over
-    targets for each seed, then mean ± std over seeds."""
+    targets for each seed, then mean ± std over seeds, at learning rate ``lr`` (and, when given,
+    ``steps`` outer steps)."""
     w = world_of(model)
     captions = set(w.all_captions()) - {""}  # the non-empty captions the model was trained on
-    main = [r for r in rows if r["lr"] == lr or r["method"] == "base"]
+    main = [r for r in rows if _is_main(r, lr, steps)]
     table = []
     for m in methods:
         entry = {"method": m}
@@ -374,7 +409,7 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
     methods, targets, seeds = args.methods, args.targets, args.seeds
     w = world_of(args.model)
     shapes = w.SHAPES
-    sets = near_sets(rows, sorted({r["target"] for r in rows}), args.lr, args.model)
+    sets = near_sets(rows, sorted({r["target"] for r in rows}), args.lr, args.model, steps=args.steps)
     add_near_far(rows, sets)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"quality_{tag}"
@@ -388,12 +423,14 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
         out_csv.writerow(flat_cols)
         for r in rows:
             out_csv.writerow([json.dumps(r[c]) if isinstance(r.get(c), dict) else r.get(c, "") for c in flat_cols])
-    table = summarize(rows, methods, targets, seeds, args.lr, args.model)
+    table = summarize(rows, methods, targets, seeds, args.lr, args.model, args.steps)
     world_name = "ShapesWorld" if args.model == "shapes" else "ShapesWorld 2"
     lines = [f"# Erasure quality on {world_name} ({tag})", ""]
     lines += [f"* {k}: `{v}`" if k == "command" else f"* {k}: {v}" for k, v in env.items()]
     lines += [
-        f"* settings: {args.steps} steps, lr {args.lr}, batch {args.batch_size}, loss {args.loss_space}, "
+        f"* settings: {args.steps} steps"
+        + (f" (judged also after {', '.join(map(str, budgets_below(args)))})" if budgets_below(args) else "")
+        + f", lr {args.lr}, batch {args.batch_size}, loss {args.loss_space}, "
         f"λ {args.preserve_weight}, π lr {args.search_lr}, train_method={args.train_method}, "
         + (f"LoRA rank {args.lora_rank} (alpha {args.lora_alpha or args.lora_rank}), " if args.lora_rank else "full fine-tuning, ")
         + f"model={args.model}, {', '.join(f'{k}={v}' for k, v in COMMON.items() if k not in ('device', 'quiet'))}"
@@ -421,7 +458,7 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
             cells += [e.get("esr_colour", "–"), e.get("psr_colour", "–")]
         cells += [e["drift_erased"], e["drift_kept"], e["r_size"], e["caption_draws"], e["train_s"]]
         lines.append("| " + " | ".join(cells) + " |")
-    main = [r for r in rows if r["lr"] == args.lr or r["method"] == "base"]
+    main = [r for r in rows if _is_main(r, args.lr, args.steps)]
     def esr_psr(rs, t):
         return (f"{100 * statistics.fmean(r['esr'] for r in rs):.0f} / "
                 f"{100 * statistics.fmean(r['psr'] for r in rs):.0f}")
@@ -463,26 +500,30 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
                     tot[k] = tot.get(k, 0) + v
             top = sorted(tot.items(), key=lambda kv: -kv[1])[:6]
             lines.append(f"| {t} | {m} | " + ", ".join(f"'{k}' {v}" for k, v in top) + " |")
-    sweep = [r for r in rows if r["lr"] != args.lr and r["method"] != "base"]
-    if sweep:
-        lines += ["", "## Learning-rate sweep: ESR / PSR (%, mean over sweep targets and seeds)", "",
+    # the curves: the learning-rate sweep's (target, seed) pairs, or without one every pair; a
+    # curve is the base model, then the erasures by strength (the step budgets judged on the
+    # way, the learning rates)
+    swept = [r for r in rows if r["lr"] != args.lr and r["method"] != "base"]
+    ct, cs = (args.sweep_targets, args.sweep_seeds) if swept else (targets, seeds)
+    on_curve = [r for r in rows if r["target"] in ct and r["seed"] in cs]
+    points = sorted({(r["lr"], r["steps"]) for r in on_curve if r["method"] != "base"},
+                    key=lambda p: _point({"lr": p[0], "steps": p[1]}))
+    if len(points) > 1:
+        lines += ["", f"## Erasure strength: ESR / PSR (%, mean over the curves' targets {', '.join(ct)} and "
+                      f"seeds {', '.join(map(str, cs))})", "",
                   f"![ESR vs PSR]({stem.name}_sweep.png)", "",
-                  "| lr | " + " | ".join(m for m in methods if m != "base") + " |",
-                  "|" + "---|" * len(methods)]
-        for lr in sorted({r["lr"] for r in rows if r["method"] != "base"}):
+                  "| lr | steps | " + " | ".join(m for m in methods if m != "base") + " |",
+                  "|" + "---|" * (len(methods) + 1)]
+        for lr, st in points:
             cells = []
             for m in methods:
                 if m == "base":
                     continue
-                rs = [r for r in rows if r["method"] == m and r["lr"] == lr and r["target"] in args.sweep_targets
-                      and r["seed"] in args.sweep_seeds]
+                rs = [r for r in on_curve if r["method"] == m and r["lr"] == lr and r["steps"] == st]
                 cells.append(f"{100 * statistics.fmean(r['esr'] for r in rs):.0f} / "
                              f"{100 * statistics.fmean(r['psr'] for r in rs):.0f}" if rs else "–")
-            lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
-        _plot_sweep(rows, args, stem.with_name(stem.name + "_sweep.png"))
-    # the curves of the matched-erasure tables: the sweep's (target, seed) pairs, or without a
-    # sweep every pair, whose curve is then the base model and the main learning rate
-    ct, cs = (args.sweep_targets, args.sweep_seeds) if sweep else (targets, seeds)
+            lines.append(f"| {lr:g} | {st} | " + " | ".join(cells) + " |")
+        _plot_sweep(on_curve, args, points, stem.with_name(stem.name + "_sweep.png"))
     lines += ["", "## PSR at matched erasure (%, mean ± std over the target × seed curves)", "",
               "Each (target, seed) curve starts at the base model (learning rate 0) and runs over "
               "the learning rates, smallest first; PSR is "
@@ -517,7 +558,7 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
                     cell = _mean_std(vals) + f" ({len(vals)})" if vals else "–"
                     cells.append(cell + (f", {missed} not reached" if missed else ""))
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        _plot_near_far(rows, args, ct, cs, stem.with_name(stem.name + "_near_far.png"))
+        _plot_near_far(on_curve, args, points, stem.with_name(stem.name + "_near_far.png"))
         lines += ["", f"![PSR-near and PSR-far against ESR]({stem.name}_near_far.png)"]
     if split:
         lines += ["", "## Does the search find the near set? (main lr, mean over targets and seeds, %)", "",
@@ -562,31 +603,45 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
     _log(f"wrote {stem}.csv, {stem}.md")
 
 
-def _plot_sweep(rows, args, path: Path) -> None:
+def _mean_curve(rows, method: str, points, metric: str = "psr") -> list[tuple[float, float, str]]:
+    """(ESR, ``metric``, label) of ``method`` at each (lr, steps) point, averaged over ``rows``."""
+    out = []
+    for lr, st in points:
+        rs = [r for r in rows if r["method"] == method and metric in r and r["lr"] == lr and r["steps"] == st]
+        if rs:
+            out.append((statistics.fmean(r["esr"] for r in rs), statistics.fmean(r[metric] for r in rs),
+                        f"{lr:g}×{st}"))
+    return out
+
+
+def _plot_curves(ax, rows, args, points, metric: str, labels: bool) -> None:
+    base = [r for r in rows if r["method"] == "base" and metric in r]
+    if base:
+        ax.scatter([statistics.fmean(r["esr"] for r in base)], [statistics.fmean(r[metric] for r in base)],
+                   marker="*", s=120, color="black", label="base")
+    for m in args.methods:
+        pts = _mean_curve(rows, m, points, metric) if m != "base" else []
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+            for x, y, text in pts if labels else ():
+                ax.annotate(text, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+
+
+def _plot_sweep(rows, args, points, path: Path) -> None:
+    """PSR against ESR: one curve per method over the (lr, steps) points (mean over ``rows``),
+    each point labelled lr×steps, the base model as a star."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for m in args.methods:
-        pts = []
-        for lr in sorted({r["lr"] for r in rows}):
-            rs = [r for r in rows if r["method"] == m and (r["lr"] == lr or m == "base")
-                  and r["target"] in args.sweep_targets and r["seed"] in args.sweep_seeds]
-            if rs:
-                pts.append((statistics.fmean(r["esr"] for r in rs), statistics.fmean(r["psr"] for r in rs), lr))
-        if not pts:
-            continue
-        if m == "base":
-            ax.scatter([pts[0][0]], [pts[0][1]], marker="*", s=120, color="black", label="base")
-            continue
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-        for x, y, lr in pts:
-            ax.annotate(f"{lr:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    _plot_curves(ax, rows, args, points, "psr", labels=True)
     ax.set_xlabel("ESR (erased concept no longer recognised)")
     ax.set_ylabel("PSR (other concepts still recognised)")
-    ax.set_title(f"ShapesWorld, targets {', '.join(args.sweep_targets)}: lr sweep")
+    targets = sorted({r["target"] for r in rows})
+    ax.set_title(f"{args.model}, targets {', '.join(targets) if len(targets) <= 4 else len(targets)}: "
+                 "erasure strength (lr×steps)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -594,9 +649,9 @@ def _plot_sweep(rows, args, path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_near_far(rows, args, targets, seeds, path: Path) -> None:
-    """Two panels, PSR-near and PSR-far against ESR: one curve per method over the learning
-    rates (mean over ``targets`` and ``seeds``), the base model as a star."""
+def _plot_near_far(rows, args, points, path: Path) -> None:
+    """Two panels, PSR-near and PSR-far against ESR: one curve per method over the (lr, steps)
+    points (mean over ``rows``), the base model as a star."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -604,19 +659,7 @@ def _plot_near_far(rows, args, targets, seeds, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True, sharey=True)
     for ax, metric, title in zip(axes, ("psr_near", "psr_far"), ("PSR-near", "PSR-far")):
-        for m in args.methods:
-            pts = []
-            for lr in sorted({r["lr"] for r in rows}):
-                rs = [r for r in rows if r["method"] == m and (r["lr"] == lr or m == "base") and metric in r
-                      and r["target"] in targets and r["seed"] in seeds]
-                if rs:
-                    pts.append((statistics.fmean(r["esr"] for r in rs), statistics.fmean(r[metric] for r in rs)))
-            if not pts:
-                continue
-            if m == "base":
-                ax.scatter([pts[0][0]], [pts[0][1]], marker="*", s=120, color="black", label="base")
-            else:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        _plot_curves(ax, rows, args, points, metric, labels=False)
         for lv in MATCHED_ESR:
             ax.axvline(lv, color="grey", lw=0.6, ls="--")
         ax.set_xlabel("ESR (erased concept no longer recognised)")
@@ -742,6 +785,10 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--pgd-steps", type=int, default=None, help="P: loop iterations per outer step (default 2)")
     abl.add_argument("--num-centers", type=int, default=None,
                      help=f"|R| bound: k-means centres over the k closest (default {COMMON['num_centers']})")
+    ap.add_argument("--budgets", type=_ints, default=[],
+                    help="step budgets below --steps at which every erasure is also judged (it then "
+                         "continues, exactly as without): points of its ESR-PSR curve for the price "
+                         "of their evaluation, e.g. 10,20")
     ap.add_argument("--sweep-lrs", type=_floats, default=[], help="extra learning rates for the ESR-PSR plot")
     ap.add_argument("--sweep-targets", type=_names, default=["circle"])
     ap.add_argument("--sweep-seeds", type=_ints, default=[0])
@@ -790,6 +837,9 @@ def main(argv: list[str] | None = None) -> int:
                         "--methods needs base and esd with oracle")
     if args.steps < 1 or args.images < 1 or args.batch_size < 1 or args.eval_steps < 1:
         raise UserError("--steps, --images, --eval-steps and --batch-size must be at least 1")
+    if any(not 0 < b < args.steps for b in args.budgets):
+        raise UserError(f"--budgets must lie between 1 and --steps - 1 ({args.steps - 1}); got "
+                        f"{','.join(map(str, args.budgets))}")
     if args.lora_rank < 0 or (args.lora_alpha is not None and not args.lora_alpha > 0):
         raise UserError("--lora-rank must be 0 (full fine-tuning) or positive, and --lora-alpha positive")
     shard = None
@@ -825,7 +875,13 @@ def main(argv: list[str] | None = None) -> int:
     jobs.sort(key=lambda j: j[1] == "oracle")
     if shard is not None:
         jobs = jobs[shard[0]::shard[1]]
-    todo = sum(_key(t, m, s, lr, vars(args)) not in done for t, m, s, lr in jobs)
+
+    def keys(t, m, s, lr):
+        """The identities of a job's rows: one per step budget (the base model: one)."""
+        steps = [args.steps] if METHODS[m] is None else [*budgets_below(args), args.steps]
+        return [_key(t, m, s, lr, {**vars(args), "steps": b}) for b in steps]
+
+    todo = sum(any(k not in done for k in keys(*j)) for j in jobs)
 
     def oracle_needs(t):
         """The runs whose near set the oracle of ``t`` preserves: base and esd of every seed."""
@@ -833,48 +889,54 @@ def main(argv: list[str] | None = None) -> int:
 
     # the oracle's near set comes from runs finished before it (in this process, which runs
     # the oracle last, or earlier): one shard cannot wait for another's
-    own = {_key(t, m, s, lr, vars(args)) for t, m, s, lr in jobs}
+    own = {k for j in jobs for k in keys(*j)}
     for t in dict.fromkeys(t for t, m, _, _ in jobs if m == "oracle"):
         lacking = [name for name, k in oracle_needs(t).items() if k not in done and k not in own]
         if lacking:
             raise UserError(f"the oracle for {t} needs the base and esd runs of {t} at lr {args.lr:g} for every "
                             f"seed (missing: {', '.join(lacking)}); run the other methods first (every shard), "
                             "then the oracle")
-    _log(f"{len(jobs)} runs ({len(jobs) - todo} already in {raw.name}), {args.steps} steps each; "
-         f"results in {out}")
+    budgets = budgets_below(args)
+    _log(f"{len(jobs)} runs ({len(jobs) - todo} already in {raw.name}), {args.steps} steps each"
+         + (f", judged also after {', '.join(map(str, budgets))}" if budgets else "") + f"; results in {out}")
     world = None
     rows = []
     t_all = time.perf_counter()
     with open(raw, "a") as fh:
         for i, (t, m, s, lr) in enumerate(jobs):
-            key = _key(t, m, s, lr, vars(args))
+            ks = keys(t, m, s, lr)
             want_grid = t == args.targets[0] and s == args.seeds[0] and lr == args.lr
             grid_file = grid_dir / f"{m}.pt"
-            if key in done and (not want_grid or grid_file.exists()):
-                rows.append(done[key])
+            if all(k in done for k in ks) and (not want_grid or grid_file.exists()):
+                rows += [done[k] for k in ks]
                 continue
             near = None
             if m == "oracle":  # every seed's base and esd run are in by now (checked above)
                 found = {**_load_done(out, args.tag), **done}
                 known = [found[k] for k in oracle_needs(t).values()]
-                near = near_sets(known, [t], args.lr, args.model)[t]["near"]
+                near = near_sets(known, [t], args.lr, args.model, steps=args.steps)[t]["near"]
             if world is None:
                 _log("loading the ShapesWorld model and its classifier")
                 world = World(args.model)
             _log(f"{i + 1}/{len(jobs)} {t:>8} {m:<16} seed {s} lr {lr:g}: "
                  + ("generating and classifying images" if METHODS[m] is None else
                     f"erasing ({args.steps} steps), then generating and classifying images"))
-            row, images = run_one(world, t, m, s, args, lr, near)
+            results = run_one(world, t, m, s, args, lr, near)
+            row, images = results[-1]
             if want_grid:
                 grid_dir.mkdir(exist_ok=True)
                 per = args.images if t in w.SHAPES else max(1, args.images // len(w.SHAPES)) * len(w.SHAPES)
                 torch.save({"images": images, "per_prompt": torch.tensor(per)}, grid_file)
-            if key not in done:
-                fh.write(json.dumps(row) + "\n")
-                fh.flush()
-            rows.append(row if key not in done else done[key])
-            _log(f"{i + 1}/{len(jobs)} {t:>8} {m:<16} seed {s} lr {lr:g}: ESR {row['esr']:.2f} "
-                 f"PSR {row['psr']:.2f} ({row['wall_s']:.0f} s; {time.perf_counter() - t_all:.0f} s total)")
+            for k, (r, _) in zip(ks, results):
+                if k not in done:
+                    fh.write(json.dumps(r) + "\n")
+                rows.append(done.get(k, r))
+            fh.flush()
+            _log(f"{i + 1}/{len(jobs)} {t:>8} {m:<16} seed {s} lr {lr:g}: ESR "
+                 + " / ".join(f"{r['esr']:.2f}" for r, _ in results) + " PSR "
+                 + " / ".join(f"{r['psr']:.2f}" for r, _ in results)
+                 + (f" (after {', '.join(str(r['steps']) for r, _ in results)} steps)" if len(results) > 1 else "")
+                 + f" ({row['wall_s']:.0f} s; {time.perf_counter() - t_all:.0f} s total)")
     if shard is not None:
         _log(f"shard {args.shard} done; run again without --shard to write the report")
         return 0

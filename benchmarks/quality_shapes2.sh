@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The ShapesWorld 2 quality table: every shape target, 3 seeds, every method over learning rates,
+# PSR-near / PSR-far at matched erasure with the oracle row. It regenerates
+# benchmarks/results/quality_shapes2_cpu.{md,csv,jsonl} and their PNGs.
+#
+#   bash benchmarks/quality_shapes2.sh              # the full table, one shard per core
+#   bash benchmarks/quality_shapes2.sh --quick      # the same pipeline in about a minute: circle,
+#                                                   # seed 0, base / esd / ap_shared / oracle, tiny budgets
+#   SHARDS=4 bash benchmarks/quality_shapes2.sh     # more shards (one torch thread each)
+#
+# Three phases, each resumable (run the script again and finished runs are kept):
+#   1. every method but the oracle, SHARDS processes in parallel, one thread each;
+#   2. the oracle, in the same shards: it preserves the near set that phase 1's base and esd runs
+#      measured (every seed), so it cannot start before them;
+#   3. one process without --shard collects the shards' rows and writes the report.
+# Settings: 40 outer steps at learning rate LR (the main setting; its esd runs define the near
+# sets), each erasure judged also after BUDGETS steps on the way, so that every (target, seed)
+# curve runs base model -> 10 -> 20 -> 40 steps for one training; SWEEP_LRS (none by default) adds
+# learning rates; IMAGES evaluation images per shape prompt at EVAL_STEPS DDIM steps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+QUICK=0
+case "${1:-}" in
+  --quick) QUICK=1 ;;
+  "") ;;
+  *) echo "usage: bash benchmarks/quality_shapes2.sh [--quick]" >&2; exit 2 ;;
+esac
+
+SHAPES=circle,ring,ellipse,crescent,square,rectangle,diamond,triangle,arrow,star,cross,plus,pentagon,hexagon,heart
+METHODS=base,esd,preserve_null,preserve_random,ap_faithful,ap_shared,ap_normalised
+LR=${LR:-1e-3}
+BUDGETS=${BUDGETS:-10,20}
+SWEEP_LRS=${SWEEP_LRS:-}
+SEEDS=${SEEDS:-0,1,2}
+IMAGES=${IMAGES:-8}
+EVAL_STEPS=${EVAL_STEPS:-15}
+SHARDS=${SHARDS:-$(nproc)}
+OUT=${OUT:-benchmarks/results}
+TAG=${TAG:-shapes2_cpu}
+STEPS=40
+if [ "$QUICK" = 1 ]; then
+  SHAPES=circle; SEEDS=0; IMAGES=1; EVAL_STEPS=4; STEPS=2; BUDGETS=1; METHODS=base,esd,ap_shared
+  OUT=${QUICK_OUT:-$(mktemp -d /tmp/quality_shapes2.XXXXXX)}; TAG=shapes2_quick
+fi
+
+AP=("${PYTHON:-python}" -m ap_erase_fast bench quality --model shapes2 --targets "$SHAPES" --seeds "$SEEDS"
+    --steps "$STEPS" --budgets "$BUDGETS" --lr "$LR" --sweep-lrs "$SWEEP_LRS" --sweep-targets "$SHAPES"
+    --sweep-seeds "$SEEDS"
+    --images "$IMAGES" --eval-steps "$EVAL_STEPS" --out "$OUT" --tag "$TAG")
+mkdir -p "$OUT"
+
+shards() {  # $1: methods; runs SHARDS processes and fails if any failed
+  local pids=() i
+  for ((i = 0; i < SHARDS; i++)); do
+    "${AP[@]}" --methods "$1" --threads 1 --shard "$i/$SHARDS" >>"$OUT/.quality_${TAG}.shard$i.log" 2>&1 &
+    pids+=($!)
+  done
+  local rc=0
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || { echo "shard $i/$SHARDS failed: see $OUT/.quality_${TAG}.shard$i.log" >&2; rc=1; }
+  done
+  return $rc
+}
+
+start=$(date +%s)
+echo "phase 1/3: $METHODS over $SHARDS shards (logs: $OUT/.quality_${TAG}.shard*.log)"
+shards "$METHODS"
+echo "phase 2/3: oracle ($(( $(date +%s) - start )) s so far)"
+shards "$METHODS,oracle"
+echo "phase 3/3: the report ($(( $(date +%s) - start )) s so far)"
+"${AP[@]}" --methods "$METHODS,oracle"
+echo "done in $(( $(date +%s) - start )) s: $OUT/quality_${TAG}.md"
