@@ -31,8 +31,10 @@ ablation flags (``--tau``, ``--gumbel-mode``, ``--pgd-steps``, ``--num-centers``
 search of every AP run (``ap_*``; the controls keep their settings and are not re-run) and become
 part of each row's identity.
 
-``--sweep-lrs`` adds runs at other learning rates (``--sweep-targets``, ``--sweep-seeds``) and
-plots ESR against PSR per method. Everything goes to ``--out DIR`` as
+``--budgets`` judges every erasure also after fewer steps on the way (exactly a shorter run), and
+``--sweep-lrs`` adds runs at other learning rates (``--sweep-targets``, ``--sweep-seeds``): the
+points of each (target, seed) curve, from the base model to the strongest erasure, on which PSR
+is read at matched erasure (ESR 80 % and 95 %) and ESR is plotted against PSR per method. Everything goes to ``--out DIR`` as
 ``quality_<tag>.{jsonl,csv,md}``, ``quality_<tag>_sweep.png`` and ``quality_<tag>_grid.png``
 (default: a new ``bench-quality-<date-time>`` folder under the current one; the committed
 report is regenerated with ``--out benchmarks/results``). Finished runs are read back from the
@@ -525,10 +527,10 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
             lines.append(f"| {lr:g} | {st} | " + " | ".join(cells) + " |")
         _plot_sweep(on_curve, args, points, stem.with_name(stem.name + "_sweep.png"))
     lines += ["", "## PSR at matched erasure (%, mean ± std over the target × seed curves)", "",
-              "Each (target, seed) curve starts at the base model (learning rate 0) and runs over "
-              "the learning rates, smallest first; PSR is "
-              "interpolated linearly where the curve first reaches the ESR level. A curve that never reaches it (or "
-              "starts above it) is counted, not extrapolated.", "",
+              "Each (target, seed) curve starts at the base model (learning rate 0) and runs over the "
+              "method's erasures from the weakest to the strongest (lr × steps: step budgets judged on the "
+              "way, learning rates); PSR is interpolated linearly where the curve first reaches the ESR "
+              "level. A curve that never reaches it (or starts above it) is counted, not extrapolated.", "",
               "| method | " + " | ".join(f"PSR @ ESR {100 * lv:.0f} % (curves)" for lv in MATCHED_ESR) + " |",
               "|" + "---|" * (len(MATCHED_ESR) + 1)]
     for m in methods:
