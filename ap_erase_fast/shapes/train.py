@@ -231,7 +231,7 @@ def main(argv=None):
                     help="1: ShapesWorld (6 shapes x 6 colours, --model shapes); 2: ShapesWorld 2 (15 shapes, "
                          "8 colours, fill, size, background; --model shapes2)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--unet-steps", type=int, default=None, help="default: 3000 (world 1), 4000 (world 2)")
+    ap.add_argument("--unet-steps", type=int, default=None, help="default: 3000 (world 1), 5000 (world 2)")
     ap.add_argument("--vae-steps", type=int, default=None, help="default: 2000 (world 1), 4000 (world 2)")
     ap.add_argument("--clf-steps", type=int, default=None, help="default: 700 (world 1), 1500 (world 2)")
     ap.add_argument("--images", type=int, default=None,
@@ -242,7 +242,7 @@ def main(argv=None):
     ap.add_argument("--heldout", type=int, default=10000, help="held-out images for the classifier")
     ap.add_argument("--ship", default=None, help="folder to write the fp16 model and classifier into")
     args = ap.parse_args(argv)
-    for name, defaults in (("unet_steps", (3000, 4000)), ("vae_steps", (2000, 4000)), ("clf_steps", (700, 1500)),
+    for name, defaults in (("unet_steps", (3000, 5000)), ("vae_steps", (2000, 4000)), ("clf_steps", (700, 1500)),
                            ("images", (40000, 60000))):
         if getattr(args, name) is None:
             setattr(args, name, defaults[args.world - 1])
