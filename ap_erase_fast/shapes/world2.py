@@ -57,7 +57,7 @@ EVAL_PREFIX = "an image of a"
 PREFIXES = TRAIN_PREFIXES + (EVAL_PREFIX,)
 # Probability that a caption names each optional attribute; P_EMPTY of captions are empty
 # (classifier-free guidance dropout).
-P_NAME = {"size": 0.4, "colour": 0.6, "fill": 0.45, "background": 0.4}
+P_NAME = {"size": 0.4, "colour": 0.8, "fill": 0.45, "background": 0.4}
 P_EMPTY = 0.1
 
 
