@@ -65,19 +65,34 @@ def test_silhouettes_have_the_expected_areas_and_every_pair_differs():
     assert area["square"] == pytest.approx(15.6 ** 2, rel=0.06)  # on a 0.5 px grid
     assert area["rectangle"] == pytest.approx(20 * 10, rel=0.03)
     assert area["diamond"] == pytest.approx(2 * 7.2 * 10, rel=0.04)
-    assert area["hexagon"] == pytest.approx(2 * 0.65 * (1.1 + 0.6) * 100, rel=0.03)  # the wide hexagon
+    assert area["hexagon"] == pytest.approx(2 * 0.7 * (1.1 + 0.6) * 100, rel=0.03)  # the wide hexagon
     assert area["pentagon"] == pytest.approx(5 / 2 * np.sin(2 * np.pi / 5) * 100, rel=0.03)
     assert area["plus"] == pytest.approx(area["cross"], rel=0.03)  # the same figure turned by 45°
     assert area["plus"] == pytest.approx(2 * 20 * 6 - 36, rel=0.04)
     # no two shapes are the same figure: intersection over union below 0.85 for every pair (the
-    # closest: circle / square, circle / pentagon, ellipse / rectangle, 0.81), below 0.8 for the
-    # hexagon with anything (a regular hexagon is 0.90 with the circle)
+    # closest: circle / square, circle / pentagon, ellipse / rectangle, 0.81)
     ious = {}
     for i in range(len(w.SHAPES)):
         for j in range(i + 1, len(w.SHAPES)):
             ious[w.SHAPES[i], w.SHAPES[j]] = (m[i] & m[j]).sum() / (m[i] | m[j]).sum()
     assert max(ious.values()) < 0.85, sorted(ious.items(), key=lambda kv: kv[1])[-3:]
-    assert max(v for k, v in ious.items() if "hexagon" in k) < 0.8
+
+
+def test_hexagon_is_unlike_every_other_shape_at_any_relative_scale():
+    """Sizes vary, so a look-alike is judged at the other shape's best scale: the hexagon stays at
+    or below 0.83 IoU with every shape over relative scales 0.75-1.35 (a regular hexagon is 0.93
+    with the circle, the 1.3 r tall one 0.86 with the ellipse, the shapes the model mistook them
+    for)."""
+    hexagon = _silhouettes()[w.SHAPES.index("hexagon")]
+    best = {}
+    for s in np.linspace(0.75, 1.35, 13):
+        m = _silhouettes(10.0 * s)
+        for i, name in enumerate(w.SHAPES):
+            if name != "hexagon":
+                best[name] = max(best.get(name, 0.0), (m[i] & hexagon).sum() / (m[i] | hexagon).sum())
+    worst = max(best, key=best.get)
+    assert best[worst] <= 0.83, (worst, best[worst])
+    assert best["ellipse"] <= 0.83 and best["circle"] <= 0.83
 
 
 def test_fills_outline_and_stripes():
@@ -179,6 +194,9 @@ def test_training_script_world2_end_to_end(tmp_path, monkeypatch):
     assert pf["prompts"]["shape"] == "an image of a <shape>"
     assert "| colour | red |" in (tmp_path / "work" / "report.md").read_text()
     assert load_classifier(str(ship / "classifier.safetensors")).heads == tuple(w.ATTRIBUTES)
+    # the shipped configs name no folder of the training machine
+    configs = sorted(ship.rglob("config.json"))
+    assert len(configs) == 3 and not any("_name_or_path" in json.loads(p.read_text()) for p in configs)
     monkeypatch.setenv("AP_ERASE_SHAPES2_DIR", str(ship))
     comps = load_components("shapes2")
     assert comps.unet.config.block_out_channels == (96, 192) or list(comps.unet.config.block_out_channels) == [96, 192]
@@ -291,14 +309,20 @@ def test_shipped_shapes2_loads_and_records_its_acceptance(shapes2_model):
     report = json.load(open(os.path.join(SHIPPED2, "train_report.json")))
     assert report["world"] == 2
     pf = report["prompt_following"]
-    # the recorded scores: every colour and 14 of 15 shapes meet the 90 % bar; hexagon (84.4 %)
-    # does not yet: for shapes a regression bar here, not the acceptance bar
-    assert pf["colour_min"] >= 0.9 and pf["shape_mean"] >= 0.95 and pf["shape_min"] >= 0.8
-    assert min(pf["shape_prompts"], key=pf["shape_prompts"].get) == "hexagon"
-    assert sorted(pf["shape_prompts"].values())[1] >= 0.9
+    # the acceptance bar: every shape and every colour at >= 90 %, judged on 256 images per shape
+    assert pf["images"]["per_shape"] >= 256 and len(pf["shape_prompts"]) == 15 and len(pf["colour_prompts"]) == 8
+    assert pf["colour_min"] >= 0.9 and pf["shape_min"] >= 0.9 and pf["pair_both"] >= 0.9
     assert min(v for k, v in report["classifier_heldout"].items() if k != "per_shape") >= 0.98
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(SHIPPED2) for f in fs)
     assert size < 35e6
+
+
+def test_shipped_models_name_no_local_folder():
+    for folder in (SHIPPED2, os.path.join(os.path.dirname(SHIPPED2), "shapes")):
+        configs = [os.path.join(d, "config.json") for d, _, fs in os.walk(folder) if "config.json" in fs]
+        assert len(configs) == 3, folder
+        for path in configs:
+            assert "_name_or_path" not in json.load(open(path)), path
 
 
 def test_shipped_shapes2_classifier_on_fresh_ground_truth(classifier2):
