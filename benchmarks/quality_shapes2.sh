@@ -15,7 +15,7 @@
 #   3. one process without --shard collects the shards' rows and writes the report.
 # Settings: 40 outer steps at learning rate LR (the main setting; its esd runs define the near
 # sets), each erasure judged also after BUDGETS steps on the way, so that every (target, seed)
-# curve runs base model -> 10 -> 20 -> 30 -> 40 steps for one training; SWEEP_LRS (none by default) adds
+# curve runs base model -> 5 -> 10 -> 20 -> 30 -> 40 steps for one training; SWEEP_LRS (none by default) adds
 # learning rates; IMAGES evaluation images per shape prompt at EVAL_STEPS DDIM steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,11 +30,11 @@ esac
 SHAPES=circle,ring,ellipse,crescent,square,rectangle,diamond,triangle,arrow,star,cross,plus,pentagon,hexagon,heart
 METHODS=base,esd,preserve_null,preserve_random,ap_faithful,ap_shared,ap_normalised
 LR=${LR:-1e-3}
-BUDGETS=${BUDGETS:-10,20,30}
+BUDGETS=${BUDGETS:-5,10,20,30}
 SWEEP_LRS=${SWEEP_LRS:-}
 SEEDS=${SEEDS:-0,1,2}
 IMAGES=${IMAGES:-8}
-EVAL_STEPS=${EVAL_STEPS:-15}
+EVAL_STEPS=${EVAL_STEPS:-10}
 SHARDS=${SHARDS:-$(nproc)}
 OUT=${OUT:-benchmarks/results}
 TAG=${TAG:-shapes2_cpu}
