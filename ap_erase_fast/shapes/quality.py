@@ -47,6 +47,7 @@ import copy
 import csv
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -297,15 +298,15 @@ def psr_at_esr(points: list[tuple[float, float]], level: float) -> float | None:
     return None
 
 
-def matched_erasure(rows: list[dict], method: str, targets: list[str], seeds: list[int],
-                    level: float, metric: str = "psr") -> tuple[list[float], int]:
+def matched_by_curve(rows: list[dict], method: str, targets: list[str], seeds: list[int],
+                     level: float, metric: str = "psr") -> dict[tuple[str, int], float | None]:
     """``metric`` (PSR, or PSR-near / PSR-far) at ``level`` ESR on each (target, seed) curve of
     ``method`` over its erasures, the weakest first (:func:`_point`: a learning-rate sweep, step
-    budgets judged on the way, or both); returns the values and how many curves did not reach
-    the level. The base model's row of the same target and seed, where there is
-    one, is the curve's first point: learning rate 0 leaves the base model, with the same
-    evaluation images."""
-    values, missed = [], 0
+    budgets judged on the way, or both), by (target, seed); ``None`` where the curve does not
+    reach the level, no entry where there is no curve. The base model's row of the same target
+    and seed, where there is one, is the curve's first point: learning rate 0 leaves the base
+    model, with the same evaluation images."""
+    out: dict[tuple[str, int], float | None] = {}
     for t in targets:
         for s in seeds:
             own = sorted((r for r in rows if r["method"] == method and r["target"] == t and r["seed"] == s
@@ -314,13 +315,48 @@ def matched_erasure(rows: list[dict], method: str, targets: list[str], seeds: li
                     and metric in r][:1] if method != "base" else []
             if not own or len({_point(r) for r in own}) + len(base) < 2:
                 continue
-            pts = [(r["esr"], r[metric]) for r in base + own]
-            v = psr_at_esr(pts, level)
-            if v is None:
-                missed += 1
-            else:
-                values.append(v)
-    return values, missed
+            out[(t, s)] = psr_at_esr([(r["esr"], r[metric]) for r in base + own], level)
+    return out
+
+
+def matched_erasure(rows: list[dict], method: str, targets: list[str], seeds: list[int],
+                    level: float, metric: str = "psr") -> tuple[list[float], int]:
+    """The values of :func:`matched_by_curve` and how many curves did not reach the level."""
+    by_curve = matched_by_curve(rows, method, targets, seeds, level, metric)
+    return [v for v in by_curve.values() if v is not None], sum(v is None for v in by_curve.values())
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: the probability of a split at least this uneven between wins
+    and losses (ties left out) when either side is equally likely."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_difference(rows: list[dict], method: str, against: str, targets: list[str], seeds: list[int],
+                      level: float, metric: str) -> dict:
+    """``method`` − ``against`` at ``level`` ESR on the same (target, seed) curves (the same
+    evaluation images, the same near set): the mean difference, its standard error, wins / losses /
+    ties, the sign test's p, and the curves compared (both reach the level)."""
+    a = matched_by_curve(rows, method, targets, seeds, level, metric)
+    b = matched_by_curve(rows, against, targets, seeds, level, metric)
+    diffs = [a[k] - b[k] for k in a if k in b and a[k] is not None and b[k] is not None]
+    eps = 1e-9
+    wins, losses = sum(d > eps for d in diffs), sum(d < -eps for d in diffs)
+    return {"n": len(diffs), "mean": statistics.fmean(diffs) if diffs else None,
+            "se": statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None,
+            "wins": wins, "losses": losses, "ties": len(diffs) - wins - losses, "p": sign_test(wins, losses)}
+
+
+def _paired_cell(d: dict) -> str:
+    if not d["n"]:
+        return "–"
+    se = f" ± {100 * d['se']:.1f}" if d["se"] is not None else ""
+    mean = 100 * d["mean"] if abs(d["mean"]) >= 5e-4 else 0.0  # no "-0.0"
+    return f"{mean:+.1f}{se} ({d['wins']}/{d['losses']}/{d['ties']}, p {d['p']:.2g})"
 
 
 def near_sets(rows: list[dict], targets: list[str], lr: float, model: str = "shapes",
@@ -562,6 +598,7 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         _plot_near_far(on_curve, args, points, stem.with_name(stem.name + "_near_far.png"))
         lines += ["", f"![PSR-near and PSR-far against ESR]({stem.name}_near_far.png)"]
+    lines += paired_section(rows, methods, ct, cs, ("psr_near", "psr_far") if split else ("psr",))
     if split:
         lines += ["", "## Does the search find the near set? (main lr, mean over targets and seeds, %)", "",
                   "Draws: share of the preservation draws (outer updates) whose candidate names a near "
@@ -580,13 +617,14 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
                 if total:
                     draws.append(sum(v for k, v in r["picks"].items() if any(n in k.split() for n in near)) / total)
                 share.append(sum(r["r_share"].get(n, 0.0) for n in near))
-                if m != "preserve_random":  # its π never moves
+                if m.startswith("ap_"):  # the other methods' π never moves
                     mass.append(sum(r["pi_mass"].get(n, 0.0) for n in near))
 
             def pct(xs):
                 return f"{100 * statistics.fmean(xs):.1f}" if xs else "–"
 
             lines.append(f"| {m} | {pct(draws)} | {pct(mass)} | {pct(share)} |")
+        lines += search_over_training(rows, methods, sets, args.lr)
         lines += ["", f"## Near sets (esd at lr {args.lr:g} against base; accuracy lost, %)", "",
                   "| target | near set | next most damaged | esd seeds |", "|---|---|---|---|"]
         for t, ns in sets.items():
@@ -603,6 +641,62 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
                   f"prompts, two images each): ![grid]({stem.name}_grid.png)"]
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     _log(f"wrote {stem}.csv, {stem}.md")
+
+
+def paired_section(rows, methods, targets, seeds, metrics) -> list[str]:
+    """The report's paired comparison: each method against preserving a random member of R (does
+    the search pay off?) and each AP method against the oracle (how close does it get?), on the
+    same (target, seed) curves at every matched ESR level."""
+    pairs = [(m, "preserve_random") for m in methods if m not in ("base", "preserve_random")
+             and "preserve_random" in methods]
+    pairs += [(m, "oracle") for m in methods if m.startswith("ap_") and "oracle" in methods]
+    if not pairs:
+        return []
+    names = {"psr": "PSR", "psr_near": "PSR-near", "psr_far": "PSR-far"}
+    cols = [(lv, mt) for lv in MATCHED_ESR for mt in metrics]
+    lines = ["", "## Paired at matched erasure: method − control on the same (target, seed) curves", "",
+             "Percentage points, mean ± standard error over the curves on which both reach the level; "
+             "in brackets wins / losses / ties of the method and the two-sided sign test's p.", "",
+             "| method − control | " + " | ".join(f"{names[mt]} @ ESR {100 * lv:.0f} %" for lv, mt in cols) + " |",
+             "|" + "---|" * (len(cols) + 1)]
+    for m, c in pairs:
+        cells = [_paired_cell(paired_difference(rows, m, c, targets, seeds, lv, mt)) for lv, mt in cols]
+        lines.append(f"| {m} − {c} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def search_over_training(rows, methods, sets, lr) -> list[str]:
+    """Where the search goes as the erasure proceeds: at each judged step budget of the main
+    learning rate, π's mass on the near set and the share of the draws so far that name a near
+    concept, against the near set's share of R (a uniform draw), mean over targets and seeds."""
+    runs = [r for r in rows if r["method"] in methods and r["method"] != "base" and r.get("lr") == lr
+            and r["target"] in sets and r.get("r_share")]
+    budgets = sorted({r["steps"] for r in runs})
+    if not runs:
+        return []
+    lines = ["", "## Where the search goes over training (main lr; mean over targets and seeds, %)", "",
+             "Per judged step budget: π's mass on the near set / the share of the draws so far that "
+             "name a near concept. A uniform draw gives the near set's share of R.", "",
+             "| method | " + " | ".join(f"after {b} steps" for b in budgets) + " | near set's share of R |",
+             "|" + "---|" * (len(budgets) + 2)]
+
+    def near_share(d, near):
+        return sum(v for k, v in d.items() if any(n in k.split() for n in near)) / max(1, sum(d.values()))
+
+    for m in methods:
+        rs = [r for r in runs if r["method"] == m]
+        if not rs or not (m.startswith("ap_") or any(r.get("picks") for r in rs)):  # ESD draws nothing
+            continue
+        cells = []
+        for b in budgets:
+            at = [r for r in rs if r["steps"] == b]
+            mass = [sum(r["pi_mass"].get(n, 0.0) for n in sets[r["target"]]["near"]) for r in at
+                    if m.startswith("ap_")]  # the other methods' π never moves
+            draws = [near_share(r["picks"], sets[r["target"]]["near"]) for r in at if r.get("picks")]
+            cells.append(" / ".join(f"{100 * statistics.fmean(x):.1f}" if x else "–" for x in (mass, draws)))
+        share = statistics.fmean(sum(r["r_share"].get(n, 0.0) for n in sets[r["target"]]["near"]) for r in rs)
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {100 * share:.1f} |")
+    return lines
 
 
 def _mean_curve(rows, method: str, points, metric: str = "psr") -> list[tuple[float, float, str]]:
@@ -726,9 +820,12 @@ def _key(target, method, seed, lr, settings) -> tuple:
         common += (("eval_steps", settings["eval_steps"]),)
     if method == "base":
         return common
-    key = common + (settings["steps"], lr, settings["batch_size"], settings["loss_space"], settings["search_lr"],
-                    settings["preserve_weight"], settings.get("train_method", "xattn"),
-                    settings.get("lora_rank") or 0)
+    # π's learning rate moves only AP's search, λ only the methods that preserve: a control run is
+    # the same run whatever they are (an ablation of them reuses it)
+    key = common + (settings["steps"], lr, settings["batch_size"], settings["loss_space"],
+                    settings["search_lr"] if method.startswith("ap_") else None,
+                    settings["preserve_weight"] if method != "esd" else None,
+                    settings.get("train_method", "xattn"), settings.get("lora_rank") or 0)
     ablation = _ablation(settings) if method.startswith("ap_") else {}
     return key + (tuple(sorted(ablation.items())),) if ablation else key
 
@@ -802,6 +899,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tag", default=None,
                     help="file name stem after 'quality_' (default: shapes_cpu, shapes_quick "
                          "with --quick)")
+    ap.add_argument("--controls-from", type=_names, default=[], metavar="TAG[,TAG]",
+                    help="reuse the finished runs of these tags in the same --out folder (copied into "
+                         "this tag's results): an ablation then re-runs only what it changes, e.g. "
+                         "--tag shapes2_tau1 --tau 1 --controls-from shapes2_cpu")
     ap.add_argument("--shard", default=None, metavar="I/N",
                     help="run only every N-th job starting at I (0-based), e.g. two processes "
                          "with --threads 1 and --shard 0/2, 1/2; a last run without --shard "
@@ -861,6 +962,12 @@ def main(argv: list[str] | None = None) -> int:
     raw = out / (f"quality_{args.tag}.jsonl" if shard is None else f"quality_{args.tag}.shard{shard[0]}of{shard[1]}.jsonl")
     grid_dir = out / f".quality_{args.tag}_grid"  # sample images of the grid, for the report
     done = _load_done(out, args.tag)
+    borrowed = {}  # finished runs of --controls-from tags that this tag lacks
+    for other in args.controls_from:
+        if other == args.tag or not _load_done(out, other):
+            raise UserError(f"--controls-from {other}: no finished runs of that tag in {out} "
+                            f"(quality_{other}.jsonl or its shards)")
+        borrowed.update({k: r for k, r in _load_done(out, other).items() if k not in done and k not in borrowed})
     if shard is None:  # collect the shards' results into the one results file
         shards = sorted(out.glob(f"quality_{args.tag}.shard*.jsonl"))
         if shards:
@@ -883,7 +990,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = [args.steps] if METHODS[m] is None else [*budgets_below(args), args.steps]
         return [_key(t, m, s, lr, {**vars(args), "steps": b}) for b in steps]
 
-    todo = sum(any(k not in done for k in keys(*j)) for j in jobs)
+    todo = sum(any(k not in done and k not in borrowed for k in keys(*j)) for j in jobs)
 
     def oracle_needs(t):
         """The runs whose near set the oracle of ``t`` preserves: base and esd of every seed."""
@@ -893,7 +1000,8 @@ def main(argv: list[str] | None = None) -> int:
     # the oracle last, or earlier): one shard cannot wait for another's
     own = {k for j in jobs for k in keys(*j)}
     for t in dict.fromkeys(t for t, m, _, _ in jobs if m == "oracle"):
-        lacking = [name for name, k in oracle_needs(t).items() if k not in done and k not in own]
+        lacking = [name for name, k in oracle_needs(t).items() if k not in done and k not in borrowed
+                   and k not in own]
         if lacking:
             raise UserError(f"the oracle for {t} needs the base and esd runs of {t} at lr {args.lr:g} for every "
                             f"seed (missing: {', '.join(lacking)}); run the other methods first (every shard), "
@@ -909,12 +1017,18 @@ def main(argv: list[str] | None = None) -> int:
             ks = keys(t, m, s, lr)
             want_grid = t == args.targets[0] and s == args.seeds[0] and lr == args.lr
             grid_file = grid_dir / f"{m}.pt"
-            if all(k in done for k in ks) and (not want_grid or grid_file.exists()):
+            copied = [k for k in ks if k not in done and k in borrowed]
+            # a run copied from another tag is not re-run for this tag's sample grid
+            if all(k in done or k in borrowed for k in ks) and (not want_grid or grid_file.exists() or copied):
+                for k in ks:
+                    if k not in done:  # copied, so that this tag's results stand on their own
+                        fh.write(json.dumps(borrowed[k]) + "\n")
+                        done[k] = borrowed[k]
                 rows += [done[k] for k in ks]
                 continue
             near = None
             if m == "oracle":  # every seed's base and esd run are in by now (checked above)
-                found = {**_load_done(out, args.tag), **done}
+                found = {**borrowed, **_load_done(out, args.tag), **done}
                 known = [found[k] for k in oracle_needs(t).values()]
                 near = near_sets(known, [t], args.lr, args.model, steps=args.steps)[t]["near"]
             if world is None:

@@ -1,0 +1,146 @@
+"""The quality benchmark's report arithmetic and bookkeeping, on synthetic rows (no model): paired
+differences at matched erasure and their sign test, the search's course over training, and the
+reuse of control runs by an ablation (``--controls-from``)."""
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ap_erase_fast.shapes import quality
+
+
+def _curves(rng, methods, targets, seeds, steps=(10, 20, 40)):
+    """base + each method's rows at the step budgets: ESR rising from 0 to 1, random PSR-near."""
+    rows = []
+    for t, s in itertools.product(targets, seeds):
+        rows.append({"method": "base", "target": t, "seed": s, "lr": 1e-3, "steps": 40, "esr": 0.0,
+                     "psr_near": float(rng.uniform(0.9, 1.0))})
+        for m in methods:
+            esr = np.sort(rng.uniform(0.0, 1.0, len(steps)))
+            esr[-1] = 1.0
+            for st, e in zip(steps, esr):
+                rows.append({"method": m, "target": t, "seed": s, "lr": 1e-3, "steps": st, "esr": float(e),
+                             "psr_near": float(rng.uniform(0.3, 1.0))})
+    return rows
+
+
+def _reference_at(rows, m, t, s, level, metric):
+    """PSR at ``level`` by np.interp on the first rising segment that crosses it (an independent
+    implementation of the reading)."""
+    base = [r for r in rows if r["method"] == "base" and r["target"] == t and r["seed"] == s]
+    own = sorted((r for r in rows if r["method"] == m and r["target"] == t and r["seed"] == s),
+                 key=lambda r: r["steps"])
+    pts = [(r["esr"], r[metric]) for r in base + own]
+    for (e0, p0), (e1, p1) in zip(pts, pts[1:]):
+        if e0 < level <= e1:
+            return float(np.interp(level, [e0, e1], [p0, p1]))
+    return None
+
+
+def test_sign_test_matches_enumeration():
+    for n in range(0, 9):
+        for wins in range(n + 1):
+            losses = n - wins
+            # every sequence of n fair coin flips whose split is at least as uneven
+            extreme = sum(abs(2 * sum(seq) - n) >= abs(wins - losses) for seq in itertools.product((0, 1), repeat=n))
+            assert quality.sign_test(wins, losses) == pytest.approx(min(1.0, extreme / 2 ** n))
+    assert quality.sign_test(10, 0) == pytest.approx(2 / 1024)
+
+
+def test_paired_difference_on_the_same_curves():
+    """method − control per (target, seed) at matched ESR, against an independent interpolation;
+    a curve one side never reaches is left out of the pairs. Mutations checked: control − method,
+    pairing across seeds, counting ties as wins."""
+    rng = np.random.default_rng(7)
+    targets, seeds = ["circle", "ring", "star"], [0, 1, 2]
+    rows = _curves(rng, ["ap_faithful", "preserve_random"], targets, seeds)
+    # one random curve never reaches 95 %
+    for r in rows:
+        if r["method"] == "preserve_random" and r["target"] == "ring" and r["seed"] == 1:
+            r["esr"] = min(r["esr"], 0.9)
+    for level in (0.8, 0.95):
+        got = quality.paired_difference(rows, "ap_faithful", "preserve_random", targets, seeds, level, "psr_near")
+        diffs = []
+        for t, s in itertools.product(targets, seeds):
+            a = _reference_at(rows, "ap_faithful", t, s, level, "psr_near")
+            b = _reference_at(rows, "preserve_random", t, s, level, "psr_near")
+            if a is not None and b is not None:
+                diffs.append(a - b)
+        assert got["n"] == len(diffs) == (8 if level == 0.95 else 9)
+        assert got["mean"] == pytest.approx(np.mean(diffs))
+        assert got["se"] == pytest.approx(np.std(diffs, ddof=1) / np.sqrt(len(diffs)))
+        assert (got["wins"], got["losses"], got["ties"]) == (sum(d > 0 for d in diffs), sum(d < 0 for d in diffs), 0)
+        assert got["p"] == pytest.approx(quality.sign_test(got["wins"], got["losses"]))
+    # a method against itself: all ties, no difference
+    same = quality.paired_difference(rows, "ap_faithful", "ap_faithful", targets, seeds, 0.8, "psr_near")
+    assert (same["mean"], same["wins"], same["losses"], same["ties"], same["p"]) == (0.0, 0, 0, 9, 1.0)
+    lines = quality.paired_section(rows, ["base", "preserve_random", "ap_faithful"], targets, seeds, ("psr_near",))
+    row = next(x for x in lines if x.startswith("| ap_faithful − preserve_random |"))
+    d = quality.paired_difference(rows, "ap_faithful", "preserve_random", targets, seeds, 0.8, "psr_near")
+    assert f"{100 * d['mean']:+.1f} ± {100 * d['se']:.1f} ({d['wins']}/{d['losses']}/0" in row
+
+
+def test_search_over_training_follows_pi_and_the_draws():
+    sets = {"circle": {"near": ["ring", "ellipse"]}}
+    rows = [{"method": "ap_faithful", "target": "circle", "seed": s, "lr": 1e-3, "steps": st,
+             "pi_mass": {"ring": 0.1 * st / 10, "ellipse": 0.05, "star": 0.5},
+             "r_share": {"ring": 0.1, "ellipse": 0.1, "star": 0.8},
+             "picks": {"a ring": st, "a red ellipse": 1, "a star": 3 * st}} for s in (0, 1) for st in (10, 20)]
+    rows += [{"method": "ap_faithful", "target": "circle", "seed": 0, "lr": 1e-2, "steps": 10,  # another lr
+              "pi_mass": {"ring": 1.0}, "r_share": {"ring": 0.1}, "picks": {"a ring": 100}}]
+    lines = quality.search_over_training(rows, ["base", "ap_faithful"], sets, 1e-3)
+    row = next(x for x in lines if x.startswith("| ap_faithful |"))
+    # after 10 steps: π mass 0.1 + 0.05, draws (10 + 1) / 41; after 20: 0.25, 21 / 81; R share 0.2
+    assert row == f"| ap_faithful | 15.0 / {100 * 11 / 41:.1f} | 25.0 / {100 * 21 / 81:.1f} | 20.0 |"
+
+
+def _fake_run_one(calls):
+    def run_one(world, target, method, seed, args, lr, near=None):
+        calls.append((target, method, seed, dict(quality._ablation(vars(args))) if method.startswith("ap_")
+                      else {}, args.search_lr, args.preserve_weight))
+        row = {"model": args.model, "target": target, "method": method, "seed": seed, "lr": lr,
+               "steps": args.steps, "batch_size": args.batch_size, "loss_space": args.loss_space,
+               "search_lr": args.search_lr, "preserve_weight": args.preserve_weight, "images": args.images,
+               "eval_steps": args.eval_steps, "train_method": args.train_method, "lora_rank": args.lora_rank,
+               "ablation": quality._ablation(vars(args)) if method.startswith("ap_") else {}}
+        acc = {s: 1.0 for s in quality.world_of(args.model).SHAPES}
+        extra = {"acc": acc, "became": {s: 0 for s in acc}, "esr": 0.0 if method == "base" else 1.0, "psr": 1.0,
+                 "drift_erased": 0.0, "drift_kept": 0.0, "wall_s": 0.0}
+        budgets = [args.steps] if quality.METHODS[method] is None else [*quality.budgets_below(args), args.steps]
+        return [({**row, **extra, "steps": b}, torch.zeros(15, 3, 4, 4)) for b in budgets]
+    return run_one
+
+
+def test_controls_from_reruns_only_what_an_ablation_changes(tmp_path, monkeypatch):
+    """An ablation tag reuses the control runs of the main tag (copied into its own results) and
+    re-runs only the AP runs; π's lr changes only AP, λ everything but ESD. Mutations checked:
+    search_lr kept in the controls' identity (the controls re-run), the copy left out."""
+    calls = []
+    monkeypatch.setattr(quality, "run_one", _fake_run_one(calls))
+    monkeypatch.setattr(quality, "World", lambda model: object())
+    common = ["--model", "shapes2", "--targets", "circle", "--seeds", "0", "--steps", "4", "--budgets", "2",
+              "--images", "1", "--out", str(tmp_path)]
+    methods = ["--methods", "base,esd,preserve_random,ap_faithful"]
+    assert quality.main([*common, *methods, "--tag", "main"]) == 0
+    assert [c[1] for c in calls] == ["base", "esd", "preserve_random", "ap_faithful"]
+    calls.clear()
+    assert quality.main([*common, *methods, "--tag", "tau1", "--tau", "1", "--controls-from", "main"]) == 0
+    assert [(c[1], c[3]) for c in calls] == [("ap_faithful", {"tau": 1.0})]
+    rows = [json.loads(x) for x in (tmp_path / "quality_tau1.jsonl").read_text().splitlines()]
+    assert sorted((r["method"], r["steps"]) for r in rows) == sorted(
+        [("base", 4)] + [(m, s) for m in ("esd", "preserve_random", "ap_faithful") for s in (2, 4)])
+    assert "| preserve_random |" in (tmp_path / "quality_tau1.md").read_text()
+    calls.clear()
+    assert quality.main([*common, *methods, "--tag", "slr", "--search-lr", "0.3", "--controls-from", "main"]) == 0
+    assert [c[1] for c in calls] == ["ap_faithful"]
+    calls.clear()
+    assert quality.main([*common, *methods, "--tag", "lam", "--preserve-weight", "0.5",
+                         "--controls-from", "main"]) == 0
+    assert [c[1] for c in calls] == ["preserve_random", "ap_faithful"]
+    # a tag with nothing to borrow is one clear error
+    from ap_erase_fast.errors import UserError
+
+    with pytest.raises(UserError, match="no finished runs"):
+        quality.main([*common, *methods, "--tag", "x", "--controls-from", "nothing"])
