@@ -139,6 +139,13 @@ def test_controls_from_reruns_only_what_an_ablation_changes(tmp_path, monkeypatc
     assert quality.main([*common, *methods, "--tag", "lam", "--preserve-weight", "0.5",
                          "--controls-from", "main"]) == 0
     assert [c[1] for c in calls] == ["preserve_random", "ap_faithful"]
+    # in shards, then collected: the collecting run re-runs nothing (not even for the sample grid)
+    calls.clear()
+    tau3 = [*common, *methods, "--tag", "tau3", "--tau", "3", "--controls-from", "main"]
+    assert quality.main([*tau3, "--shard", "0/2"]) == 0 and quality.main([*tau3, "--shard", "1/2"]) == 0
+    assert [c[1] for c in calls] == ["ap_faithful"]
+    assert quality.main(tau3) == 0 and len(calls) == 1
+    assert len((tmp_path / "quality_tau3.jsonl").read_text().splitlines()) == 7
     # a tag with nothing to borrow is one clear error
     from ap_erase_fast.errors import UserError
 

@@ -967,7 +967,7 @@ def main(argv: list[str] | None = None) -> int:
         if other == args.tag or not _load_done(out, other):
             raise UserError(f"--controls-from {other}: no finished runs of that tag in {out} "
                             f"(quality_{other}.jsonl or its shards)")
-        borrowed.update({k: r for k, r in _load_done(out, other).items() if k not in done and k not in borrowed})
+        borrowed.update({k: r for k, r in _load_done(out, other).items() if k not in borrowed})
     if shard is None:  # collect the shards' results into the one results file
         shards = sorted(out.glob(f"quality_{args.tag}.shard*.jsonl"))
         if shards:
@@ -1017,9 +1017,9 @@ def main(argv: list[str] | None = None) -> int:
             ks = keys(t, m, s, lr)
             want_grid = t == args.targets[0] and s == args.seeds[0] and lr == args.lr
             grid_file = grid_dir / f"{m}.pt"
-            copied = [k for k in ks if k not in done and k in borrowed]
-            # a run copied from another tag is not re-run for this tag's sample grid
-            if all(k in done or k in borrowed for k in ks) and (not want_grid or grid_file.exists() or copied):
+            # a run of another tag is not re-run for this tag's sample grid
+            if all(k in done or k in borrowed for k in ks) and (
+                    not want_grid or grid_file.exists() or any(k in borrowed for k in ks)):
                 for k in ks:
                     if k not in done:  # copied, so that this tag's results stand on their own
                         fh.write(json.dumps(borrowed[k]) + "\n")

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Ablations of AP's search on ShapesWorld 2, after the main table (benchmarks/quality_shapes2.sh):
+# AP faithful with one search setting changed at a time, on one target of each look-alike group
+# and the main table's 3 seeds, judged as the main table (same steps, budgets, images), each
+# setting against the main table's controls (--controls-from: base, esd, the random control and
+# the oracle are not re-run, except where the setting changes them: λ). Each setting writes
+# benchmarks/results/quality_shapes2_abl_<name>.{md,csv,jsonl}; its "Paired at matched erasure"
+# table holds AP − random and AP − oracle for that setting, the main table the same for the
+# defaults (τ 2, π lr 0.1, P 2, |R| ≤ 60, hard draw, λ 1).
+#
+#   bash benchmarks/quality_shapes2_ablations.sh                  # every setting below
+#   ONLY=tau0.5,soft bash benchmarks/quality_shapes2_ablations.sh # some of them
+#
+# Cost: about 15 AP runs per setting (30 for λ, whose controls re-run) at ~110 s each on one
+# core, in SHARDS processes. Resumable like the main table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TARGETS=${TARGETS:-circle,square,arrow,cross,hexagon}
+SEEDS=${SEEDS:-0,1,2}
+SHARDS=${SHARDS:-$(nproc)}
+OUT=${OUT:-benchmarks/results}
+MAIN_TAG=${MAIN_TAG:-shapes2_cpu}
+# name: flags (one search setting changed from its default)
+SETTINGS=(
+  "tau0.5:--tau 0.5"
+  "tau8:--tau 8"
+  "slr0.01:--search-lr 0.01"
+  "slr1:--search-lr 1"
+  "pgd1:--pgd-steps 1"
+  "pgd4:--pgd-steps 4"
+  "r15:--num-centers 15"
+  "r200:--num-centers 200"
+  "soft:--gumbel-mode soft"
+  "topk:--gumbel-mode topk"
+  "lam0.3:--preserve-weight 0.3"
+  "lam3:--preserve-weight 3"
+)
+[ -f "$OUT/quality_${MAIN_TAG}.jsonl" ] || {
+  echo "run benchmarks/quality_shapes2.sh first: the ablations reuse its controls ($OUT/quality_${MAIN_TAG}.jsonl)" >&2
+  exit 2
+}
+# the main table's settings (see quality_shapes2.sh)
+AP=("${PYTHON:-python}" -m ap_erase_fast bench quality --model shapes2 --targets "$TARGETS" --seeds "$SEEDS"
+    --steps "${STEPS:-40}" --budgets "${BUDGETS:-5,10,20,30}" --lr "${LR:-1e-3}" --sweep-targets "$TARGETS" --sweep-seeds "$SEEDS"
+    --images "${IMAGES:-8}" --eval-steps "${EVAL_STEPS:-10}" --out "$OUT" --controls-from "$MAIN_TAG"
+    --methods base,esd,preserve_random,oracle,ap_faithful)
+
+start=$(date +%s)
+for entry in "${SETTINGS[@]}"; do
+  name=${entry%%:*}
+  read -r -a flags <<<"${entry#*:}"
+  if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then continue; fi
+  tag="shapes2_abl_$name"
+  echo "$name (${flags[*]}): $SHARDS shards ($(( $(date +%s) - start )) s so far)"
+  pids=()
+  for ((i = 0; i < SHARDS; i++)); do
+    "${AP[@]}" "${flags[@]}" --tag "$tag" --threads 1 --shard "$i/$SHARDS" >>"$OUT/.quality_${tag}.shard$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || { echo "shard $i failed: see $OUT/.quality_${tag}.shard$i.log" >&2; exit 1; }
+  done
+  "${AP[@]}" "${flags[@]}" --tag "$tag" >>"$OUT/.quality_${tag}.log" 2>&1
+done
+echo "done in $(( $(date +%s) - start )) s"
