@@ -439,3 +439,15 @@ def test_quality_shapes2_script_quick(tmp_path):
     assert all(r["near"] == near for r in rows if r["method"] == "oracle")
     md = (tmp_path / "quality_shapes2_quick.md").read_text()
     assert "| oracle |" in md and "PSR-near @ ESR 80 %" in md and "--eval-steps 4" in md
+
+
+def test_quality_shapes2_ablations_script_needs_the_main_table(tmp_path):
+    """benchmarks/quality_shapes2_ablations.sh borrows the main table's controls: without it, one
+    clear line and exit 2, nothing written."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(["bash", os.path.join(root, "benchmarks", "quality_shapes2_ablations.sh")],
+                          env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "run benchmarks/quality_shapes2.sh first" in proc.stderr
+    assert not list(tmp_path.iterdir())
