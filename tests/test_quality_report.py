@@ -151,3 +151,18 @@ def test_controls_from_reruns_only_what_an_ablation_changes(tmp_path, monkeypatc
 
     with pytest.raises(UserError, match="no finished runs"):
         quality.main([*common, *methods, "--tag", "x", "--controls-from", "nothing"])
+
+
+def test_search_finds_near_reads_pi_and_the_draws():
+    """The end-of-training table: draws naming a near concept, π's mass on the near set, the near
+    share of π's top 5, π's peak over uniform, the near set's share of R; π only for AP."""
+    sets = {"circle": {"near": ["ring", "heart"]}}
+    base = {"target": "circle", "r_share": {"ring": 0.2, "heart": 0.1, "star": 0.7}, "pi_uniform": 0.02,
+            "pi_mass": {"ring": 0.3, "heart": 0.2, "star": 0.5}}
+    rows = [{**base, "method": "ap_faithful", "picks": {"a ring": 3, "a small heart": 1, "a star": 4},
+             "pi_top": {"a ring": 0.08, "a star": 0.06, "a heart": 0.05, "a red star": 0.04, "a plus": 0.03}},
+            {**base, "method": "preserve_random", "picks": {"a ring": 1, "a star": 3},
+             "pi_top": {"a ring": 0.02}}]
+    lines = quality.search_finds_near(rows, ["base", "preserve_random", "ap_faithful"], sets)
+    assert "| ap_faithful | 50.0 | 50.0 | 40.0 | 4.0 | 30.0 |" in lines
+    assert "| preserve_random | 25.0 | – | – | – | 30.0 |" in lines

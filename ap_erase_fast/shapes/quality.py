@@ -600,30 +600,7 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
         lines += ["", f"![PSR-near and PSR-far against ESR]({stem.name}_near_far.png)"]
     lines += paired_section(rows, methods, ct, cs, ("psr_near", "psr_far") if split else ("psr",))
     if split:
-        lines += ["", "## Does the search find the near set? (main lr, mean over targets and seeds, %)", "",
-                  "Draws: share of the preservation draws (outer updates) whose candidate names a near "
-                  "concept; π: π's final probability mass on those candidates; R: their share of R "
-                  "(what a uniform draw gives).", "",
-                  "| method | draws naming a near concept | π mass on the near set | near set's share of R |",
-                  "|---|---|---|---|"]
-        for m in methods:
-            rs = [r for r in main if r["method"] == m and r["target"] in sets and r.get("r_share")]
-            if not rs:
-                continue
-            draws, mass, share = [], [], []
-            for r in rs:
-                near = sets[r["target"]]["near"]
-                total = sum((r.get("picks") or {}).values())
-                if total:
-                    draws.append(sum(v for k, v in r["picks"].items() if any(n in k.split() for n in near)) / total)
-                share.append(sum(r["r_share"].get(n, 0.0) for n in near))
-                if m.startswith("ap_"):  # the other methods' π never moves
-                    mass.append(sum(r["pi_mass"].get(n, 0.0) for n in near))
-
-            def pct(xs):
-                return f"{100 * statistics.fmean(xs):.1f}" if xs else "–"
-
-            lines.append(f"| {m} | {pct(draws)} | {pct(mass)} | {pct(share)} |")
+        lines += search_finds_near(main, methods, sets)
         lines += search_over_training(rows, methods, sets, args.lr)
         lines += ["", f"## Near sets (esd at lr {args.lr:g} against base; accuracy lost, %)", "",
                   "| target | near set | next most damaged | esd seeds |", "|---|---|---|---|"]
@@ -662,6 +639,44 @@ def paired_section(rows, methods, targets, seeds, metrics) -> list[str]:
     for m, c in pairs:
         cells = [_paired_cell(paired_difference(rows, m, c, targets, seeds, lv, mt)) for lv, mt in cols]
         lines.append(f"| {m} − {c} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def search_finds_near(main, methods, sets) -> list[str]:
+    """Does the search find the near set? Per method, over its main-setting rows: the draws that
+    name a near concept, π's final mass on the near set, the near share of π's top 5, π's peak
+    against a uniform draw, and the near set's share of R."""
+    lines = ["", "## Does the search find the near set? (main lr, mean over targets and seeds, %)", "",
+             "Draws: share of the preservation draws (outer updates) whose candidate names a near "
+             "concept; π: π's final probability mass on those candidates, the share of π's 5 most "
+             "likely candidates that name a near concept, and how peaked π is (its largest "
+             "probability over a uniform draw's); R: the near candidates' share of R (what a "
+             "uniform draw gives).", "",
+             "| method | draws naming a near concept | π mass on the near set | π's top 5 naming a near "
+             "concept | π's peak ÷ uniform | near set's share of R |",
+             "|---|---|---|---|---|---|"]
+    for m in methods:
+        rs = [r for r in main if r["method"] == m and r["target"] in sets and r.get("r_share")]
+        if not rs:
+            continue
+        draws, mass, share, top, peak = [], [], [], [], []
+        for r in rs:
+            near = sets[r["target"]]["near"]
+            total = sum((r.get("picks") or {}).values())
+            if total:
+                draws.append(sum(v for k, v in r["picks"].items() if any(n in k.split() for n in near)) / total)
+            share.append(sum(r["r_share"].get(n, 0.0) for n in near))
+            if m.startswith("ap_"):  # the other methods' π never moves
+                mass.append(sum(r["pi_mass"].get(n, 0.0) for n in near))
+                named = [any(n in k.split() for n in near) for k in r["pi_top"]]
+                top.append(sum(named) / len(named))
+                peak.append(max(r["pi_top"].values()) / r["pi_uniform"])
+
+        def pct(xs):
+            return f"{100 * statistics.fmean(xs):.1f}" if xs else "–"
+
+        lines.append(f"| {m} | {pct(draws)} | {pct(mass)} | {pct(top)} | "
+                     + (f"{statistics.fmean(peak):.1f}" if peak else "–") + f" | {pct(share)} |")
     return lines
 
 
