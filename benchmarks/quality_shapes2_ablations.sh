@@ -8,11 +8,12 @@
 # table holds AP − random and AP − oracle for that setting, the main table the same for the
 # defaults (τ 2, π lr 0.1, P 2, |R| ≤ 60, hard draw, λ 1).
 #
-#   bash benchmarks/quality_shapes2_ablations.sh                  # every setting below
-#   ONLY=tau0.5,soft bash benchmarks/quality_shapes2_ablations.sh # some of them
+#   bash benchmarks/quality_shapes2_ablations.sh                  # the settings of ONLY (below)
+#   ONLY=tau8,slr0.01 bash benchmarks/quality_shapes2_ablations.sh # others of the list
 #
-# Cost: about 15 AP runs per setting (30 for λ, whose controls re-run) at ~110 s each on one
-# core, in SHARDS processes. Resumable like the main table.
+# Cost: 15 AP runs per setting (45 for λ, whose random control and oracle re-run) at ~90 s each
+# on one core, in SHARDS processes: about 2 hours on 2 cores for the default settings.
+# Resumable like the main table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,13 +22,15 @@ SEEDS=${SEEDS:-0,1,2}
 SHARDS=${SHARDS:-$(nproc)}
 OUT=${OUT:-benchmarks/results}
 MAIN_TAG=${MAIN_TAG:-shapes2_cpu}
+# π too flat to change the draws (τ, π's lr), P = 4 (three search steps per update of θ', not one),
+# a smaller and the whole R, the soft and top-k draws, a stronger λ
+ONLY=${ONLY:-tau0.5,slr1,pgd4,r15,r200,soft,topk,lam3}
 # name: flags (one search setting changed from its default)
 SETTINGS=(
   "tau0.5:--tau 0.5"
   "tau8:--tau 8"
   "slr0.01:--search-lr 0.01"
   "slr1:--search-lr 1"
-  "pgd1:--pgd-steps 1"
   "pgd4:--pgd-steps 4"
   "r15:--num-centers 15"
   "r200:--num-centers 200"
@@ -50,7 +53,7 @@ start=$(date +%s)
 for entry in "${SETTINGS[@]}"; do
   name=${entry%%:*}
   read -r -a flags <<<"${entry#*:}"
-  if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then continue; fi
+  if [[ ",$ONLY," != *",$name,"* ]]; then continue; fi
   tag="shapes2_abl_$name"
   echo "$name (${flags[*]}): $SHARDS shards ($(( $(date +%s) - start )) s so far)"
   pids=()
