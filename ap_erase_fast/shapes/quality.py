@@ -255,7 +255,9 @@ def _search_state(er, cfg, w, steps: int) -> dict:
                 picks[s["adv_word"]] = picks.get(s["adv_word"], 0) + 1
     if cfg.preserve_weight == 0:  # nothing is preserved: the draws are unused
         picks = {}
-    # where the search is: the hard draw's probabilities at τ are about softmax(π / τ)
+    # where the search is: π's weights at its temperature, softmax(π / τ) (the relaxed mixture's
+    # weights without noise). A hard draw picks candidate k with probability softmax(π)_k, which
+    # the draws measure empirically.
     prob = torch.softmax(er.pi[0].detach().float() / cfg.tau, 0)
     words = er.sets[0].words
     top = torch.argsort(prob, descending=True)[:5].tolist()
@@ -650,7 +652,7 @@ def search_finds_near(main, methods, sets) -> list[str]:
     against a uniform draw, and the near set's share of R."""
     lines = ["", "## Does the search find the near set? (main lr, mean over targets and seeds, %)", "",
              "Draws: share of the preservation draws (outer updates) whose candidate names a near "
-             "concept; π: π's final probability mass on those candidates, the share of π's 5 most "
+             "concept; π (its weights at τ, softmax(π/τ)): the final mass on those candidates, the share of π's 5 most "
              "likely candidates that name a near concept, and how peaked π is (its largest "
              "probability over a uniform draw's); R: the near candidates' share of R (what a "
              "uniform draw gives).", "",
@@ -692,7 +694,7 @@ def search_over_training(rows, methods, sets, lr) -> list[str]:
     if not runs:
         return []
     lines = ["", "## Where the search goes over training (main lr; mean over targets and seeds, %)", "",
-             "Per judged step budget: π's mass on the near set / the share of the draws so far that "
+             "Per judged step budget: π's mass on the near set (softmax(π/τ)) / the share of the draws so far that "
              "name a near concept. A uniform draw gives the near set's share of R.", "",
              "| method | " + " | ".join(f"after {b} steps" for b in budgets) + " | near set's share of R |",
              "|" + "---|" * (len(budgets) + 2)]
