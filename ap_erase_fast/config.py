@@ -28,6 +28,7 @@ GUMBEL_MODES = ("hard", "soft", "topk")
 LOSS_SPACES = ("x0", "eps")
 SEARCHES = ("adversarial", "random")
 SEARCH_SCORES = ("mse", "normalised")
+SEARCH_ESTIMATORS = ("pathwise", "score")
 POSITIVE_FLOATS = ("lr", "search_lr", "tau")
 NON_NEGATIVE_FLOATS = ("negative_guidance", "preserve_weight", "weight_decay", "start_guidance")
 CONCEPT_FILE_SUFFIXES = (".txt", ".csv", ".list")
@@ -112,6 +113,13 @@ class EraseConfig:
         "to what the concept has to lose; a deviation, ALGORITHM.md §10). Only π's gradient "
         "changes: θ′'s loss and update are the same.", "search", default="mse",
         choices=SEARCH_SCORES)
+    search_estimator: str = _opt(
+        "How π's gradient is estimated: pathwise (through the Gumbel-Softmax relaxation of the "
+        "drawn embedding, straight-through for the hard draw; the paper) or score (the "
+        "score-function estimator of the expected preservation error over the hard draw, with "
+        "the batch's other samples of the same concept as baseline: unbiased for E_k[ℓ(k)], "
+        "needs no backward through the denoiser; a deviation, ALGORITHM.md §10). θ′'s loss and "
+        "update are the same.", "search", default="pathwise", choices=SEARCH_ESTIMATORS)
     tau: float = _opt("Gumbel-Softmax temperature τ.", "search", default=2.0)
     gumbel_mode: str = _opt(
         "Draw of the adversarial concept: hard (one real word, straight-through gradient; the "
@@ -223,6 +231,11 @@ class EraseConfig:
         if self.profile == "reference" and self.schedule != "faithful":
             raise UserError("--profile reference runs the authors' loop; it supports only "
                             "--schedule faithful (use --profile fast for --schedule shared)")
+        if self.search_estimator == "score" and (self.gumbel_mode != "hard" or self.profile != "fast"
+                                                 or self.search_score != "mse"):
+            raise UserError("--search-estimator score estimates the gradient of a hard draw in the fast "
+                            "profile with the mse score: use --gumbel-mode hard, --profile fast and "
+                            "--search-score mse with it")
         if self.deepspeed and self.profile != "fast":
             raise UserError("--deepspeed runs the fast profile; drop --profile reference")
         if self.lora_rank < 0:

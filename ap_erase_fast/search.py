@@ -56,12 +56,38 @@ class Search:
         grads = torch.autograd.grad(self.scaler.scale(loss), [self.pi[c] for c in concepts])
         return dict(zip(concepts, grads))
 
+    def score_gradients(self, concepts: list[int], indices: list[int], losses: torch.Tensor,
+                        ) -> dict[int, torch.Tensor]:
+        """π gradients (of the loss to minimise, −ℓ) by the score-function estimator of the
+        expected preservation error of the hard draw: sample i drew candidate ``indices[i]`` of
+        concept ``concepts[i]``, with probability softmax(π)[k] (the Gumbel-max draw; τ does not
+        change which row wins), and scored ``losses[i]``. Then
+        ∇_π E_k[ℓ(k)] = E_k[(ℓ(k) − b)(onehot(k) − softmax(π))] for any b that does not depend
+        on the draw; b is the mean of the batch's other samples of the same concept (0 for a
+        lone sample), and the sum over samples is divided by the batch size, as the pathwise
+        gradient of the batch-mean loss is."""
+        grads: dict[int, torch.Tensor] = {}
+        n = len(indices)
+        losses = losses.detach().float().reshape(-1).cpu()
+        for c in sorted(set(concepts)):
+            mine = [i for i in range(n) if concepts[i] == c]
+            p = torch.softmax(self.pi[c].detach().float(), 0)
+            g = torch.zeros_like(p)
+            for i in mine:
+                others = [losses[j] for j in mine if j != i]
+                baseline = sum(others) / len(others) if others else 0.0
+                onehot = torch.zeros_like(p)
+                onehot[indices[i]] = 1.0
+                g += (losses[i] - baseline) * (onehot - p)
+            grads[c] = (-g / n).to(self.pi[c].dtype)
+        return grads
+
     def step(self, grads: dict[int, torch.Tensor], scaler=None) -> None:
         """Step the π's along ``grads`` (concept → gradient of the loss to minimise).
 
         ``scaler``: the loss scaler the gradients were scaled by (default: the search scaler;
         pass θ′'s for gradients of the θ′ backward, whose update then follows in
-        :meth:`~ap_erase_fast.update.ThetaUpdate.step`). A step of non-finite fp16 gradients
+        :meth:`~ap_erase_fast.update.ThetaUpdate.step`; ``False`` for unscaled gradients). A step of non-finite fp16 gradients
         is skipped. Data-parallel: gradients are averaged over ranks (a π no rank drew keeps no
         gradient, as in a single process), so π and its Adam state stay identical everywhere.
         Under ``--search random`` π is never stepped: it stays uniform, every draw is uniform.
@@ -81,7 +107,9 @@ class Search:
                      if used[c] > 0}
         for c, g in grads.items():
             self.pi[c].grad = g
-        if scaler is None or scaler is self.scaler:
+        if scaler is False:  # gradients that no loss scale touched (the score estimator)
+            self.optimizer.step()
+        elif scaler is None or scaler is self.scaler:
             scaled_step(self.scaler, self.optimizer, self.skipped, "pi")
         else:  # θ′'s scaler: its update follows in ThetaUpdate.step
             scaler.step(self.optimizer)

@@ -134,6 +134,12 @@ def fast_iteration(ctx: StepContext, d, outer: bool) -> StepResult:
         ctx.theta(loss)
         return StepResult("outer", loss, l_erase, l_pres, b.adv)
 
+    if ctx.cfg.search_estimator == "score":
+        with torch.no_grad():
+            b = _Batch(ctx, d, pi_grad=False)
+            z_r = ctx.models.sample(b.x_T, b.c_a, b.t_enc)
+        loss, l_pres = _score_estimator_step(ctx, b, z_r)
+        return StepResult("inner", loss, None, l_pres, b.adv)
     b = _Batch(ctx, d, pi_grad=True)
     with torch.no_grad():
         z_r = ctx.models.sample(b.x_T, b.c_a.detach(), b.t_enc)
@@ -141,6 +147,27 @@ def fast_iteration(ctx: StepContext, d, outer: bool) -> StepResult:
     loss, l_pres, grads = _search_gradient(ctx, b, z_r, e_ref)
     ctx.search.step(grads)
     return StepResult("inner", loss, None, l_pres, b.adv)
+
+
+def _per_sample_preservation(cfg, e_adv, e_ref, z_r, alpha) -> torch.Tensor:
+    """ℓ_i of every sample [B] (detached): the preservation error of its drawn candidate."""
+    with torch.no_grad():
+        return torch.stack([_preserve_term(cfg, e_adv[i:i + 1].detach(), e_ref[i:i + 1], z_r[i:i + 1], alpha)
+                            for i in range(len(z_r))]).float()
+
+
+def _score_estimator_step(ctx: StepContext, b: _Batch, z_r):
+    """A search step under ``--search-estimator score``: θ(z_r, c_a) and θ'(z_r, c_a) without any
+    graph, each sample's error ℓ_i, and π stepped along the score-function estimate of
+    ∇_π E_k[ℓ(k)] (:meth:`~ap_erase_fast.search.Search.score_gradients`). Returns (−L_pres, L_pres)."""
+    with torch.no_grad():
+        e_ref = ctx.models.query("frozen", "frozen", z_r, b.t, b.c_a)
+        e_adv = ctx.models.query("trained", "grad", z_r, b.t, b.c_a)
+        each = _per_sample_preservation(ctx.cfg, e_adv, e_ref, z_r, b.alpha)
+    l_pres = each.mean()
+    ctx.check_finite(l_pres)
+    ctx.search.step(ctx.search.score_gradients([s.concept for s in b.samples], b.adv, each), scaler=False)
+    return -l_pres, l_pres
 
 
 def _joint_terms(ctx: StepContext, b: _Batch):
@@ -161,6 +188,8 @@ def _joint_terms(ctx: StepContext, b: _Batch):
                                    Cond.cat([b.emb_e, b.c_a])).split(n)
     l_erase = _erase_term(ctx.cfg, e_erased, e_null, e_concept, z, b.alpha)
     l_pres = _preserve_term(ctx.cfg, e_adv, e_ref, z_r, b.alpha)
+    if ctx.cfg.search_estimator == "score":  # the shared schedule's score-function π step reads them
+        b.pres_each = _per_sample_preservation(ctx.cfg, e_adv, e_ref, z_r, b.alpha)
     return l_erase, l_pres, z_r
 
 
@@ -248,7 +277,8 @@ def shared_outer_step(ctx: StepContext, d) -> list[StepResult]:
     the new c_a. With λ = 0 π gets no gradient and is left as it is.
     """
     cfg, search, theta = ctx.cfg, ctx.search, ctx.theta
-    b = _Batch(ctx, d, pi_grad=True)
+    score = cfg.search_estimator == "score"
+    b = _Batch(ctx, d, pi_grad=not score)
     l_erase, l_pres, z_r = _joint_terms(ctx, b)
     loss = l_erase + cfg.preserve_weight * l_pres
     ctx.check_finite(loss)
@@ -257,7 +287,9 @@ def shared_outer_step(ctx: StepContext, d) -> list[StepResult]:
     for p in pis:
         p.grad = None
     theta.backward(loss)  # also fills the π gradients: λ·∂L_pres/∂π (loss-scaled in fp16)
-    if cfg.preserve_weight != 0:
+    if cfg.preserve_weight != 0 and score:
+        search.step(search.score_gradients([s.concept for s in b.samples], b.adv, b.pres_each), scaler=False)
+    elif cfg.preserve_weight != 0:
         search.step({c: -search.pi[c].grad / cfg.preserve_weight
                      for c in b.concepts if search.pi[c].grad is not None}, scaler=theta.scaler)
     theta.step()
@@ -265,9 +297,12 @@ def shared_outer_step(ctx: StepContext, d) -> list[StepResult]:
     for _ in range(cfg.pgd_steps - 2):
         for s in b.samples:
             s.gumbel = ctx.draw_gumbel(s.slot, len(search.sets[s.concept].words))
-        b = _Batch(ctx, d, pi_grad=True)
-        e_ref = _frozen_on_adversarial(ctx, b, z_r)
-        loss, l_pres, grads = _search_gradient(ctx, b, z_r, e_ref)
-        search.step(grads)
+        b = _Batch(ctx, d, pi_grad=not score)
+        if score:
+            loss, l_pres = _score_estimator_step(ctx, b, z_r)
+        else:
+            e_ref = _frozen_on_adversarial(ctx, b, z_r)
+            loss, l_pres, grads = _search_gradient(ctx, b, z_r, e_ref)
+            search.step(grads)
         results.append(StepResult("inner", loss, None, l_pres, b.adv))
     return results

@@ -88,14 +88,15 @@ def test_normalised_score_divides_each_samples_pi_gradient_by_its_signal(tiny_cf
             assert err <= tol * e.norm(), (score, c, err / e.norm())
             errors[c] = err
         # the check can tell the scores apart: the signals are far from 1, and the gradient
-        # with the two samples' weights exchanged lies outside the tolerance, by more than the
-        # rounding seen here
+        # with the two samples' weights exchanged is ten times farther from the step's gradient
+        # than the rounding seen here (the fp16 tolerance alone is wide enough to hold both on
+        # some CPUs)
         assert ((signals - 1).abs() > 0.2).all(), signals
         if score == "normalised":
             swapped, _ = _expected_gradient(er, d, z_r, True, swap=True)
             for c in expected:
-                gap = (swapped[c] - expected[c]).norm()
-                assert gap > tol * expected[c].norm() + errors[c], (gap, errors[c])
+                gap = (swapped[c] - got[c]).norm()
+                assert gap > 10 * errors[c] and gap > 1e-2 * expected[c].norm(), (gap, errors[c])
         _load(er, {n: p.detach() for n, p in er.trained}, pi_old)
 
 

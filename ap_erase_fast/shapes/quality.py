@@ -23,7 +23,9 @@ preserved concepts drawn, and the training time. Methods (all xattn, same steps,
 * ``oracle`` — preservation of the measured near set (the kept concepts plain ESD damages most),
   drawn uniformly: an upper bound for any search over R (runs after the target's base and esd);
 * ``ap_normalised`` — AP faithful with ``--search-score normalised``;
-* ``ap_topk`` — AP faithful preserving a mixture of π's top-k candidates (``--gumbel-mode topk``).
+* ``ap_topk`` — AP faithful preserving a mixture of π's top-k candidates (``--gumbel-mode topk``);
+* ``ap_score`` — AP faithful whose π follows the score-function estimate of the gradient of the
+  expected preservation error over the hard draw (``--search-estimator score``).
 
 ``--model shapes2`` judges on ShapesWorld 2's held-out prompts ("an image of a ..."; asserted
 out of R in every run) and splits PSR into PSR-near (the near set) and PSR-far (the rest); the
@@ -74,6 +76,8 @@ METHODS: dict[str, dict | None] = {
     "ap_normalised": {"schedule": "faithful", "search_score": "normalised"},
     # AP faithful preserving a mixture of π's most likely candidates instead of one draw
     "ap_topk": {"schedule": "faithful", "gumbel_mode": "topk"},
+    # AP faithful whose π follows the score-function estimate of ∇ E_k[ℓ(k)] over the hard draw
+    "ap_score": {"schedule": "faithful", "search_estimator": "score"},
 }
 # Search settings an ablation may change for every AP method (None: the EraseConfig default).
 ABLATIONS = {"tau": float, "gumbel_mode": str, "gumbel_topk": int, "pgd_steps": int, "num_centers": int}
