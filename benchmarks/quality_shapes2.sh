@@ -28,7 +28,7 @@ case "${1:-}" in
 esac
 
 SHAPES=circle,ring,ellipse,crescent,square,rectangle,diamond,triangle,arrow,star,cross,plus,pentagon,hexagon,heart
-METHODS=base,esd,preserve_null,preserve_random,ap_faithful,ap_shared,ap_normalised
+METHODS=base,esd,preserve_null,preserve_random,ap_faithful,ap_shared,ap_normalised,ap_score
 LR=${LR:-1e-3}
 BUDGETS=${BUDGETS:-5,10,20,30}
 SWEEP_LRS=${SWEEP_LRS:-}
