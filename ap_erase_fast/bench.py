@@ -167,6 +167,12 @@ def _run_one(args) -> dict:
     components = None
     if args.preset not in BUILTIN_MODELS:
         cfg.embedding_cache = "none"
+        # random weights: choosing R by distance means nothing, and encoding the 3000-word
+        # vocabulary through random text encoders is most of the set-up on a CPU (an hour for
+        # SDXL's two): R is the vocabulary's first num_centers words, the size the search has
+        from .models.vocab import load_vocabulary
+
+        cfg.preserve_set = load_vocabulary()[:cfg.num_centers]
         components = (sdxl_components if args.preset == "sdxl" else sd14_components)(device)
     eraser = Eraser(cfg, progress=False, components=components).setup()
     # the same trajectory lengths in every row: the warm-up step at the middle index, then the
