@@ -177,6 +177,7 @@ BAD_VALUES = {
     "preserve_set": ["prompts_missing.txt"],
     "search": ["greedy"],
     "search_score": ["relative"],
+    "search_estimator": ["reinforce"],
     "tau": ["0", "-2", NAN, INF],
     "gumbel_mode": ["gumbel"],
     "gumbel_topk": ["0"],

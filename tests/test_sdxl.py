@@ -380,7 +380,10 @@ def test_definitions_hold_on_tiny_sdxl(tiny_cfg, combo):
     seen = _spy_null_queries(er)
     records = er.run_outer_step()
     first = records[0]
-    assert first["loss_erase"] > 0 and first["loss_preserve"] == 0.0, first
+    # θ = θ′₀: exactly 0 in fp32; in fp16/bf16 θ and θ′ run in batches of different make-up, and
+    # some CPUs' half-precision kernels round by batch (6e-8 seen on an Intel Xeon)
+    assert first["loss_erase"] > 0, first
+    assert first["loss_preserve"] <= (0.0 if mp == "no" else 1e-3 * first["loss_erase"]), first
     z, t = seen[0]
     cond = er.emb_concepts[er.cfg.erase.index(first["samples"][0]["concept"])]
     with torch.no_grad():
