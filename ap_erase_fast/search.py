@@ -87,8 +87,8 @@ class Search:
 
         ``scaler``: the loss scaler the gradients were scaled by (default: the search scaler;
         pass θ′'s for gradients of the θ′ backward, whose update then follows in
-        :meth:`~ap_erase_fast.update.ThetaUpdate.step`; ``False`` for unscaled gradients). A step of non-finite fp16 gradients
-        is skipped. Data-parallel: gradients are averaged over ranks (a π no rank drew keeps no
+        :meth:`~ap_erase_fast.update.ThetaUpdate.step`; ``False`` for unscaled gradients). A
+        step of non-finite fp16 gradients is skipped. Data-parallel: gradients are averaged over ranks (a π no rank drew keeps no
         gradient, as in a single process), so π and its Adam state stay identical everywhere.
         Under ``--search random`` π is never stepped: it stays uniform, every draw is uniform.
         """

@@ -650,6 +650,11 @@ def paired_section(rows, methods, targets, seeds, metrics) -> list[str]:
     return lines
 
 
+def _near_share(counts: dict[str, float], near: list[str]) -> float:
+    """The share of ``counts`` (candidate → count) whose candidate names a near concept."""
+    return sum(v for k, v in counts.items() if any(n in k.split() for n in near)) / max(1, sum(counts.values()))
+
+
 def search_finds_near(main, methods, sets) -> list[str]:
     """Does the search find the near set? Per method, over its main-setting rows: the draws that
     name a near concept, π's final mass on the near set, the near share of π's top 5, π's peak
@@ -670,9 +675,8 @@ def search_finds_near(main, methods, sets) -> list[str]:
         draws, mass, share, top, peak = [], [], [], [], []
         for r in rs:
             near = sets[r["target"]]["near"]
-            total = sum((r.get("picks") or {}).values())
-            if total:
-                draws.append(sum(v for k, v in r["picks"].items() if any(n in k.split() for n in near)) / total)
+            if r.get("picks"):
+                draws.append(_near_share(r["picks"], near))
             share.append(sum(r["r_share"].get(n, 0.0) for n in near))
             if m.startswith("ap_"):  # the other methods' π never moves
                 mass.append(sum(r["pi_mass"].get(n, 0.0) for n in near))
@@ -703,9 +707,6 @@ def search_over_training(rows, methods, sets, lr) -> list[str]:
              "| method | " + " | ".join(f"after {b} steps" for b in budgets) + " | near set's share of R |",
              "|" + "---|" * (len(budgets) + 2)]
 
-    def near_share(d, near):
-        return sum(v for k, v in d.items() if any(n in k.split() for n in near)) / max(1, sum(d.values()))
-
     for m in methods:
         rs = [r for r in runs if r["method"] == m]
         if not rs or not (m.startswith("ap_") or any(r.get("picks") for r in rs)):  # ESD draws nothing
@@ -715,7 +716,7 @@ def search_over_training(rows, methods, sets, lr) -> list[str]:
             at = [r for r in rs if r["steps"] == b]
             mass = [sum(r["pi_mass"].get(n, 0.0) for n in sets[r["target"]]["near"]) for r in at
                     if m.startswith("ap_")]  # the other methods' π never moves
-            draws = [near_share(r["picks"], sets[r["target"]]["near"]) for r in at if r.get("picks")]
+            draws = [_near_share(r["picks"], sets[r["target"]]["near"]) for r in at if r.get("picks")]
             cells.append(" / ".join(f"{100 * statistics.fmean(x):.1f}" if x else "–" for x in (mass, draws)))
         share = statistics.fmean(sum(r["r_share"].get(n, 0.0) for n in sets[r["target"]]["near"]) for r in rs)
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {100 * share:.1f} |")
@@ -987,10 +988,11 @@ def main(argv: list[str] | None = None) -> int:
     done = _load_done(out, args.tag)
     borrowed = {}  # finished runs of --controls-from tags that this tag lacks
     for other in args.controls_from:
-        if other == args.tag or not _load_done(out, other):
+        theirs = _load_done(out, other) if other != args.tag else {}
+        if not theirs:
             raise UserError(f"--controls-from {other}: no finished runs of that tag in {out} "
                             f"(quality_{other}.jsonl or its shards)")
-        borrowed.update({k: r for k, r in _load_done(out, other).items() if k not in borrowed})
+        borrowed.update({k: r for k, r in theirs.items() if k not in borrowed})
     if shard is None:  # collect the shards' results into the one results file
         shards = sorted(out.glob(f"quality_{args.tag}.shard*.jsonl"))
         if shards:
