@@ -8,11 +8,14 @@
 #                                                   # seed 0, base / esd / ap_shared / oracle, tiny budgets
 #   SHARDS=4 bash benchmarks/quality_shapes2.sh     # more shards (one torch thread each)
 #
-# Three phases, each resumable (run the script again and finished runs are kept):
-#   1. every method but the oracle, SHARDS processes in parallel, one thread each;
+# Four phases, each resumable (run the script again and finished runs are kept):
+#   1. the methods the main question needs (FIRST: base, esd, preserve_random, ap_faithful,
+#      ap_shared), SHARDS processes in parallel, one thread each;
 #   2. the oracle, in the same shards: it preserves the near set that phase 1's base and esd runs
 #      measured (every seed), so it cannot start before them;
-#   3. one process without --shard collects the shards' rows and writes the report.
+#   3. the other methods (preserve "", AP normalised, AP with the score estimator);
+#   4. one process without --shard collects the shards' rows and writes the report.
+# A partial report: run phase 4's command (the last line below) at any time.
 # Settings: 40 outer steps at learning rate LR (the main setting; its esd runs define the near
 # sets), each erasure judged also after BUDGETS steps on the way, so that every (target, seed)
 # curve runs base model -> 5 -> 10 -> 20 -> 30 -> 40 steps for one training; SWEEP_LRS (none by default) adds
@@ -28,7 +31,8 @@ case "${1:-}" in
 esac
 
 SHAPES=circle,ring,ellipse,crescent,square,rectangle,diamond,triangle,arrow,star,cross,plus,pentagon,hexagon,heart
-METHODS=base,esd,preserve_null,preserve_random,ap_faithful,ap_shared,ap_normalised,ap_score
+FIRST=base,esd,preserve_random,ap_faithful,ap_shared
+METHODS=$FIRST,preserve_null,ap_normalised,ap_score
 LR=${LR:-1e-3}
 BUDGETS=${BUDGETS:-5,10,20,30}
 SWEEP_LRS=${SWEEP_LRS:-}
@@ -40,7 +44,7 @@ OUT=${OUT:-benchmarks/results}
 TAG=${TAG:-shapes2_cpu}
 STEPS=40
 if [ "$QUICK" = 1 ]; then
-  SHAPES=circle; SEEDS=0; IMAGES=1; EVAL_STEPS=4; STEPS=2; BUDGETS=1; METHODS=base,esd,ap_shared
+  SHAPES=circle; SEEDS=0; IMAGES=1; EVAL_STEPS=4; STEPS=2; BUDGETS=1; FIRST=base,esd,ap_shared; METHODS=$FIRST
   OUT=${QUICK_OUT:-$(mktemp -d /tmp/quality_shapes2.XXXXXX)}; TAG=shapes2_quick
 fi
 
@@ -64,10 +68,12 @@ shards() {  # $1: methods; runs SHARDS processes and fails if any failed
 }
 
 start=$(date +%s)
-echo "phase 1/3: $METHODS over $SHARDS shards (logs: $OUT/.quality_${TAG}.shard*.log)"
-shards "$METHODS"
-echo "phase 2/3: oracle ($(( $(date +%s) - start )) s so far)"
+echo "phase 1/4: $FIRST over $SHARDS shards (logs: $OUT/.quality_${TAG}.shard*.log)"
+shards "$FIRST"
+echo "phase 2/4: oracle ($(( $(date +%s) - start )) s so far)"
+shards "$FIRST,oracle"
+echo "phase 3/4: $METHODS ($(( $(date +%s) - start )) s so far)"
 shards "$METHODS,oracle"
-echo "phase 3/3: the report ($(( $(date +%s) - start )) s so far)"
+echo "phase 4/4: the report ($(( $(date +%s) - start )) s so far)"
 "${AP[@]}" --methods "$METHODS,oracle"
 echo "done in $(( $(date +%s) - start )) s: $OUT/quality_${TAG}.md"

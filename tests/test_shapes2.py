@@ -421,7 +421,7 @@ def test_ablations_are_part_of_the_ap_runs_identity_only():
 
 
 def test_quality_shapes2_script_quick(tmp_path):
-    """benchmarks/quality_shapes2.sh --quick: the full table's three phases (shards without the
+    """benchmarks/quality_shapes2.sh --quick: the full table's phases (shards without the
     oracle, shards with it, the collecting report) on one target and tiny budgets."""
     import subprocess
     import sys
