@@ -15,7 +15,6 @@
 #      measured (every seed), so it cannot start before them;
 #   3. the other methods (preserve "", AP normalised, AP with the score estimator);
 #   4. one process without --shard collects the shards' rows and writes the report.
-# A partial report: run phase 4's command (the last line below) at any time.
 # Settings: 40 outer steps at learning rate LR (the main setting; its esd runs define the near
 # sets), each erasure judged also after BUDGETS steps on the way, so that every (target, seed)
 # curve runs base model -> 5 -> 10 -> 20 -> 30 -> 40 steps for one training; SWEEP_LRS (none by default) adds
