@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Ablations of AP's search on ShapesWorld 2, after the main table (benchmarks/quality_shapes2.sh):
-# AP faithful with one search setting changed at a time, on one target of each look-alike group
+# AP faithful (or, where a setting names it, another AP method) with one search setting changed
+# at a time, on one target of each look-alike group
 # and the main table's 3 seeds, judged as the main table (same steps, budgets, images), each
 # setting against the main table's controls (--controls-from: base, esd, the random control and
 # the oracle are not re-run, except where the setting changes them: λ). Each setting writes
@@ -12,7 +13,7 @@
 #   ONLY=tau8,slr0.01 bash benchmarks/quality_shapes2_ablations.sh # others of the list
 #
 # Cost: 15 AP runs per setting (45 for λ, whose random control and oracle re-run) at ~90 s each
-# on one core, in SHARDS processes: about 2 hours on 2 cores for the default settings.
+# on one core, in SHARDS processes: about 2 hours 10 minutes on 2 cores for the default settings.
 # Resumable like the main table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,8 +25,9 @@ OUT=${OUT:-benchmarks/results}
 MAIN_TAG=${MAIN_TAG:-shapes2_cpu}
 # π too flat to change the draws (τ, π's lr), P = 4 (three search steps per update of θ', not one),
 # a smaller and the whole R, the soft and top-k draws, a stronger λ
-ONLY=${ONLY:-tau0.5,slr1,pgd4,r15,r200,soft,topk,lam3}
-# name: flags (one search setting changed from its default)
+ONLY=${ONLY:-tau0.5,slr1,pgd4,r15,r200,soft,topk,lam3,score_slr1}
+# name:flags[:AP method] (one search setting changed from its default; the method: ap_faithful
+# unless named, e.g. the score-function estimator at π lr 1)
 SETTINGS=(
   "tau0.5:--tau 0.5"
   "tau8:--tau 8"
@@ -38,6 +40,7 @@ SETTINGS=(
   "topk:--gumbel-mode topk"
   "lam0.3:--preserve-weight 0.3"
   "lam3:--preserve-weight 3"
+  "score_slr1:--search-lr 1:ap_score"
 )
 [ -f "$OUT/quality_${MAIN_TAG}.jsonl" ] || {
   echo "run benchmarks/quality_shapes2.sh first: the ablations reuse its controls ($OUT/quality_${MAIN_TAG}.jsonl)" >&2
@@ -46,13 +49,16 @@ SETTINGS=(
 # the main table's settings (see quality_shapes2.sh)
 AP=("${PYTHON:-python}" -m ap_erase_fast bench quality --model shapes2 --targets "$TARGETS" --seeds "$SEEDS"
     --steps "${STEPS:-40}" --budgets "${BUDGETS:-5,10,20,30}" --lr "${LR:-1e-3}" --sweep-targets "$TARGETS" --sweep-seeds "$SEEDS"
-    --images "${IMAGES:-8}" --eval-steps "${EVAL_STEPS:-10}" --out "$OUT" --controls-from "$MAIN_TAG"
-    --methods base,esd,preserve_random,oracle,ap_faithful)
+    --images "${IMAGES:-8}" --eval-steps "${EVAL_STEPS:-10}" --out "$OUT" --controls-from "$MAIN_TAG")
 
 start=$(date +%s)
 for entry in "${SETTINGS[@]}"; do
   name=${entry%%:*}
-  read -r -a flags <<<"${entry#*:}"
+  rest=${entry#*:}
+  method=ap_faithful
+  if [[ "$rest" == *:* ]]; then method=${rest##*:}; rest=${rest%:*}; fi
+  read -r -a flags <<<"$rest"
+  flags+=(--methods "base,esd,preserve_random,oracle,$method")
   if [[ ",$ONLY," != *",$name,"* ]]; then continue; fi
   tag="shapes2_abl_$name"
   echo "$name (${flags[*]}): $SHARDS shards ($(( $(date +%s) - start )) s so far)"
