@@ -153,6 +153,29 @@ def test_controls_from_reruns_only_what_an_ablation_changes(tmp_path, monkeypatc
         quality.main([*common, *methods, "--tag", "x", "--controls-from", "nothing"])
 
 
+def test_shards_of_a_resumed_table_split_what_is_left(tmp_path, monkeypatch):
+    """Shards stride over the runs not yet finished, so that a resumed table splits evenly: with
+    the 1st and 3rd of four runs done, each of two shards runs one of the other two (striding over
+    all four gave one shard both). Mutation checked: striding over every job."""
+    calls = []
+    monkeypatch.setattr(quality, "run_one", _fake_run_one(calls))
+    monkeypatch.setattr(quality, "World", lambda model: object())
+    common = ["--model", "shapes2", "--targets", "circle", "--seeds", "0", "--steps", "4", "--images", "1",
+              "--out", str(tmp_path)]
+    assert quality.main([*common, "--methods", "base,preserve_random"]) == 0
+    calls.clear()
+    every = [*common, "--methods", "base,esd,preserve_random,ap_faithful"]
+    # shards start together: the second does not see what the first has finished meanwhile
+    first = tmp_path / "quality_shapes2_cpu.shard0of2.jsonl"
+    assert quality.main([*every, "--shard", "0/2"]) == 0 and len(calls) == 1
+    first.rename(tmp_path / "aside")
+    assert quality.main([*every, "--shard", "1/2"]) == 0 and len(calls) == 2
+    (tmp_path / "aside").rename(first)
+    assert sorted(c[1] for c in calls) == ["ap_faithful", "esd"]
+    assert quality.main(every) == 0 and len(calls) == 2  # the collecting run has nothing left
+    assert len((tmp_path / "quality_shapes2_cpu.jsonl").read_text().splitlines()) == 4
+
+
 def test_search_finds_near_reads_pi_and_the_draws():
     """The end-of-training table: draws naming a near concept, π's mass on the near set, the near
     share of π's top 5, π's peak over uniform, the near set's share of R; π only for AP."""

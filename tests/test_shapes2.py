@@ -279,12 +279,16 @@ def test_bench_quality_oracle_needs_base_and_esd(tmp_path):
     rows = [{"target": "circle", "method": m, "seed": 0, "lr": args.lr, **{k: v for k, v in vars(args).items()
              if k not in ("seeds", "targets", "methods")}} for m in ("base", "esd")]
     (tmp_path / "quality_shapes2_cpu.shard0of3.jsonl").write_text(json.dumps(rows[0]) + "\n")
-    assert main([*shard, "--shard", "2/3"]) == 2  # esd still lacking
+    (tmp_path / ".quality_shapes2_cpu_grid").mkdir()  # and their sample grids: they are finished
+    for m in ("base", "esd"):
+        (tmp_path / ".quality_shapes2_cpu_grid" / f"{m}.pt").touch()
+    # shards stride over the jobs still to run (esd, oracle): the second holds the oracle
+    assert main([*shard, "--shard", "1/2"]) == 2  # esd still lacking
     (tmp_path / "quality_shapes2_cpu.shard1of3.jsonl").write_text(json.dumps(rows[1]) + "\n")
     with pytest.MonkeyPatch.context() as mp:  # the run itself is not this test's business
         mp.setattr(quality, "near_sets", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("started")))
         with pytest.raises(RuntimeError, match="started"):
-            quality.main([*shard[2:], "--shard", "2/3"])
+            quality.main([*shard[2:], "--shard", "0/2"])
 
 
 @pytest.fixture(scope="module")

@@ -928,9 +928,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "this tag's results): an ablation then re-runs only what it changes, e.g. "
                          "--tag shapes2_tau1 --tau 1 --controls-from shapes2_cpu")
     ap.add_argument("--shard", default=None, metavar="I/N",
-                    help="run only every N-th job starting at I (0-based), e.g. two processes "
-                         "with --threads 1 and --shard 0/2, 1/2; a last run without --shard "
-                         "collects every shard's results and writes the report")
+                    help="run only every N-th of the runs not yet finished, starting at I (0-based), "
+                         "e.g. two processes started together with --threads 1 and --shard 0/2, 1/2; "
+                         "a last run without --shard collects every shard's results, runs anything "
+                         "left and writes the report")
     ap.add_argument("--quick", action="store_true",
                     help=f"a small real erasure in about a minute: target circle, seed 0, "
                          f"{QUICK['steps']} steps at lr {QUICK['lr']:g}, {QUICK['images']} images "
@@ -1007,15 +1008,27 @@ def main(argv: list[str] | None = None) -> int:
              for t in args.sweep_targets for m in args.methods if m != "base"]
     # the oracle runs last: its R is the near set the target's base and esd runs measure
     jobs.sort(key=lambda j: j[1] == "oracle")
-    if shard is not None:
-        jobs = jobs[shard[0]::shard[1]]
 
     def keys(t, m, s, lr):
         """The identities of a job's rows: one per step budget (the base model: one)."""
         steps = [args.steps] if METHODS[m] is None else [*budgets_below(args), args.steps]
         return [_key(t, m, s, lr, {**vars(args), "steps": b}) for b in steps]
 
-    todo = sum(any(k not in done and k not in borrowed for k in keys(*j)) for j in jobs)
+    def finished(t, m, s, lr):
+        """Whether a job has nothing left to do: its rows are in (this tag's or a --controls-from
+        tag's), and so is its sample grid where the report shows one (a borrowed run is not re-run
+        for this tag's grid)."""
+        ks = keys(t, m, s, lr)
+        if not all(k in done or k in borrowed for k in ks):
+            return False
+        want_grid = t == args.targets[0] and s == args.seeds[0] and lr == args.lr
+        return not want_grid or (grid_dir / f"{m}.pt").exists() or any(k in borrowed for k in ks)
+
+    if shard is not None:
+        # every N-th of the jobs still to run, so that a resumed table splits evenly (shards
+        # started together see the same finished runs; the collecting run picks up any leftover)
+        jobs = [j for j in jobs if not finished(*j)][shard[0]::shard[1]]
+    todo = sum(not finished(*j) for j in jobs)
 
     def oracle_needs(t):
         """The runs whose near set the oracle of ``t`` preserves: base and esd of every seed."""
@@ -1042,9 +1055,7 @@ def main(argv: list[str] | None = None) -> int:
             ks = keys(t, m, s, lr)
             want_grid = t == args.targets[0] and s == args.seeds[0] and lr == args.lr
             grid_file = grid_dir / f"{m}.pt"
-            # a run of another tag is not re-run for this tag's sample grid
-            if all(k in done or k in borrowed for k in ks) and (
-                    not want_grid or grid_file.exists() or any(k in borrowed for k in ks)):
+            if finished(t, m, s, lr):
                 for k in ks:
                     if k not in done:  # copied, so that this tag's results stand on their own
                         fh.write(json.dumps(borrowed[k]) + "\n")
