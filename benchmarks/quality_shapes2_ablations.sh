@@ -28,19 +28,21 @@ MAIN_TAG=${MAIN_TAG:-shapes2_cpu}
 ONLY=${ONLY:-tau0.5,slr1,pgd4,r15,r200,soft,topk,lam3,score_slr1}
 # name:flags[:AP method] (one search setting changed from its default; the method: ap_faithful
 # unless named, e.g. the score-function estimator at π lr 1)
+# (run in this order: the score-function estimator and the settings that move π most first,
+# λ, whose controls re-run, last)
 SETTINGS=(
-  "tau0.5:--tau 0.5"
-  "tau8:--tau 8"
-  "slr0.01:--search-lr 0.01"
+  "score_slr1:--search-lr 1:ap_score"
   "slr1:--search-lr 1"
+  "tau0.5:--tau 0.5"
+  "soft:--gumbel-mode soft"
+  "topk:--gumbel-mode topk"
   "pgd4:--pgd-steps 4"
   "r15:--num-centers 15"
   "r200:--num-centers 200"
-  "soft:--gumbel-mode soft"
-  "topk:--gumbel-mode topk"
-  "lam0.3:--preserve-weight 0.3"
   "lam3:--preserve-weight 3"
-  "score_slr1:--search-lr 1:ap_score"
+  "tau8:--tau 8"
+  "slr0.01:--search-lr 0.01"
+  "lam0.3:--preserve-weight 0.3"
 )
 [ -f "$OUT/quality_${MAIN_TAG}.jsonl" ] || {
   echo "run benchmarks/quality_shapes2.sh first: the ablations reuse its controls ($OUT/quality_${MAIN_TAG}.jsonl)" >&2
