@@ -48,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmarks. Results go to a new folder under the current one unless --out "
                     "names one; 'ap-erase bench step --help' and 'ap-erase bench quality --help' "
                     "list their options.")
-    bench.add_argument("what", choices=("step", "quality"),
+    bench.add_argument("what", choices=("step", "quality", "ablations"),
                        help="step: outer steps/s and peak memory; quality: erasure and "
-                            "preservation on ShapesWorld")
+                            "preservation on ShapesWorld; ablations: one table over the "
+                            "finished ablation tags of 'bench quality'")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
     sub.add_parser("env", help="print versions, devices and optional backends")
     return parser
@@ -214,6 +215,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.what == "quality":
             quiet_libraries()
             from .shapes.quality import main as bench_main
+        elif args.what == "ablations":
+            from .shapes.ablations import main as bench_main
         else:
             from .bench import main as bench_main
 

@@ -7,7 +7,8 @@
 # the oracle are not re-run, except where the setting changes them: λ). Each setting writes
 # benchmarks/results/quality_shapes2_abl_<name>.{md,csv,jsonl}; its "Paired at matched erasure"
 # table holds AP − random and AP − oracle for that setting, the main table the same for the
-# defaults (τ 2, π lr 0.1, P 2, |R| ≤ 60, hard draw, λ 1).
+# defaults (τ 2, π lr 0.1, P 2, |R| ≤ 60, hard draw, λ 1). At the end `ap-erase bench ablations`
+# puts every finished setting in one table, benchmarks/results/quality_shapes2_ablations.md.
 #
 #   bash benchmarks/quality_shapes2_ablations.sh                  # the settings of ONLY (below)
 #   ONLY=tau8,slr0.01 bash benchmarks/quality_shapes2_ablations.sh # others of the list
@@ -74,4 +75,12 @@ for entry in "${SETTINGS[@]}"; do
   done
   "${AP[@]}" "${flags[@]}" --tag "$tag" >>"$OUT/.quality_${tag}.log" 2>&1
 done
-echo "done in $(( $(date +%s) - start )) s"
+# one table over every setting that has finished, in the order above
+names=()
+for entry in "${SETTINGS[@]}"; do
+  name=${entry%%:*}
+  [ -f "$OUT/quality_shapes2_abl_$name.jsonl" ] && names+=("$name")
+done
+"${PYTHON:-python}" -m ap_erase_fast bench ablations --out "$OUT" --main-tag "$MAIN_TAG" \
+  --names "$(IFS=,; echo "${names[*]}")"
+echo "done in $(( $(date +%s) - start )) s: $OUT/quality_shapes2_ablations.md"

@@ -189,3 +189,70 @@ def test_search_finds_near_reads_pi_and_the_draws():
     lines = quality.search_finds_near(rows, ["base", "preserve_random", "ap_faithful"], sets)
     assert "| ap_faithful | 50.0 | 50.0 | 40.0 | 4.0 | 30.0 |" in lines
     assert "| preserve_random | 25.0 | – | – | – | 30.0 |" in lines
+
+
+def _world_rows(method, target, seed, near_acc, steps=(10, 20, 40), esr=(0.5, 0.9, 1.0), **extra):
+    """Rows of one ShapesWorld 2 curve whose near concepts (ring, ellipse, heart: what the esd row
+    below damages most) have accuracy ``near_acc`` at every budget and the other shapes 0.95."""
+    from ap_erase_fast.shapes.loading import world_of
+
+    shapes = [s for s in world_of("shapes2").SHAPES if s != target]
+    rows = []
+    for st, e in zip(steps, esr):
+        acc = {s: (near_acc if s in ("ring", "ellipse", "heart") else 0.95) for s in shapes}
+        rows.append({"method": method, "target": target, "seed": seed, "lr": 1e-3, "steps": st, "esr": e,
+                     "acc": acc, "search_lr": 0.1, "preserve_weight": 1.0, **extra})
+    return rows
+
+
+def _setting(ap_method, ap_near, seeds=(0, 1, 2), target="circle", **ap_extra):
+    """One setting's rows: base, esd (damages ring, ellipse, heart), the random control at PSR-near
+    0.7, the oracle at 0.9 and the AP method at ``ap_near``."""
+    rows = []
+    for s in seeds:
+        rows += _world_rows("base", target, s, 1.0, steps=(40,), esr=(0.0,))
+        rows += _world_rows("esd", target, s, 0.2, steps=(40,), esr=(1.0,))
+        rows += _world_rows("preserve_random", target, s, 0.7)
+        rows += _world_rows("oracle", target, s, 0.9)
+        pi = {"pi_mass": {"ring": 0.3, "ellipse": 0.1, "square": 0.6}, "r_share": {"ring": 0.2, "ellipse": 0.1},
+              "pi_top": {"a ring": 0.1, "a square": 0.05, "an ellipse": 0.05, "a star": 0.02, "a cross": 0.02},
+              "pi_uniform": 0.02}
+        rows += _world_rows(ap_method, target, s, ap_near + 0.01 * s, **pi, **ap_extra)
+    return rows
+
+
+def test_ablation_table_reads_each_setting_against_its_own_controls(tmp_path):
+    """``ap-erase bench ablations``: per setting the AP method − its random control / oracle in
+    PSR-near at matched erasure, PSR-near after the full budget and π's numbers; the defaults row
+    from the main table on the same targets and seeds; the setting named by what it changed.
+    Mutations checked: pairing against the main table's controls, method and control swapped, λ
+    left out of the setting's name."""
+    from ap_erase_fast.cli import main as cli
+    from ap_erase_fast.shapes import ablations
+
+    main_rows = _setting("ap_faithful", 0.6, ablation={})
+    tau = _setting("ap_faithful", 0.8, ablation={"tau": 0.5})
+    # λ 3: its controls re-run and keep less of the near set (AP is paired against them)
+    lam = _setting("ap_faithful", 0.5, ablation={}, preserve_weight=3.0)
+    for r in lam:
+        if r["method"] in ("preserve_random", "oracle"):
+            r["preserve_weight"] = 3.0
+            r["acc"] = {k: (v - 0.3 if k in ("ring", "ellipse", "heart") else v) for k, v in r["acc"].items()}
+    lines = ablations.summary_lines(main_rows, [("tau0.5", tau), ("lam3", lam)])
+    rows = {c[0]: c for c in ([x.strip() for x in line.strip("| ").split(" | ")] for line in lines[2:])}
+    assert list(rows) == ["defaults (main table)", "tau0.5 (tau 0.5)", "lam3 (λ 3)"]
+    # AP's near accuracy 0.6 + 0.01 s against 0.7 / 0.9 on every point of every curve: −9 / −29
+    d, t, lm = rows["defaults (main table)"], rows["tau0.5 (tau 0.5)"], rows["lam3 (λ 3)"]
+    assert d[2].startswith("-9.0 ± 0.6 (0/3/0") and d[4].startswith("-29.0 ± 0.6 (0/3/0")
+    assert t[2].startswith("+11.0 ± 0.6 (3/0/0") and t[5].startswith("-9.0 ± 0.6 (0/3/0")
+    assert lm[2].startswith("+11.0 ± 0.6 (3/0/0") and lm[4].startswith("-9.0 ± 0.6")
+    assert t[6] == "81.0 / 70.0" and lm[6] == "51.0 / 40.0"
+    # π: mass on ring + ellipse + heart, top 5 naming one of them, peak 0.1 / 0.02, R share
+    assert t[7:11] == ["40.0", "40.0", "5.0", "30.0"]
+    # the command: written from the results files, one clear error without them
+    for tag, rows_ in (("shapes2_cpu", main_rows), ("shapes2_abl_tau0.5", tau)):
+        (tmp_path / f"quality_{tag}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_))
+    assert cli(["bench", "ablations", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "quality_shapes2_ablations.md").read_text()
+    assert "| tau0.5 (tau 0.5) | ap_faithful | +11.0 ± 0.6" in text
+    assert cli(["bench", "ablations", "--out", str(tmp_path), "--names", "nothing"]) == 2

@@ -443,6 +443,18 @@ def test_quality_shapes2_script_quick(tmp_path):
     assert all(r["near"] == near for r in rows if r["method"] == "oracle")
     md = (tmp_path / "quality_shapes2_quick.md").read_text()
     assert "| oracle |" in md and "PSR-near @ ESR 80 %" in md and "--eval-steps 4" in md
+    # then one ablation against this table's controls (it runs preserve_random and AP faithful,
+    # borrows base, esd and the oracle) and the table over the ablations
+    env = {**env, "OUT": str(tmp_path), "MAIN_TAG": "shapes2_quick", "TARGETS": "circle", "SEEDS": "0",
+           "STEPS": "2", "BUDGETS": "1", "IMAGES": "1", "EVAL_STEPS": "4", "ONLY": "tau0.5"}
+    proc = subprocess.run(["bash", os.path.join(root, "benchmarks", "quality_shapes2_ablations.sh")],
+                          env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [json.loads(x) for x in (tmp_path / "quality_shapes2_abl_tau0.5.jsonl").read_text().splitlines()]
+    assert sorted((r["method"], r["steps"]) for r in rows if r["method"] in ("preserve_random", "ap_faithful")) == [
+        ("ap_faithful", 1), ("ap_faithful", 2), ("preserve_random", 1), ("preserve_random", 2)]
+    assert all(r["ablation"] == {"tau": 0.5} for r in rows if r["method"] == "ap_faithful")
+    assert "| tau0.5 (tau 0.5) | ap_faithful |" in (tmp_path / "quality_shapes2_ablations.md").read_text()
 
 
 def test_quality_shapes2_ablations_script_needs_the_main_table(tmp_path):

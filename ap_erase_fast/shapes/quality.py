@@ -669,27 +669,38 @@ def search_finds_near(main, methods, sets) -> list[str]:
              "concept | π's peak ÷ uniform | near set's share of R |",
              "|---|---|---|---|---|---|"]
     for m in methods:
-        rs = [r for r in main if r["method"] == m and r["target"] in sets and r.get("r_share")]
-        if not rs:
+        st = search_stats([r for r in main if r["method"] == m], sets)
+        if st is None:
             continue
-        draws, mass, share, top, peak = [], [], [], [], []
-        for r in rs:
-            near = sets[r["target"]]["near"]
-            if r.get("picks"):
-                draws.append(_near_share(r["picks"], near))
-            share.append(sum(r["r_share"].get(n, 0.0) for n in near))
-            if m.startswith("ap_"):  # the other methods' π never moves
-                mass.append(sum(r["pi_mass"].get(n, 0.0) for n in near))
-                named = [any(n in k.split() for n in near) for k in r["pi_top"]]
-                top.append(sum(named) / len(named))
-                peak.append(max(r["pi_top"].values()) / r["pi_uniform"])
-
-        def pct(xs):
-            return f"{100 * statistics.fmean(xs):.1f}" if xs else "–"
-
-        lines.append(f"| {m} | {pct(draws)} | {pct(mass)} | {pct(top)} | "
-                     + (f"{statistics.fmean(peak):.1f}" if peak else "–") + f" | {pct(share)} |")
+        lines.append(f"| {m} | {_pct(st['draws'])} | {_pct(st['mass'])} | {_pct(st['top'])} | "
+                     + (f"{statistics.fmean(st['peak']):.1f}" if st["peak"] else "–") + f" | {_pct(st['share'])} |")
     return lines
+
+
+def _pct(xs) -> str:
+    return f"{100 * statistics.fmean(xs):.1f}" if xs else "–"
+
+
+def search_stats(rows, sets) -> dict | None:
+    """Per row of one method (targets with a near set and a recorded R): the share of its draws
+    that name a near concept, the near set's share of R and, for AP methods (the others' π never
+    moves), π's mass on the near set, the near share of π's top 5 and π's peak over uniform.
+    ``None`` when no row qualifies."""
+    rs = [r for r in rows if r["target"] in sets and r.get("r_share")]
+    if not rs:
+        return None
+    out = {"draws": [], "mass": [], "share": [], "top": [], "peak": []}
+    for r in rs:
+        near = sets[r["target"]]["near"]
+        if r.get("picks"):
+            out["draws"].append(_near_share(r["picks"], near))
+        out["share"].append(sum(r["r_share"].get(n, 0.0) for n in near))
+        if r["method"].startswith("ap_"):
+            out["mass"].append(sum(r["pi_mass"].get(n, 0.0) for n in near))
+            named = [any(n in k.split() for n in near) for k in r["pi_top"]]
+            out["top"].append(sum(named) / len(named))
+            out["peak"].append(max(r["pi_top"].values()) / r["pi_uniform"])
+    return out
 
 
 def search_over_training(rows, methods, sets, lr) -> list[str]:
