@@ -145,7 +145,7 @@ def test_refuses_non_empty_output(capsys, tmp_path, small_vocab):
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"],
                                   ["bench", "--help"], ["bench", "step", "--help"],
-                                  ["bench", "quality", "--help"], ["--version"]])
+                                  ["bench", "quality", "--help"], ["bench", "ablations", "--help"], ["--version"]])
 def test_help_texts_render(argv, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
