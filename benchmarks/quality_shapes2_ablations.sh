@@ -14,7 +14,8 @@
 #   ONLY=tau8,slr0.01 bash benchmarks/quality_shapes2_ablations.sh # others of the list
 #
 # Cost: 15 AP runs per setting (45 for λ, whose random control and oracle re-run) at ~90 s each
-# on one core, in SHARDS processes: about 2 hours 10 minutes on 2 cores for the default settings.
+# on one core, in SHARDS processes: about 2 hours 25 minutes on 2 cores for the default settings
+# (measured: 8527 s on a 2-core Intel Xeon).
 # Resumable like the main table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
