@@ -63,7 +63,7 @@ def summary_lines(main_rows: list[dict], settings: list[tuple[str, list[dict]]],
     ap_runs = [r for _, rows in settings for r in rows if r["method"].startswith("ap_")]
     if not ap_runs:
         return []
-    targets = sorted({r["target"] for r in ap_runs}, key=lambda t: [r["target"] for r in ap_runs].index(t))
+    targets = list(dict.fromkeys(r["target"] for r in ap_runs))
     seeds = sorted({r["seed"] for r in ap_runs})
     steps = max(r["steps"] for r in ap_runs)
     lr = ap_runs[0]["lr"]
