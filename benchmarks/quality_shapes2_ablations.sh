@@ -31,7 +31,7 @@ ONLY=${ONLY:-score_slr1,slr1,tau0.5,soft,topk,pgd4,r15,r200,lam3,tau8,slr0.01,la
 # name:flags[:AP method] (one search setting changed from its default; the method: ap_faithful
 # unless named, e.g. the score-function estimator at π lr 1)
 # (run in this order: the score-function estimator and the settings that move π most first,
-# λ, whose controls re-run, last)
+# then λ 3, whose controls re-run; the flatter π and λ 0.3 were added after them)
 SETTINGS=(
   "score_slr1:--search-lr 1:ap_score"
   "slr1:--search-lr 1"
