@@ -118,6 +118,27 @@ class Search:
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
 
 
+def draw_distribution(pi: torch.Tensor, mode: str = "hard", tau: float = 2.0, topk: int | None = None,
+                      samples: int = 4096, seed: int = 0) -> torch.Tensor:
+    """What π makes the search preserve: the expected weight of each candidate in the drawn c_a.
+
+    * ``hard``: the probability that the Gumbel-max draw picks candidate k, softmax(π)_k exactly.
+      τ does not enter: argmax_k (π_k + g_k)/τ = argmax_k (π_k + g_k).
+    * ``soft`` / ``topk``: E_g[w_k(g)], the mixture weight candidate k gets, averaged over
+      ``samples`` Gumbel draws of a fixed generator (``seed``), so the same π always reports the
+      same numbers. softmax(π/τ) is *not* this: it is the weight of a draw with no noise at all.
+    """
+    from .ops.reference import gumbel_from_uniform, gumbel_scores, mix_weights
+
+    logits = pi.detach().double().reshape(-1)
+    if mode == "hard":
+        return torch.softmax(logits, 0)
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.rand((samples, logits.numel()), generator=gen, dtype=torch.float64)
+    z = gumbel_scores(logits[None], gumbel_from_uniform(u), tau)
+    return mix_weights(z, topk if mode == "topk" else None).mean(0)
+
+
 def scaled_step(scaler, optimizer, skipped: Counter, name: str) -> None:
     """``optimizer.step()`` through a (possibly disabled) GradScaler; counts skipped steps."""
     scale = scaler.get_scale() if scaler.is_enabled() else None

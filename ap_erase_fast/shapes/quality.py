@@ -59,8 +59,14 @@ from pathlib import Path
 import torch
 
 from ..config import TRAIN_METHODS
+from ..search import draw_distribution
 from .loading import WORLDS, world_of
 from .world import SHAPES
+
+# how a row's pi_top / pi_mass were measured: 2 = the draw distribution of the mode in use
+# (draw_distribution). Rows without the key were measured as softmax(π/τ), which is not what a
+# hard draw uses; the reports leave those out.
+PI_MEASURE = 2
 
 METHODS: dict[str, dict | None] = {
     "base": None,
@@ -259,13 +265,14 @@ def _search_state(er, cfg, w, steps: int) -> dict:
                 picks[s["adv_word"]] = picks.get(s["adv_word"], 0) + 1
     if cfg.preserve_weight == 0:  # nothing is preserved: the draws are unused
         picks = {}
-    # where the search is: π's weights at its temperature, softmax(π / τ) (the relaxed mixture's
-    # weights without noise). A hard draw picks candidate k with probability softmax(π)_k, which
-    # the draws measure empirically.
-    prob = torch.softmax(er.pi[0].detach().float() / cfg.tau, 0)
+    # where the search is: the expected weight of each candidate in the preserved c_a under the
+    # draw in use (the hard draw: softmax(π), whatever τ), and π's logits themselves, so that any
+    # other measure can be recomputed from the rows
+    prob = draw_distribution(er.pi[0], cfg.gumbel_mode, cfg.tau, cfg.gumbel_topk).float()
     words = er.sets[0].words
     top = torch.argsort(prob, descending=True)[:5].tolist()
     out = {"pi_top": {words[i]: round(float(prob[i]), 4) for i in top}, "pi_uniform": round(1.0 / len(prob), 4),
+           "pi_measure": PI_MEASURE, "pi_logits": [round(float(v), 5) for v in er.pi[0].detach().float()],
            "pi_mass": {}, "r_share": {}}
     for name in (*w.SHAPES, *w.COLOURS):
         sel = [i for i, word in enumerate(words) if name in word.split()]
@@ -455,7 +462,11 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
     methods, targets, seeds = args.methods, args.targets, args.seeds
     w = world_of(args.model)
     shapes = w.SHAPES
-    sets = near_sets(rows, sorted({r["target"] for r in rows}), args.lr, args.model, steps=args.steps)
+    if getattr(args, "near_sets", None):  # fixed in advance (a confirmation): not re-measured
+        sets = {t: ns for t, ns in json.loads(Path(args.near_sets).read_text()).items()
+                if t in {r["target"] for r in rows}}
+    else:
+        sets = near_sets(rows, sorted({r["target"] for r in rows}), args.lr, args.model, steps=args.steps)
     add_near_far(rows, sets)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"quality_{tag}"
@@ -607,6 +618,8 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
         _plot_near_far(on_curve, args, points, stem.with_name(stem.name + "_near_far.png"))
         lines += ["", f"![PSR-near and PSR-far against ESR]({stem.name}_near_far.png)"]
     lines += paired_section(rows, methods, ct, cs, ("psr_near", "psr_far") if split else ("psr",))
+    if getattr(args, "confirm", None) and split:
+        lines += confirmation_section(rows, *args.confirm.split(":"), ct, cs)
     if split:
         lines += search_finds_near(main, methods, sets)
         lines += search_over_training(rows, methods, sets, args.lr)
@@ -647,6 +660,38 @@ def paired_section(rows, methods, targets, seeds, metrics) -> list[str]:
     for m, c in pairs:
         cells = [_paired_cell(paired_difference(rows, m, c, targets, seeds, lv, mt)) for lv, mt in cols]
         lines.append(f"| {m} − {c} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (same order as given): the k-th smallest of m is
+    multiplied by m − k + 1, made monotone, and capped at 1."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    out = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        out[i] = running
+    return out
+
+
+def confirmation_section(rows, method: str, control: str, targets, seeds, alpha: float = 0.05) -> list[str]:
+    """The pre-registered test of ``method`` against ``control``: PSR-near differences on the same
+    (target, seed) curves at every matched ESR level, each level's two-sided sign test adjusted by
+    Holm-Bonferroni over the levels; confirmed where the adjusted p is below ``alpha`` and the mean
+    difference is positive."""
+    diffs = [paired_difference(rows, method, control, targets, seeds, lv, "psr_near") for lv in MATCHED_ESR]
+    adjusted = holm([d["p"] for d in diffs])
+    lines = ["", f"## Confirmation: {method} − {control}, PSR-near (pre-registered)", "",
+             f"{len(MATCHED_ESR)} comparisons (one per matched ESR level), two-sided exact sign tests, "
+             f"Holm-Bonferroni adjusted, family-wise α = {alpha}. Confirmed: adjusted p < {alpha} and a "
+             "positive mean difference.", "",
+             "| ESR level | difference, points (wins/losses/ties, p) | curves | Holm-adjusted p | confirmed |",
+             "|---|---|---|---|---|"]
+    for lv, d, q in zip(MATCHED_ESR, diffs, adjusted):
+        ok = d["n"] > 0 and q < alpha and d["mean"] > 0
+        lines.append(f"| {100 * lv:.0f} % | {_paired_cell(d)} | {d['n']} | {q:.2g} | {'yes' if ok else 'no'} |")
     return lines
 
 
@@ -938,6 +983,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="reuse the finished runs of these tags in the same --out folder (copied into "
                          "this tag's results): an ablation then re-runs only what it changes, e.g. "
                          "--tag shapes2_tau1 --tau 1 --controls-from shapes2_cpu")
+    ap.add_argument("--near-sets", default=None, metavar="FILE",
+                    help="take the near sets from this *_near.json of an earlier table instead of "
+                         "measuring them from this table's esd runs (a confirmation on fresh seeds "
+                         "keeps the sets it was planned with)")
+    ap.add_argument("--confirm", default=None, metavar="METHOD:CONTROL",
+                    help="add the pre-registered confirmation section: METHOD − CONTROL in PSR-near at "
+                         "each matched ESR level, sign tests adjusted by Holm-Bonferroni over the levels")
     ap.add_argument("--shard", default=None, metavar="I/N",
                     help="run only every N-th of the runs not yet finished, starting at I (0-based), "
                          "e.g. two processes started together with --threads 1 and --shard 0/2, 1/2; "
@@ -981,6 +1033,17 @@ def main(argv: list[str] | None = None) -> int:
                         f"{','.join(map(str, args.budgets))}")
     if args.lora_rank < 0 or (args.lora_alpha is not None and not args.lora_alpha > 0):
         raise UserError("--lora-rank must be 0 (full fine-tuning) or positive, and --lora-alpha positive")
+    if args.near_sets:
+        try:
+            fixed = json.loads(Path(args.near_sets).read_text())
+            assert isinstance(fixed, dict) and all(isinstance(v.get("near"), list) for v in fixed.values())
+        except (OSError, ValueError, AssertionError, AttributeError) as exc:
+            raise UserError(f"--near-sets {args.near_sets}: not a near-set file written by an earlier "
+                            f"table (quality_<tag>_near.json): {exc}") from None
+    if args.confirm:
+        pair = args.confirm.split(":")
+        if len(pair) != 2 or any(m not in args.methods for m in pair):
+            raise UserError(f"--confirm must be METHOD:CONTROL with both in --methods (got {args.confirm!r})")
     shard = None
     if args.shard:
         try:
