@@ -139,6 +139,7 @@ def _save_into(er, root: Path, tmp: Path, final: Path) -> None:
                   str(tmp / "pi.safetensors"))
         state = {"pi_optimizer": er.pi_optimizer.state_dict(),
                  "scaler": er.scaler.state_dict(), "pi_scaler": er.pi_scaler.state_dict(),
+                 "score_baseline": er.search.baseline.clone(),
                  "skipped_steps": dict(er.skipped_steps)}
         if er.ds_engine is None:
             state["optimizer"] = er.optimizer.state_dict()
@@ -323,6 +324,8 @@ def load_checkpoint(er, path: str) -> None:
         for k, p in enumerate(er.pi):
             p.copy_(pis[f"pi.{k}"])
     er.pi_optimizer.load_state_dict(state["pi_optimizer"])
+    if "score_baseline" in state:  # the score estimator's running means (older checkpoints lack them)
+        er.search.baseline.copy_(state["score_baseline"])
     for key in ("scaler", "pi_scaler"):
         if state.get(key):
             getattr(er, key).load_state_dict(state[key])

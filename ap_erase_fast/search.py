@@ -13,6 +13,9 @@ import torch
 
 from .backbones import Cond
 
+# decay of the score estimator's running-mean baseline per concept (the weight of the history)
+BASELINE_DECAY = 0.9
+
 
 class Search:
     def __init__(self, cfg, sets, tables: list[torch.Tensor], cond_shapes, device, dist,
@@ -35,6 +38,9 @@ class Search:
         self.scaler = torch.amp.GradScaler(torch.device(device).type,
                                            enabled=compute_dtype == torch.float16)
         self.skipped = skipped if skipped is not None else Counter()
+        # the score estimator's running mean of ℓ per concept (NaN: no history yet); saved in
+        # checkpoints, so that a resumed run continues bit-identically
+        self.baseline = torch.full((len(sets),), float("nan"), dtype=torch.float64)
 
     def draw(self, concept: int, gumbel: torch.Tensor, with_grad: bool = True) -> tuple[Cond, int]:
         """c_a from π[c_e] for the Gumbel noise ``gumbel`` [|R|]: a one-prompt Cond
@@ -63,23 +69,44 @@ class Search:
         concept ``concepts[i]``, with probability softmax(π)[k] (the Gumbel-max draw; τ does not
         change which row wins), and scored ``losses[i]``. Then
         ∇_π E_k[ℓ(k)] = E_k[(ℓ(k) − b)(onehot(k) − softmax(π))] for any b that does not depend
-        on the draw; b is the mean of the batch's other samples of the same concept (0 for a
-        lone sample), and the sum over samples is divided by the batch size, as the pathwise
-        gradient of the batch-mean loss is."""
+        on the draw. b is the mean of the batch's other samples of the same concept; a sample
+        alone in its concept takes the concept's running mean of ℓ over earlier steps
+        (:attr:`baseline`, an exponential mean with decay :data:`BASELINE_DECAY`), and adds no
+        gradient before the concept has any history. The sum over samples is divided by the
+        batch size, as the pathwise gradient of the batch-mean loss is.
+
+        Data-parallel: the ranks' (concept, draw, ℓ) are gathered first, so every rank computes
+        the estimate of the global batch, exactly what one process computes with that batch
+        (a per-rank baseline averaged over ranks is a different estimator)."""
+        losses = losses.detach().float().reshape(-1).cpu()
+        if self.dist.world > 1:
+            parts = self.dist.gather((list(concepts), [int(i) for i in indices], losses.tolist()))
+            concepts = [c for part in parts for c in part[0]]
+            indices = [i for part in parts for i in part[1]]
+            losses = torch.tensor([v for part in parts for v in part[2]], dtype=torch.float32)
         grads: dict[int, torch.Tensor] = {}
         n = len(indices)
-        losses = losses.detach().float().reshape(-1).cpu()
         for c in sorted(set(concepts)):
             mine = [i for i in range(n) if concepts[i] == c]
             p = torch.softmax(self.pi[c].detach().float(), 0)
             g = torch.zeros_like(p)
+            history = float(self.baseline[c])
             for i in mine:
                 others = [losses[j] for j in mine if j != i]
-                baseline = sum(others) / len(others) if others else 0.0
+                if others:
+                    baseline = sum(others) / len(others)
+                elif history == history:  # not NaN: the concept has a running mean
+                    baseline = history
+                else:
+                    continue
                 onehot = torch.zeros_like(p)
                 onehot[indices[i]] = 1.0
                 g += (losses[i] - baseline) * (onehot - p)
             grads[c] = (-g / n).to(self.pi[c].dtype)
+            # the running mean moves after the estimate: b never depends on the draw it scores
+            mean = float(losses[mine].mean())
+            self.baseline[c] = mean if history != history else (
+                BASELINE_DECAY * history + (1 - BASELINE_DECAY) * mean)
         return grads
 
     def step(self, grads: dict[int, torch.Tensor], scaler=None) -> None:
@@ -115,7 +142,8 @@ class Search:
             scaler.step(self.optimizer)
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "baseline": self.baseline.clone()}
 
 
 def draw_distribution(pi: torch.Tensor, mode: str = "hard", tau: float = 2.0, topk: int | None = None,

@@ -14,9 +14,15 @@ from ap_erase_fast.steps import fast_iteration, shared_outer_step
 from test_definitions import _eraser, _latents
 
 
-def _bare_search(pis):
+class _OneProcess:
+    world = 1
+
+
+def _bare_search(pis, dist=None):
     s = Search.__new__(Search)
     s.pi = [torch.nn.Parameter(p.clone()) for p in pis]
+    s.dist = dist or _OneProcess()
+    s.baseline = torch.full((len(pis),), float("nan"), dtype=torch.float64)
     return s
 
 
@@ -30,7 +36,7 @@ def test_score_gradients_are_unbiased_for_the_expected_error():
     s = _bare_search([pi])
     p = torch.softmax(pi, 0)
     exact = -(p * (ell - (p * ell).sum()))  # −∇ E_k[ℓ_k]
-    for batch in (2, 1):  # with the other sample as baseline, and a lone sample (baseline 0)
+    for batch in (2, 1):  # with the other sample as baseline, and a lone sample (running mean)
         n_batches, total = 40_000 // batch, torch.zeros(6, dtype=torch.float64)
         noise = -torch.log(-torch.log(torch.rand(n_batches, batch, 6, generator=g, dtype=torch.float64)))
         draws = gumbel_argmax_reference(pi.expand(n_batches, batch, 6), noise, tau=2.0)
@@ -42,15 +48,72 @@ def test_score_gradients_are_unbiased_for_the_expected_error():
 
 def test_score_gradients_by_hand():
     """Two samples of concept 0 (baseline: the other one's error), one lone sample of concept 1
-    (baseline 0); the sum is divided by the batch size. Mutation checked: baseline left out."""
+    (no history yet: no gradient); the sum is divided by the batch size. A second batch: the lone
+    sample of concept 1 takes concept 1's running mean, which is its first error, then moves
+    with decay 0.9. Mutation checked: baseline left out; a lone sample with baseline 0."""
+    from ap_erase_fast.search import BASELINE_DECAY
+
     pi0, pi1 = torch.tensor([0.0, 1.0, -1.0]), torch.tensor([0.5, -1.0])
     s = _bare_search([pi0, pi1])
     got = s.score_gradients([0, 1, 0], [2, 0, 1], torch.tensor([0.3, 0.8, 0.1]))
     p0, p1 = torch.softmax(pi0, 0), torch.softmax(pi1, 0)
     e = torch.eye(3)
     want0 = -((0.3 - 0.1) * (e[2] - p0) + (0.1 - 0.3) * (e[1] - p0)) / 3
-    want1 = -(0.8 * (torch.eye(2)[0] - p1)) / 3
-    assert torch.allclose(got[0], want0) and torch.allclose(got[1], want1)
+    assert torch.allclose(got[0], want0) and torch.equal(got[1], torch.zeros(2))
+    got = s.score_gradients([1], [1], torch.tensor([0.5]))
+    assert torch.allclose(got[1], -((0.5 - 0.8) * (torch.eye(2)[1] - p1)) / 1)
+    assert float(s.baseline[1]) == pytest.approx(BASELINE_DECAY * 0.8 + (1 - BASELINE_DECAY) * 0.5)
+    assert float(s.baseline[0]) == pytest.approx(0.2)
+
+
+def test_equal_damage_leaves_pi_uniform_at_batch_one():
+    """Every candidate does the same damage (ℓ = 1 + noise that does not depend on the draw):
+    there is nothing to find, so π must stay uniform in expectation. |R| = 60, batch 1 (the
+    authors' setting), π's Adam at lr 0.1, 40 steps, 64 seeds. Fixed margins: the probability of
+    the last drawn candidate averages below 1.5× a uniform draw's (a baseline of 0 makes every
+    step raise the logit of whatever was drawn: about 7.5×), and no candidate's probability,
+    averaged over the seeds, is above 1.5× uniform."""
+    n_r, ratios, mean_p = 60, [], torch.zeros(60, dtype=torch.float64)
+    for seed in range(64):
+        g = torch.Generator().manual_seed(seed)
+        s = _bare_search([torch.full((n_r,), 1.0 / n_r)])
+        opt = torch.optim.Adam(s.pi, lr=0.1)
+        for _ in range(40):
+            k = int(torch.argmax(s.pi[0].detach() - torch.log(-torch.log(torch.rand(n_r, generator=g)))))
+            ell = 1.0 + 0.1 * torch.rand(1, generator=g)
+            opt.zero_grad()
+            s.pi[0].grad = s.score_gradients([0], [k], ell)[0]
+            opt.step()
+        p = torch.softmax(s.pi[0].detach().double(), 0)
+        ratios.append(float(p[k]) * n_r)
+        mean_p += p / 64
+    assert sum(ratios) / len(ratios) < 1.5, sum(ratios) / len(ratios)
+    assert float(mean_p.max()) * n_r < 1.5
+
+
+class _FakeRanks:
+    """Two ranks in one process: ``gather`` returns what both ranks hand in for one call."""
+    world = 2
+
+    def __init__(self, shared):
+        self.shared = shared
+
+    def gather(self, obj):
+        return self.shared
+
+
+def test_ranks_compute_the_global_batch_estimate():
+    """Two ranks of batch 1 equal one process of batch 2 (the issue's example: π = [0, 1, −1],
+    errors [0.3, 0.1], draws [2, 1], one concept). Mutation checked: without the gather each rank
+    uses a lone-sample baseline, and the ranks' average is a different vector."""
+    pi = torch.tensor([0.0, 1.0, -1.0])
+    one = _bare_search([pi]).score_gradients([0, 0], [2, 1], torch.tensor([0.3, 0.1]))[0]
+    assert torch.allclose(one, torch.tensor([0.0, 0.1, -0.1]), atol=1e-6)
+    shared = [([0], [2], [0.3]), ([0], [1], [0.1])]
+    ranks = [_bare_search([pi], _FakeRanks(shared)).score_gradients([0], [k], torch.tensor([v]))[0]
+             for k, v in ((2, 0.3), (1, 0.1))]
+    assert torch.equal(ranks[0], ranks[1])
+    assert torch.allclose((ranks[0] + ranks[1]) / 2, one, atol=1e-7)
 
 
 def _captured_step(er, d, schedule):
