@@ -113,3 +113,32 @@ def test_lora_zero2_ranks_agree_and_resume(tmp_path, small_vocab):
     a = load_file(str(full / "trained.safetensors"))
     b = load_file(str(resumed / "trained.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_score_estimator_two_ranks_equal_one_process_batch_two(tmp_path, small_vocab):
+    """``--search-estimator score``: the ranks gather their draws and errors, so two ranks of
+    batch 1 step π as one process of batch 2 does (one concept: each sample's baseline is the
+    other rank's error). Mutation checked: without the gather each rank's lone sample uses the
+    running mean, and π differs after the first step."""
+    flags = ["--erase", "garbage truck", "--vocab", small_vocab, "--k-closest", "60",
+             "--num-centers", "12", "--ddim-steps", "10", "--seed", "5", "--steps", "2",
+             "--search-estimator", "score", "--search-lr", "1", "--checkpoint-every", "1", "--quiet"]
+    out = tmp_path / "ddp"
+    launch(tmp_path, {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1}},
+           *flags, "--output", str(out))
+    single = tmp_path / "single"
+    erase(EraseConfig(erase=["garbage truck"], vocab=small_vocab, steps=2, k_closest=60,
+                      num_centers=12, ddim_steps=10, seed=5, batch_size=2, quiet=True,
+                      search_estimator="score", search_lr=1.0, checkpoint_every=1, output=str(single)))
+    for step in ("step-000001", "step-000002"):
+        a = load_file(str(tmp_path / "ddp.checkpoints" / step / "pi.safetensors"))["pi.0"]
+        b = load_file(str(tmp_path / "single.checkpoints" / step / "pi.safetensors"))["pi.0"]
+        da, db = a - 1.0 / len(a), b - 1.0 / len(b)  # updates from the uniform start
+        moved = db.abs() > 1e-6
+        assert moved.any(), "π never moved"
+        # the errors of a batch-1 and a batch-2 UNet call differ in the last bits, and the
+        # estimate is a difference of two close errors: same candidates, same signs, sizes
+        # within 30 %
+        assert torch.equal(da.abs() > 1e-6, moved), (step, da, db)
+        assert torch.equal(da[moved].sign(), db[moved].sign()), (step, da, db)
+        assert ((da[moved] - db[moved]).abs() <= 0.3 * db[moved].abs()).all(), (step, da, db)

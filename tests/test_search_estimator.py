@@ -196,3 +196,28 @@ def test_score_estimator_is_checked(tiny_cfg):
             tiny_cfg(search_estimator="score", **bad).validate()
     with pytest.raises(UserError, match="--search-estimator"):
         tiny_cfg(search_estimator="reinforce").validate()
+
+
+def test_resume_with_the_running_baseline_is_bit_identical(tmp_path, small_vocab):
+    """Batch 1, two erased concepts (every sample is alone in its concept, so the running-mean
+    baseline drives π): a run resumed from its step-1 checkpoint ends with the same π and θ′ bit
+    for bit. Mutation checked: the baseline not restored on resume (π differs)."""
+    from safetensors.torch import load_file
+
+    from ap_erase_fast import EraseConfig, erase
+
+    def cfg(out, **kw):
+        return EraseConfig(model="tiny", erase=["garbage truck", "church"], steps=3, seed=1,
+                           vocab=small_vocab, k_closest=60, num_centers=12, ddim_steps=10,
+                           quiet=True, device="cpu", batch_size=1, search_estimator="score",
+                           search_lr=1.0, checkpoint_every=1, output=str(out), **kw)
+
+    erase(cfg(tmp_path / "full"))
+    erase(cfg(tmp_path / "resumed", resume=str(tmp_path / "full.checkpoints" / "step-000001")))
+    last = {name: tmp_path / f"{name}.checkpoints" / "step-000003" for name in ("full", "resumed")}
+    state = {k: torch.load(p / "state.pt", weights_only=True) for k, p in last.items()}
+    assert not state["full"]["score_baseline"].isnan().any()  # both concepts have a running mean
+    assert torch.equal(state["full"]["score_baseline"], state["resumed"]["score_baseline"])
+    for name in ("pi.safetensors", "trained.safetensors"):
+        a, b = (load_file(str(p / name)) for p in last.values())
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
