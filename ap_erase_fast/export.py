@@ -5,6 +5,9 @@ commit and the recovery after a kill: :mod:`ap_erase_fast.outdir`).
 Layout of an output folder:
 
 * ``unet/`` — a diffusers UNet folder (``UNet2DConditionModel.from_pretrained``), the fine-tuned θ';
+* with ``--lora-rank``, instead: ``lora/`` and ``pytorch_lora_weights.safetensors`` (the same
+  diffusers LoRA file, so ``pipe.load_lora_weights`` loads the folder or ``lora/``),
+  ``lora_kohya.safetensors`` and, with ``--merge``, ``unet/`` (:mod:`ap_erase_fast.lora`);
 * ``trained.safetensors`` — only the trained tensors, with provenance in the header metadata;
 * ``run.json`` — resolved config, R per concept, final π, timings, UNet calls per outer step;
 * ``log.jsonl`` — one line per loop iteration.
@@ -48,8 +51,9 @@ def trained_metadata(info: dict) -> dict[str, str]:
 
 def write_outputs(folder: Path, unet, trained: dict, info: dict, log: list[dict],
                   pipeline_class=None) -> None:
-    """The run's outputs: ``unet/`` (or, with LoRA, ``lora/``, ``lora_kohya.safetensors`` and,
-    with ``--merge``, ``unet/``), the trained tensors, run.json, log.jsonl and the model card."""
+    """The run's outputs: ``unet/`` (or, with LoRA, ``lora/``, a copy of its
+    ``pytorch_lora_weights.safetensors`` beside it, ``lora_kohya.safetensors`` and, with
+    ``--merge``, ``unet/``), the trained tensors, run.json, log.jsonl and the model card."""
     from safetensors.torch import save_file
 
     from .modelcard import write_model_card

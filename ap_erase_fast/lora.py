@@ -3,8 +3,9 @@
 
 The adapters go on the linear and convolution layers the ``--train-method`` selects
 (:meth:`~ap_erase_fast.backbones.Backbone.lora_targets`); B starts at zero, so θ′₀ = θ exactly.
-Outputs: diffusers LoRA weights (``pipe.load_lora_weights(folder)``), a single-file LoRA in the
-kohya format that A1111 and ComfyUI load, and on request the merged denoiser.
+Outputs: diffusers LoRA weights (``pipe.load_lora_weights(run_folder)``, or its ``lora/``), a
+single-file LoRA in the kohya format that A1111 and ComfyUI load, and on request the merged
+denoiser.
 """
 from __future__ import annotations
 
@@ -152,14 +153,22 @@ def merged_copy(denoiser, trained=None):
 
 
 def write_lora_outputs(folder, denoiser, trained, pipeline_class, merge: bool = False) -> None:
-    """``lora/`` (diffusers), ``lora_kohya.safetensors`` (A1111/ComfyUI) and, with ``merge``,
-    ``unet/`` (the merged denoiser), from the adapter values ``trained``."""
+    """``lora/`` (diffusers), a copy of its weights file at the top of ``folder``,
+    ``lora_kohya.safetensors`` (A1111/ComfyUI) and, with ``merge``, ``unet/`` (the merged
+    denoiser), from the adapter values ``trained``.
+
+    The copy makes ``pipe.load_lora_weights(folder)`` load the LoRA: given a folder, diffusers
+    0.42 takes the file named ``pytorch_lora_weights.safetensors`` there and otherwise the first
+    ``.safetensors`` file it lists, which in a run folder is ``trained.safetensors`` (peft names
+    without the ``unet.`` prefix: nothing loads, with only a warning)."""
+    import shutil
     from pathlib import Path
 
     from safetensors.torch import save_file
 
     folder = Path(folder)
     save_diffusers(folder / "lora", denoiser, pipeline_class, trained)
+    shutil.copyfile(folder / "lora" / DIFFUSERS_WEIGHTS, folder / DIFFUSERS_WEIGHTS)
     meta = {"format": "kohya-ss LoRA", "ss_network_module": "networks.lora",
             "ss_network_dim": str(lora_config(denoiser)["r"]),
             "ss_network_alpha": str(lora_config(denoiser)["lora_alpha"])}

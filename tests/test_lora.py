@@ -75,13 +75,14 @@ def _train_and_write(tiny_cfg, tmp_path, method):
 
 @pytest.mark.parametrize("method", ["xattn", "noxattn"])
 def test_outputs_load_in_diffusers_and_reproduce_theta_prime(tiny_cfg, tmp_path, method):
-    """lora/ through pipe.load_lora_weights(folder), lora_kohya.safetensors through diffusers'
-    single-file LoRA loader (kohya conversion), and the merged unet/ all give θ′'s outputs.
-    noxattn puts adapters on convolutions and self-attention too. Mutations checked (each
-    fails): the kohya alpha left at the rank (diffusers' default; the run's alpha is 8, rank 4);
-    the alpha/rank scale not folded into the diffusers file; zeros saved as the adapters. (With
-    diffusers' own format conversion the noxattn case fails: it drops self-attention
-    adapters on loading.)"""
+    """The run folder itself and lora/ through pipe.load_lora_weights(folder),
+    lora_kohya.safetensors through diffusers' single-file LoRA loader (kohya conversion), and the
+    merged unet/ all give θ′'s outputs. noxattn puts adapters on convolutions and self-attention
+    too. Mutations checked (each fails): the kohya alpha left at the rank (diffusers' default;
+    the run's alpha is 8, rank 4); the alpha/rank scale not folded into the diffusers file;
+    zeros saved as the adapters; no pytorch_lora_weights.safetensors at the top of the run folder
+    (diffusers then takes trained.safetensors and loads nothing). (With diffusers' own format
+    conversion the noxattn case fails: it drops self-attention adapters on loading.)"""
     from diffusers import UNet2DConditionModel
 
     from ap_erase_fast.models import load_components
@@ -105,11 +106,13 @@ def test_outputs_load_in_diffusers_and_reproduce_theta_prime(tiny_cfg, tmp_path,
         err = float((got - want).abs().max() / want.abs().max())
         assert err < 1e-5, (what, err)
 
-    for source in (folder / "lora", folder / "lora_kohya.safetensors"):
+    for source in (folder, folder / "lora", folder / "lora_kohya.safetensors"):
         pipe = load_components("tiny").to_pipeline()
         pipe.load_lora_weights(str(source))
         check(pipe.unet, source.name)
     check(UNet2DConditionModel.from_pretrained(str(folder / "unet")), "merged")
+    weights = "pytorch_lora_weights.safetensors"  # the run folder's copy of lora/'s file
+    assert (folder / weights).read_bytes() == (folder / "lora" / weights).read_bytes()
     kohya = load_file(str(folder / "lora_kohya.safetensors"))
     assert all(k.startswith("lora_unet_") for k in kohya)
     assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}

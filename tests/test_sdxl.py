@@ -483,3 +483,46 @@ def test_bench_sdxl_preset_builds_an_sdxl_run(monkeypatch):
                       preserve_set=["church", "cat"], train_method="xattn")
     er = Eraser(cfg, progress=False, components=comps).setup()
     assert er.latent_shape == (1, 4, 8, 8) and er.run_outer_step()
+
+
+@pytest.mark.parametrize("method", ["xattn", "noxattn"])
+def test_lora_outputs_load_into_the_sdxl_pipeline_and_reproduce_theta_prime(tiny_cfg, tmp_path, method):
+    """A tiny-sdxl LoRA run's outputs in StableDiffusionXLPipeline: the run folder itself and
+    lora/ through pipe.load_lora_weights(folder), lora_kohya.safetensors through the single-file
+    loader, and the merged unet/ all give θ′'s outputs (the UNet called with SDXL's pooled
+    embeddings and time ids). Mutations checked: no pytorch_lora_weights.safetensors at the top
+    of the run folder (diffusers takes trained.safetensors, loads nothing and the run folder
+    gives θ's outputs); the alpha/rank scale not folded into the diffusers file."""
+    pytest.importorskip("peft")
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from ap_erase_fast.export import write_outputs
+
+    cfg = tiny_cfg(model="tiny-sdxl", steps=2, lora_rank=4, lora_alpha=8.0, train_method=method,
+                   lr=5e-2, merge=True, mixed_precision="no")
+    er = Eraser(cfg).setup()
+    er.train()
+    folder = tmp_path / "run"
+    folder.mkdir()
+    write_outputs(folder, er.unet, er.trained_state(), er.run_info(), er.log,
+                  er.backbone.pipeline_class())
+    x = torch.randn(2, 4, 8, 8, generator=_gen(3))
+    t = torch.tensor([900, 300])
+    cond = er.models.concepts[0].expand(2)
+    with torch.no_grad():
+        want = er.backbone.predict(er.unet, x, t, cond)
+        base_out = er.models.query("frozen", "check", x, t, cond)
+    assert (want - base_out).abs().max() > 1e-4  # the LoRA changes the output
+
+    def check(unet, what):
+        with torch.no_grad():
+            got = er.backbone.predict(unet, x, t, cond)
+        err = float((got - want).abs().max() / want.abs().max())
+        assert err < 1e-5, (what, err)
+
+    for source in (folder, folder / "lora", folder / "lora_kohya.safetensors"):
+        pipe = load_components("tiny-sdxl").to_pipeline()
+        assert isinstance(pipe, StableDiffusionXLPipeline)
+        pipe.load_lora_weights(str(source))
+        check(pipe.unet, source.name)
+    check(UNet2DConditionModel.from_pretrained(str(folder / "unet")), "merged")
