@@ -17,8 +17,14 @@ CUDA: nvcc compiles ``csrc/gumbel_mix_cuda_kernels.cu`` for the targets with the
 torch's headers with the C++ compiler. Checked: both compile, no approximate log in the PTX,
 registers fit each kernel's block size, no spills.
 
-Run it without ``TRITON_INTERPRET`` (the interpreter replaces the compiler). Exit status 0 when
-everything passes; ``--json`` writes the full report (tests/ops/test_gpu_build.py reads it).
+Registers and spills are read from the compiled code with ``cuobjdump`` (the CUDA toolkit's, or
+the one Triton ships). Without one those checks cannot run: each row says ``"resources": "not
+checked (no cuobjdump: ...)"``, the part lists them under ``not_checked`` and the printed report
+says NOT CHECKED; such rows never count as passed.
+
+Run it without ``TRITON_INTERPRET`` (the interpreter replaces the compiler). Exit status 1 when a
+check failed, else 0 (a check that could not run is reported, not failed); ``--json`` writes the
+full report (tests/ops/test_gpu_build.py reads it).
 """
 from __future__ import annotations
 
@@ -131,19 +137,26 @@ def record_triton_launches(cc: int) -> list[dict]:
     return list(records.values())
 
 
-def _cubin_resources(cubin: bytes) -> dict:
-    """Registers / local memory of a cubin, from the cuobjdump shipped with Triton."""
-    from triton import knobs
+CHECKED = "checked"
+NO_CUOBJDUMP = ("not checked (no cuobjdump: install the CUDA toolkit and set CUDA_HOME, or a Triton "
+                "that ships its NVIDIA tools)")
 
-    tool = os.path.join(os.path.dirname(knobs.nvidia.ptxas.path), "cuobjdump")
-    if not os.path.exists(tool):
-        return {}
+
+def _cubin_resources(cubin: bytes) -> dict:
+    """Registers / stack / local memory of a cubin, from the cuobjdump shipped with Triton (the
+    toolkit's when Triton has none), with ``resources``: ``CHECKED`` or why they are absent."""
+    tool = _cuobjdump(triton_first=True)
+    if tool is None:
+        return {"resources": NO_CUOBJDUMP}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", text)
-    return {"registers": int(m.group(1)), "stack": int(m.group(2)), "local": int(m.group(3))} if m else {}
+    if m is None:
+        return {"resources": f"not checked ({tool} --dump-resource-usage printed no resource usage)"}
+    return {"registers": int(m.group(1)), "stack": int(m.group(2)), "local": int(m.group(3)),
+            "resources": CHECKED}
 
 
 def compile_triton(cc: int, rec: dict) -> dict:
@@ -174,10 +187,11 @@ def compile_triton(cc: int, rec: dict) -> dict:
     threads = 32 * k.metadata.num_warps
     if k.metadata.shared > MAX_SHARED[cc]:
         result["errors"].append(f"shared memory {k.metadata.shared} B > {MAX_SHARED[cc]} B of sm_{cc}")
-    if result.get("registers", 0) * threads > 65536:
-        result["errors"].append(f"{result['registers']} registers x {threads} threads > 65536")
-    if result.get("local", 0) or result.get("stack", 0):
-        result["errors"].append(f"register spills: {result['stack']} B stack, {result['local']} B local memory")
+    if result["resources"] == CHECKED:
+        if result["registers"] * threads > 65536:
+            result["errors"].append(f"{result['registers']} registers x {threads} threads > 65536")
+        if result["local"] or result["stack"]:
+            result["errors"].append(f"register spills: {result['stack']} B stack, {result['local']} B local memory")
     noise = rec["kernel"] == "_weights_kernel" and not result["constexprs"].get("HAS_GUMBEL", True)
     if noise and result["lg2_approx"]:
         result["errors"].append("the in-kernel Gumbel noise uses an approximate log (lg2.approx)")
@@ -204,18 +218,31 @@ def check_triton(archs=ARCHS, workers: int | None = None) -> dict:
 
     return {"triton": triton.__version__, "archs": list(archs), "kernels": results,
             "errors": [f"sm_{r['arch']} {r['kernel']} {r['constexprs']}: {e}" for r in results for e in r["errors"]],
+            "not_checked": _triton_not_checked(results),
             "seconds": round(time.perf_counter() - start, 1)}
 
 
+def _triton_not_checked(results: list[dict]) -> list[str]:
+    """One line per reason the register / spill checks did not run on some compilations."""
+    compiled = [r for r in results if "resources" in r]  # a failed compile is an error already
+    reasons: dict[str, int] = {}
+    for r in compiled:
+        if r["resources"] != CHECKED:
+            reasons[r["resources"]] = reasons.get(r["resources"], 0) + 1
+    return [f"registers and spills of {n} of {len(compiled)} compilations: {why}" for why, n in reasons.items()]
+
+
 # --------------------------------------------------------------------------------------- CUDA
-def _cuobjdump() -> str | None:
-    """cuobjdump of the CUDA toolkit, else the one shipped with Triton."""
+def _cuobjdump(triton_first: bool = False) -> str | None:
+    """cuobjdump of the CUDA toolkit, else the one shipped with Triton (``triton_first``: the
+    other way round, for cubins of Triton's own ptxas); None when there is neither."""
     home = native_build.cuda_home()
     cands = [os.path.join(home, "bin", "cuobjdump")] if home else []
     try:
         from triton import knobs
 
-        cands.append(os.path.join(os.path.dirname(knobs.nvidia.ptxas.path), "cuobjdump"))
+        cands.insert(0 if triton_first else len(cands),
+                     os.path.join(os.path.dirname(knobs.nvidia.ptxas.path), "cuobjdump"))
     except Exception:  # noqa: BLE001 -- triton is optional here
         pass
     return next((c for c in cands if os.access(c, os.X_OK)), None)
@@ -327,8 +354,14 @@ def finish_cuda(job: dict) -> dict:
     resources = _resources(os.path.join(tmp.name, "k.o")) if dev_rc == 0 else []
     tmp.cleanup()
     report["kernels"] = resources or []
+    report["not_checked"] = []
     if resources is None:
-        report["notes"] = "no cuobjdump found: registers and spills not checked"
+        report["not_checked"].append(f"registers, spills and the compiled kernel list of sm_"
+                                     f"{', sm_'.join(map(str, archs))}: {NO_CUOBJDUMP}")
+    for r in resources or ():
+        r["resources"] = CHECKED if "registers" in r else "not checked (cuobjdump printed no resource usage)"
+        if r["resources"] != CHECKED:
+            report["not_checked"].append(f"{r['arch']} {r['kernel']}: registers and spills {r['resources']}")
     if dev_rc == 0:
         threads = _block_threads()
         report["ptx_lg2_approx"] = {a: "lg2.approx" in text for a, text in ptx.items()}
@@ -342,7 +375,7 @@ def finish_cuda(job: dict) -> dict:
             seen = {r["kernel"] for r in resources if r["arch"] == f"sm_{a}"}
             if seen != set(CUDA_KERNELS):
                 report["errors"].append(f"sm_{a}: compiled kernels {sorted(seen)} != {sorted(CUDA_KERNELS)}")
-        for r in resources or ():
+        for r in [r for r in resources or () if r["resources"] == CHECKED]:
             where = f"{r['arch']} {r['kernel']}"
             limit = min(255, 65536 // threads.get(r["kernel"], 256))
             if r.get("registers", 0) > limit:
@@ -396,10 +429,13 @@ def main(argv=None) -> int:
             print(f"{part}: skipped: {r['skipped']}")
             continue
         n = len(r.get("kernels", []))
+        missing = r.get("not_checked", [])
         print(f"{part}: {n} kernel compilations for sm_{', sm_'.join(map(str, archs))} in {r['seconds']} s, "
-              f"{len(r['errors'])} problems")
+              f"{len(r['errors'])} problems" + (f", {len(missing)} NOT CHECKED" if missing else ""))
         for e in r["errors"]:
             print(f"  {e}")
+        for m in missing:
+            print(f"  NOT CHECKED: {m}")
         failed |= bool(r["errors"])
     return 1 if failed else 0
 

@@ -5,7 +5,8 @@ One run of ``python -m ap_erase_fast.ops.gpu_build_check`` (in a subprocess: the
 not see ``TRITON_INTERPRET``) compiles them; the tests read its JSON report. Triton's compile
 cache lives in ``.cache/gpu_build/triton`` of the checkout (a clean checkout compiles all).
 Skipped only where a tool is genuinely absent: Triton not installed, or no nvcc (the reason is
-printed).
+printed); without cuobjdump the register and spill tests skip with the check's own "not checked"
+line (the tests at the end check that the report says so and passes no such row).
 
 Mutations checked (each made a test here fail): ``min<int64_t>(...)`` back in the CUDA kernels
 (nvcc 13 rejects it); ``__logf`` instead of ``logf`` in ``gumbel_from_uniform`` on the device
@@ -132,8 +133,11 @@ def test_triton_kernels_fit_shared_memory_and_registers(report):
     tr = _part(report, "triton")
     for k in tr["kernels"]:
         assert k["shared"] <= {80: 166912, 86: 101376, 89: 101376, 90: 232448}[k["arch"]]
-        if "registers" in k:  # measured with the cuobjdump shipped with Triton
-            assert k["registers"] * 32 * k["num_warps"] <= 65536 and k["local"] == 0
+    if tr["not_checked"]:  # no cuobjdump: said so, not passed
+        pytest.skip("; ".join(tr["not_checked"]))
+    for k in tr["kernels"]:  # measured with the cuobjdump shipped with Triton
+        assert k["resources"] == "checked", k
+        assert k["registers"] * 32 * k["num_warps"] <= 65536 and k["local"] == 0 and k["stack"] == 0
 
 
 # --------------------------------------------------------------------------------------- CUDA
@@ -157,9 +161,114 @@ def test_cuda_noise_has_no_approximate_log(report):
 def test_cuda_weights_kernel_fits_1024_threads(report):
     """The weights and softmax-backward blocks have 1024 threads: at most 64 registers each."""
     cu = _part(report, "cuda")
-    if not cu["kernels"]:
-        pytest.skip(cu.get("notes", "no resource usage in the report"))
+    if cu["not_checked"]:  # no cuobjdump: said so, not passed
+        pytest.skip("; ".join(cu["not_checked"]))
+    assert cu["kernels"]
     for k in cu["kernels"]:
+        assert k["resources"] == "checked", k
         if k["kernel"] in ("weights_kernel", "softmax_backward_kernel"):
             assert k["registers"] <= 64, k
         assert k["local"] == 0 and k["stack"] == 0, k
+
+
+# ---------------------------------------------------------------------- without cuobjdump
+def _no_cuobjdump(monkeypatch):
+    from ap_erase_fast.ops import gpu_build_check
+
+    monkeypatch.setattr(gpu_build_check, "_cuobjdump", lambda *a, **k: None)
+    return gpu_build_check
+
+
+class _Done:
+    """A finished compiler process: exit 0, no output."""
+    returncode = 0
+
+    def communicate(self):
+        return "", None
+
+
+def _cuda_job(tmp_path, archs=(80, 90)):
+    """What start_cuda returns once nvcc has written its PTX (kept files) and the object."""
+    import tempfile
+    import time
+
+    tmp = tempfile.TemporaryDirectory(dir=tmp_path)
+    for a in archs:
+        with open(os.path.join(tmp.name, f"gumbel_mix_cuda_kernels.compute_{a}.ptx"), "w") as f:
+            f.write(".visible .entry _Z14weights_kernelPf(\n")
+    return {"archs": archs, "start": time.perf_counter(), "tmp": tmp, "nvcc": "nvcc (stand-in)",
+            "sources": ("gumbel_mix_cuda_kernels.cu", "gumbel_mix_cuda.cpp"),
+            "device": _Done(), "host": _Done()}
+
+
+def test_cuda_without_cuobjdump_reports_registers_and_spills_not_checked(monkeypatch, tmp_path, capsys):
+    """No cuobjdump: the CUDA part says its register, spill and kernel-list checks were not
+    checked (report and printed output), with no kernel row that could read as passed. Mutation
+    checked: the old report (a ``notes`` field, nothing printed) fails."""
+    g = _no_cuobjdump(monkeypatch)
+    cu = g.finish_cuda(_cuda_job(tmp_path))
+    assert cu["errors"] == [] and cu["kernels"] == []
+    assert len(cu["not_checked"]) == 1
+    assert "sm_80, sm_90: not checked (no cuobjdump: install the CUDA toolkit" in cu["not_checked"][0]
+
+    monkeypatch.setattr(g, "start_cuda", lambda archs: _cuda_job(tmp_path, archs))
+    assert g.main(["--cuda", "--arch", "80,90", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "0 problems, 1 NOT CHECKED" in out
+    assert "NOT CHECKED: registers, spills and the compiled kernel list of sm_80, sm_90: not checked (no " \
+           "cuobjdump" in out
+    assert json.loads((tmp_path / "r.json").read_text())["cuda"]["not_checked"] == cu["not_checked"]
+
+
+def test_cuda_rows_without_resource_usage_are_not_passed(monkeypatch, tmp_path):
+    """A kernel row cuobjdump printed no resource usage for is "not checked", never passed; the
+    rows it measured are checked (here: one over the 64-register limit of a 1024-thread block).
+    Mutation checked: rows without registers counted as 0 registers (the old check) fails."""
+    from ap_erase_fast.ops import gpu_build_check as g
+
+    rows = [{"kernel": k, "mangled": k, "arch": "sm_90", "registers": 32, "stack": 0, "smem": 0, "local": 0}
+            for k in g.CUDA_KERNELS]
+    rows[0] = {"kernel": "weights_kernel", "mangled": "w", "arch": "sm_90"}  # no REG line
+    rows.append({"kernel": "softmax_backward_kernel", "mangled": "s", "arch": "sm_90", "registers": 80,
+                 "stack": 0, "smem": 0, "local": 0})
+    monkeypatch.setattr(g, "_resources", lambda obj: [dict(r) for r in rows])
+    cu = g.finish_cuda(_cuda_job(tmp_path, archs=(90,)))
+    by_name = {r["mangled"]: r for r in cu["kernels"]}
+    assert by_name["w"]["resources"].startswith("not checked")
+    assert by_name["s"]["resources"] == "checked"
+    assert cu["not_checked"] == ["sm_90 weights_kernel: registers and spills not checked (cuobjdump printed "
+                                 "no resource usage)"]
+    assert any("softmax_backward_kernel: 80 registers > 64" in e for e in cu["errors"])
+
+
+def test_triton_without_cuobjdump_reports_registers_and_spills_not_checked(tmp_path):
+    """No cuobjdump: every compiled Triton kernel says "not checked" for registers and spills
+    (no register count in its row), the part lists it under not_checked and the printed report
+    says NOT CHECKED. Three of the recorded launches, one target, in a subprocess (the compiler
+    must not see TRITON_INTERPRET). Mutation checked: the old check (Triton's own cuobjdump
+    looked up directly, a missing one leaving the row silently without registers) fails."""
+    pytest.importorskip("triton")
+    script = (
+        "import sys\n"
+        "from ap_erase_fast.ops import gpu_build_check as g\n"
+        "g._cuobjdump = lambda *a, **k: None\n"
+        "record = g.record_triton_launches\n"
+        "g.record_triton_launches = lambda cc: record(cc)[:3]\n"
+        "sys.exit(g.main(sys.argv[1:]))\n")
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = os.path.join(REPO, ".cache", "gpu_build", "triton")
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, "-c", script, "--triton", "--arch", "90", "--workers", "1",
+                          "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    tr = json.loads(out.read_text())["triton"]
+    assert len(tr["kernels"]) == 3 and tr["errors"] == []
+    for k in tr["kernels"]:
+        assert k["resources"].startswith("not checked (no cuobjdump"), k
+        assert "registers" not in k and "local" not in k
+    assert tr["not_checked"] == ["registers and spills of 3 of 3 compilations: not checked (no cuobjdump: "
+                                 "install the CUDA toolkit and set CUDA_HOME, or a Triton that ships its "
+                                 "NVIDIA tools)"]
+    assert "0 problems, 1 NOT CHECKED" in run.stdout
+    assert "NOT CHECKED: registers and spills of 3 of 3 compilations" in run.stdout
