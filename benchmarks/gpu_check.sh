@@ -9,9 +9,13 @@
 #   bash benchmarks/gpu_check.sh --only engine,step-matrix   # rerun only some steps
 #
 # Every step runs whatever happened before it and prints one line `<step>: PASS|FAIL|SKIP
-# (<seconds> s)`; the script exits non-zero when any step failed. Results go to $OUT when it is
-# set (at most 8 files: the summary, the full log, the benchmark tables as markdown), else to a new folder
-# under /tmp (the dry run never writes into benchmarks/results).
+# (<seconds> s)`; the script exits non-zero when any step failed. SKIP is only for a step left out
+# by --only and for a step that exits 77 (not applicable by design: torch.compile on the CPU dry
+# run, xformers not installed); a step the time budget (GPU_CHECK_BUDGET_S) leaves no time for,
+# and a pytest step that runs no test (exit 5: none collected or all deselected; or every test
+# skipped) are FAIL, so a run cannot read as a success without having run its checks. Results go
+# to $OUT when it is set (at most 8 files: the summary, the full log, the benchmark tables as
+# markdown), else to a new folder under /tmp (the dry run never writes into benchmarks/results).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -66,8 +70,8 @@ declare -a LINES=()
 FAILED=0
 
 # step NAME LIMIT_S CMD...: run CMD with a time limit (never past the whole-run deadline),
-# classify: exit 0 → PASS (SKIP when it is a pytest run that only skipped), exit 77 → SKIP,
-# anything else → FAIL.
+# classify: exit 0 → PASS (FAIL when it is a pytest run that only skipped), exit 77 → SKIP,
+# anything else → FAIL (pytest's exit 5, no test collected, included); no time left → FAIL.
 step() {
   local name=$1 limit=$2; shift 2
   local left=$(( BUDGET - ($(date +%s) - START) ))
@@ -76,7 +80,8 @@ step() {
   if [ -n "$ONLY" ] && [[ "$ONLY" != *",$name,"* ]]; then
     status=SKIP; echo "=== $name: not selected (--only)" >>"$LOG"
   elif [ "$left" -le 5 ]; then
-    status=SKIP; echo "=== $name: no time left in the ${BUDGET} s budget" >>"$LOG"
+    status=FAIL; FAILED=1
+    echo "=== $name: FAIL, not run: no time left in the ${BUDGET} s budget" >>"$LOG"
   else
     [ "$limit" -gt "$left" ] && limit=$left
     out=$(mktemp)
@@ -87,13 +92,18 @@ step() {
     if [ "$rc" = 0 ]; then
       status=PASS
       if grep -qE '^[0-9]+ skipped' "$out" || grep -qE '^=+ [0-9]+ skipped' "$out"; then
-        grep -qE '[0-9]+ passed' "$out" || status=SKIP
+        if ! grep -qE '[0-9]+ passed' "$out"; then
+          status=FAIL; FAILED=1
+          echo "=== $name: FAIL, pytest skipped every test it collected" >>"$LOG"
+        fi
       fi
-    elif [ "$rc" = 77 ] || [ "$rc" = 5 ]; then
+    elif [ "$rc" = 77 ]; then
       status=SKIP
     else
       status=FAIL; FAILED=1
       [ "$rc" = 124 ] && echo "=== $name: timed out after ${limit} s" >>"$LOG"
+      [ "$rc" = 5 ] &&
+        echo "=== $name: FAIL, pytest ran no test (exit 5: none collected or all deselected)" >>"$LOG"
     fi
     rm -f "$out"
   fi
@@ -124,7 +134,9 @@ if [ "$DRY" = 1 ]; then
 else
   step compile-cuda-graphs 120 "${PYTEST[@]}" tests/test_gpu.py -k compile
 fi
-if "$PY" -c "import xformers.ops" >/dev/null 2>&1; then
+if [ "$DRY" = 1 ]; then  # the xformers test runs on CUDA only (it would skip: FAIL)
+  step xformers 5 bash -c "echo 'CPU dry run: xformers runs on CUDA only'; exit 77"
+elif "$PY" -c "import xformers.ops" >/dev/null 2>&1; then
   step xformers 60 "${PYTEST[@]}" tests/test_gpu.py -k xformers
 else
   step xformers 5 bash -c "echo 'xformers is not importable: skipped'; exit 77"
