@@ -8,10 +8,13 @@ same folder and every rank adds its generator states.
 
 A checkpoint is written into ``.step-NNNNNN.tmp``, its files are flushed to disk, then
 ``manifest.json`` (every file's size and sha256) is written last and the folder is renamed into
-place. :func:`choose_checkpoint` verifies a checkpoint against its manifest before it is used:
-a damaged newest checkpoint is reported in one line and the newest intact one is used instead
-(``--resume-fallback``, the default; resumption is bit-exact from any checkpoint, so falling
-back costs recomputation, never correctness), or the run stops (``--no-resume-fallback``).
+place. :func:`choose_checkpoint` verifies a checkpoint against its manifest before it is used
+(every file a resume reads must be listed there and match it): a damaged newest checkpoint is
+reported in one line and the newest intact one is used instead (``--resume-fallback``, the
+default; resumption is bit-exact from any checkpoint, so falling back costs recomputation, never
+correctness), or the run stops (``--no-resume-fallback``). Damage the manifest cannot see (a file
+rewritten together with its manifest entry) is found when the checkpoint is read, before
+anything of the run is changed, and takes the same way.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import json
 import os
 import re
 import shutil
+import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -37,6 +42,10 @@ FORMAT = "ap_erase_fast.checkpoint/v3"
 LEGACY_FORMATS = ("ap_erase_fast.checkpoint/v2",)  # written before manifests: not verifiable
 MANIFEST = "manifest.json"
 STEP_RE = re.compile(r"^step-(\d{6,})$")
+# The files every resume reads; besides them rng-rank<r>.safetensors of every rank, and engine/
+# (the DeepSpeed engine's own state) under DeepSpeed.
+RESUME_FILES = ("checkpoint.json", "trained.safetensors", "state.pt", "pi.safetensors",
+                "log.jsonl")
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -154,6 +163,9 @@ def _save_into(er, root: Path, tmp: Path, final: Path) -> None:
             fh.writelines(json.dumps(r) + "\n" for r in er.log)
     er.dist.barrier()
     if er.dist.is_main:
+        from .outdir import follow_umask
+
+        follow_umask(tmp)  # safetensors writes its files 0600; the others follow the umask
         _write_manifest(tmp)
         fault_point("checkpoint-publish")
         if final.exists():
@@ -197,11 +209,24 @@ def verify_checkpoint(folder: Path) -> str | None:
         p = folder / rel
         if not p.is_file():
             return f"{rel} is missing"
+        if not isinstance(rec, dict):
+            return "manifest.json is damaged"
         size = p.stat().st_size
         if size != rec.get("size"):
             return f"{rel} has {size} bytes, its manifest says {rec.get('size')}"
         if file_sha256(p) != rec.get("sha256"):
             return f"{rel} does not match its sha256"
+    try:  # verified above: its content is the one the manifest vouches for
+        meta = json.loads(meta_path.read_text())
+        world = int(meta.get("world_size", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return "checkpoint.json cannot be read"
+    # a file a resume reads but the manifest does not list is not verified: not intact
+    for rel in RESUME_FILES + tuple(f"rng-rank{r}.safetensors" for r in range(max(world, 1))):
+        if rel not in files:
+            return f"{rel} is not listed in its {MANIFEST}"
+    if meta.get("deepspeed_config") and not any(rel.startswith("engine/") for rel in files):
+        return f"engine/ is not listed in its {MANIFEST}"
     return None
 
 
@@ -242,52 +267,71 @@ def choose_checkpoint(spec: str, output: str | None, fallback: bool = True,
         if not steps:
             raise UserError(f"--resume {spec}: not a checkpoint folder (expected a step-NNNNNN "
                             f"folder, a folder that holds them, or 'auto')")
-    problems = []
+    skipped: list[tuple[Path, str]] = []
     for step in reversed(steps):
         problem = verify_checkpoint(step)
         if problem is None:
-            if notes:
-                notes.append(f"resuming from {step}, the newest intact checkpoint")
+            if skipped:
+                notes.append(fallback_note(skipped, step))
             return step, notes
-        problems.append(f"{step.name}: {problem}")
         if not fallback:
             raise UserError(f"the newest checkpoint {step} is damaged ({problem}); pass "
                             f"--resume-fallback to resume from the newest intact one, or name "
                             f"one with --resume {root}/step-NNNNNN")
-        notes.append(f"checkpoint {step} is damaged ({problem}); skipping it")
-    raise UserError(f"no intact checkpoint in {root} ({'; '.join(problems)}); start again "
+        skipped.append((step, problem))
+    raise UserError(f"no intact checkpoint in {root} "
+                    f"({'; '.join(f'{q.name}: {why}' for q, why in skipped)}); start again "
                     f"without --resume")
 
 
-def _damaged(ckpt: Path, name: str, exc: BaseException) -> UserError:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return UserError(f"checkpoint {ckpt} is damaged: {name} cannot be read ({text[:160]}); "
-                     f"resume from an earlier checkpoint")
+def fallback_note(skipped: list[tuple[Path, str]], chosen: Path) -> str:
+    """One sentence: which checkpoints are damaged and why, and the one resumed from."""
+    damaged = (f"checkpoint {skipped[0][0]} is damaged ({skipped[0][1]})" if len(skipped) == 1
+               else "checkpoints " + ", ".join(f"{q} ({why})" for q, why in skipped)
+               + " are damaged")
+    return f"{damaged}; resuming from {chosen}, the newest intact checkpoint"
 
 
-def _read(ckpt: Path, name: str, reader):
+class _Damage(Exception):
+    """A checkpoint file that cannot be read, or does not hold what a resume needs; the text
+    says which, as one whole clause."""
+
+
+_READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, TypeError, IndexError,
+                AttributeError)
+
+
+def _read(ckpt: Path, name: str, reader, kind: str):
+    """``reader(ckpt / name)``; any failure to read it is :class:`_Damage` (no warnings)."""
     try:
-        return reader(ckpt / name)
-    except (OSError, ValueError, RuntimeError, KeyError, EOFError) as exc:
-        raise _damaged(ckpt, name, exc) from None
+        with warnings.catch_warnings():  # torch.load warns about what it is about to refuse
+            warnings.simplefilter("ignore")
+            return reader(ckpt / name)
+    except OSError as exc:
+        raise _Damage(f"{name} cannot be read ({exc.strerror or 'an I/O error'})") from None
+    except _READ_ERRORS:
+        raise _Damage(f"{name} cannot be read: it is not {kind}") from None
     except Exception as exc:  # noqa: BLE001 - SafetensorError and unpickling errors
         if type(exc).__name__ in ("SafetensorError", "UnpicklingError"):
-            raise _damaged(ckpt, name, exc) from None
+            raise _Damage(f"{name} cannot be read: it is not {kind}") from None
         raise
 
 
-def load_checkpoint(er, path: str) -> None:
-    """Restore ``er`` from the checkpoint folder ``path`` (a ``step-NNNNNN`` folder, or the
-    newest intact one under it), after checking that its settings, DeepSpeed config and world
-    size are this run's. Unreadable files are a :class:`UserError`."""
+def _read_log(path: Path) -> list:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _read_checkpoint(er, ckpt: Path) -> dict:
+    """Every file of ``ckpt`` this process resumes from, read and checked against this run;
+    nothing of ``er`` is changed. Damage is :class:`_Damage`, other settings a UserError."""
     from safetensors.torch import load_file
 
-    ckpt = Path(path)
-    if not STEP_RE.match(ckpt.name) and not (ckpt / "checkpoint.json").is_file():
-        ckpt, _ = choose_checkpoint(path, None)
-    meta = _read(ckpt, "checkpoint.json", lambda p: json.loads(p.read_text()))
-    if not isinstance(meta, dict) or "config" not in meta or "step" not in meta:
-        raise UserError(f"checkpoint {ckpt} is damaged: checkpoint.json lacks its settings")
+    safetensors = "a complete safetensors file"
+    meta = _read(ckpt, "checkpoint.json", lambda p: json.loads(p.read_text()), "valid JSON")
+    if (not isinstance(meta, dict) or not isinstance(meta.get("config"), dict)
+            or not all(k in meta for k in ("step", "iteration", "calls", "timings"))):
+        raise _Damage("checkpoint.json lacks its settings")
     mine = {k: v for k, v in er.cfg.to_dict().items() if k not in RUN_CONTROL_KEYS}
     theirs = {k: v for k, v in meta["config"].items() if k not in RUN_CONTROL_KEYS}
     diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
@@ -300,46 +344,161 @@ def load_checkpoint(er, path: str) -> None:
     if meta.get("world_size", 1) != er.dist.world:
         raise UserError(f"cannot resume from {ckpt}: it was written by {meta.get('world_size', 1)} "
                         f"process(es), this run has {er.dist.world}")
-    if meta["step"] > er.cfg.steps:
-        raise UserError(f"checkpoint {ckpt} is at step {meta['step']}, beyond --steps "
-                        f"{er.cfg.steps}")
+    try:
+        step, iteration = int(meta["step"]), int(meta["iteration"])
+        calls, timings = Counter(meta["calls"]), dict(meta["timings"])
+    except (TypeError, ValueError):
+        raise _Damage("checkpoint.json lacks its settings") from None
+    if step > er.cfg.steps:
+        raise UserError(f"checkpoint {ckpt} is at step {step}, beyond --steps {er.cfg.steps}")
+
     state = _read(ckpt, "state.pt",
-                  lambda p: torch.load(p, map_location="cpu", weights_only=True))
-    if er.ds_engine is not None:
-        try:
-            er.ds_engine.load_checkpoint(str(ckpt), tag="engine", load_module_strict=False)
-        except (OSError, RuntimeError, ValueError, KeyError) as exc:
-            raise _damaged(ckpt, "engine/", exc) from None
-    else:
-        trained = _read(ckpt, "trained.safetensors", lambda p: load_file(str(p)))
+                  lambda p: torch.load(p, map_location="cpu", weights_only=True),
+                  "a complete torch file")
+    if (not isinstance(state, dict) or not isinstance(state.get("pi_optimizer"), dict)
+            or (er.ds_engine is None and not isinstance(state.get("optimizer"), dict))):
+        raise _Damage("state.pt lacks the optimizer states")
+    trained = None
+    if er.ds_engine is None:
+        trained = _read(ckpt, "trained.safetensors", lambda p: load_file(str(p)), safetensors)
         params = dict(er.trained)
         if set(trained) != set(params):
             raise UserError(f"checkpoint {ckpt} holds other trained tensors than this run")
-        with torch.no_grad():
-            for name, value in trained.items():
-                params[name].copy_(value)
-        er.optimizer.load_state_dict(state["optimizer"])
-    pis = _read(ckpt, "pi.safetensors", lambda p: load_file(str(p)))
+        if any(trained[n].shape != params[n].shape for n in trained):
+            raise _Damage("trained.safetensors holds tensors of other shapes than this run's")
+    pis = _read(ckpt, "pi.safetensors", lambda p: load_file(str(p)), safetensors)
+    if (set(pis) != {f"pi.{k}" for k in range(len(er.pi))}
+            or any(pis[f"pi.{k}"].shape != p.shape for k, p in enumerate(er.pi))):
+        raise _Damage("pi.safetensors does not hold this run's search logits")
+    rng_name = f"rng-rank{er.dist.rank}.safetensors"
+    rng = _read(ckpt, rng_name, lambda p: load_file(str(p)), safetensors)
+    if set(rng) != set(er.plan.state()):
+        raise _Damage(f"{rng_name} does not hold this run's generator states")
+    log = _read(ckpt, "log.jsonl", _read_log, "valid JSON lines")
+    iters = [r.get("iter") if isinstance(r, dict) else None for r in log]
+    if not all(isinstance(i, int) for i in iters) or any(
+            a >= b for a, b in zip(iters, iters[1:])) or (iters and iters[-1] >= iteration):
+        raise _Damage(f"log.jsonl does not end at the checkpoint's iteration {iteration}")
+    return {"iteration": iteration, "calls": calls, "timings": timings, "state": state,
+            "trained": trained, "pis": pis, "rng": rng, "log": log}
+
+
+def _restore(er, ckpt: Path, data: dict) -> None:
+    """Put what :func:`_read_checkpoint` read into ``er``. A part that will not go in is
+    :class:`_Damage`; loading another checkpoint afterwards replaces everything set here."""
+    state = data["state"]
+
+    def part(name: str, what: str, fn) -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fn()
+        except _READ_ERRORS:
+            raise _Damage(f"{name} cannot be restored: {what}") from None
+
+    if er.ds_engine is not None:
+        part("engine/", "the DeepSpeed engine cannot load it", lambda: er.ds_engine.load_checkpoint(
+            str(ckpt), tag="engine", load_module_strict=False))
+    else:
+        params = dict(er.trained)
+
+        def copy_trained():
+            with torch.no_grad():
+                for name, value in data["trained"].items():
+                    params[name].copy_(value)
+
+        copy_trained()
+        part("state.pt", "its optimizer state does not fit this run",
+             lambda: er.optimizer.load_state_dict(state["optimizer"]))
     with torch.no_grad():
         for k, p in enumerate(er.pi):
-            p.copy_(pis[f"pi.{k}"])
-    er.pi_optimizer.load_state_dict(state["pi_optimizer"])
-    if "score_baseline" in state:  # the score estimator's running means (older checkpoints lack them)
-        er.search.baseline.copy_(state["score_baseline"])
+            p.copy_(data["pis"][f"pi.{k}"])
+    part("state.pt", "its search optimizer state does not fit this run",
+         lambda: er.pi_optimizer.load_state_dict(state["pi_optimizer"]))
+    if "score_baseline" in state:  # the score estimator's running means (older ones lack them)
+        part("state.pt", "its score baseline does not fit this run",
+             lambda: er.search.baseline.copy_(state["score_baseline"]))
     for key in ("scaler", "pi_scaler"):
         if state.get(key):
-            getattr(er, key).load_state_dict(state[key])
+            part("state.pt", "its loss scaler state does not fit this run",
+                 lambda key=key: getattr(er, key).load_state_dict(state[key]))
     er.skipped_steps = Counter(state.get("skipped_steps", {}))
-    er.plan.load_state(_read(ckpt, f"rng-rank{er.dist.rank}.safetensors",
-                             lambda p: load_file(str(p))))
-    er.iteration = int(meta["iteration"])
-    er.calls = Counter(meta["calls"])
-    er.timings.update({k: v for k, v in meta["timings"].items() if k == "train_s"})
-
-    def read_log(p):
-        with open(p) as fh:
-            return [json.loads(line) for line in fh if line.strip()]
-
-    er.log = _read(ckpt, "log.jsonl", read_log)
+    part(f"rng-rank{er.dist.rank}.safetensors", "its generator states do not fit this run",
+         lambda: er.plan.load_state(data["rng"]))
+    er.iteration = data["iteration"]
+    er.calls = data["calls"]
+    er.timings.update({k: v for k, v in data["timings"].items() if k == "train_s"})
+    er.log = data["log"]
     er.last_checkpoint = str(ckpt)
 
+
+def _step_number(folder: Path) -> int:
+    m = STEP_RE.match(folder.name)
+    return int(m.group(1)) if m else -1
+
+
+def _fall_back(er, ckpt: Path, problem: str, named: bool,
+               skipped: list[tuple[Path, str]]) -> Path:
+    """The checkpoint to load instead of ``ckpt``, found damaged when read (``problem``): the
+    newest intact one before it, as :func:`choose_checkpoint` falls back; or a UserError where
+    the user ``named`` ``ckpt`` or asked for no fallback."""
+    root = ckpt.parent
+    if named:
+        intact = [q.name for q in step_folders(root) if q != ckpt and verify_checkpoint(q) is None]
+        raise UserError(f"checkpoint {ckpt} is damaged ({problem}); resume from an intact one "
+                        f"({', '.join(intact) if intact else 'there is none'}), or pass its "
+                        f"parent folder to take the newest intact one")
+    if not er.cfg.resume_fallback:
+        raise UserError(f"the newest checkpoint {ckpt} is damaged ({problem}); pass "
+                        f"--resume-fallback to resume from the newest intact one, or name one "
+                        f"with --resume {root}/step-NNNNNN")
+    skipped.append((ckpt, problem))
+    for q in reversed(step_folders(root)):
+        if _step_number(q) >= _step_number(ckpt):
+            continue
+        bad = verify_checkpoint(q)
+        if bad is None:
+            return q
+        skipped.append((q, bad))
+    raise UserError(f"no intact checkpoint in {root} "
+                    f"({'; '.join(f'{q.name}: {why}' for q, why in skipped)}); start again "
+                    f"without --resume")
+
+
+def load_checkpoint(er, path: str) -> None:
+    """Restore ``er`` from the checkpoint folder ``path`` (a ``step-NNNNNN`` folder, or the
+    newest intact one under it), after checking that its settings, DeepSpeed config and world
+    size are this run's. Every file is read and checked before anything of ``er`` changes; a
+    damaged one (damage the manifest could not see) makes the run fall back to the newest
+    intact checkpoint before it, with one note, unless the user named the damaged checkpoint
+    or passed --no-resume-fallback: then, as for any other unusable checkpoint, a
+    :class:`UserError`."""
+    ckpt = Path(path)
+    spec = er.cfg.resume
+    # named: the user asked for exactly this checkpoint (--resume DIR/step-NNNNNN, or a direct
+    # call without --resume); a damaged one is then refused, never replaced
+    named = not spec or (spec != "auto" and os.path.realpath(spec) == os.path.realpath(ckpt))
+    if not STEP_RE.match(ckpt.name) and not (ckpt / "checkpoint.json").is_file():
+        ckpt, notes = choose_checkpoint(path, None, er.cfg.resume_fallback, er.dist.world)
+        named = False
+        if er.dist.is_main:
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
+    skipped: list[tuple[Path, str]] = []
+    while True:
+        try:
+            problem, data = None, _read_checkpoint(er, ckpt)
+        except _Damage as exc:
+            problem, data = str(exc), None
+        problem = next((p for p in er.dist.gather(problem) if p), None)  # any rank's damage
+        if problem is None:
+            try:
+                _restore(er, ckpt, data)
+            except _Damage as exc:
+                problem = str(exc)
+            problem = next((p for p in er.dist.gather(problem) if p), None)
+        if problem is None:
+            break
+        ckpt = _fall_back(er, ckpt, problem, named, skipped)
+    if skipped and er.dist.is_main:
+        print(f"note: {fallback_note(skipped, ckpt)}", file=sys.stderr)

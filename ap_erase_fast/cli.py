@@ -85,6 +85,7 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     cfg.output = cfg.output or default_output_dir(cfg)
+    _RUN["output"] = cfg.output
     _error_log_beside(cfg.output)
     quiet_libraries()
     from .api import erase
@@ -105,6 +106,25 @@ def _train(args: argparse.Namespace) -> int:
 # Where the traceback of an unexpected error goes: beside the command's output folder once it is
 # known, else the current folder (else the temporary folder).
 _ERROR_LOG: dict[str, str | None] = {"path": None}
+# The output folder of the train command (its checkpoints are named when a signal stops it).
+_RUN: dict[str, str | None] = {"output": None}
+
+
+def _stopped(what: str, detail: str = "") -> str:
+    """The one line of a run stopped by a signal: no output, and the checkpoints that
+    ``--resume auto`` continues from, when there are some."""
+    line = f"error: {what}; no output was written{detail}"
+    if _RUN["output"]:
+        from pathlib import Path
+
+        from .checkpoint import step_folders
+        from .export import checkpoint_root_for
+
+        steps = step_folders(Path(checkpoint_root_for(_RUN["output"])))
+        if steps:
+            line += (f", but its checkpoints are kept (the newest is {steps[-1]}): rerun with "
+                     f"--resume auto to continue from there")
+    return line
 
 
 def _error_log_beside(output: str | os.PathLike) -> None:
@@ -162,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or a bad command line (already reported)
         return int(exc.code or 0)
     _ERROR_LOG["path"] = None
+    _RUN["output"] = None
     import signal
     import threading
 
@@ -172,14 +193,16 @@ def main(argv: list[str] | None = None) -> int:
         return _run(parser, args)
     except UserError as exc:
         msg = " ".join(str(exc).split())
+        if exc.exit_code == 0:  # nothing to do (--resume auto on a finished run): not a failure
+            print(msg)
+            return 0
         print(f"error: {msg}", file=sys.stderr)
         return exc.exit_code
     except Terminated:
-        print("error: terminated; no output was written (temporary files removed)",
-              file=sys.stderr)
+        print(_stopped("terminated", " (temporary files removed)"), file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print("error: interrupted; no output was written", file=sys.stderr)
+        print(_stopped("interrupted"), file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the one-line promise holds for bugs too
         log = _write_traceback(exc)

@@ -11,7 +11,9 @@ A run claims its output folder ``DIR`` up front and publishes it at the end:
 * **What may be replaced.** An existing folder must be empty, or ``overwrite`` must be set *and*
   the folder must be one this library wrote (it holds the marker file: ``run.json`` of a train
   run, ``report.json`` of an evaluation). The current folder, its parents, the home folder and
-  ``/`` are never an output.
+  ``/`` are never an output. What a replaced folder holds that the library did not write there
+  (an ``eval/`` report, the user's notes) is moved to ``DIR.kept-<date-time>`` and named in one
+  line, never deleted.
 * **Commit.** Outputs are written into ``.DIR.tmp<pid>``; when complete that folder is renamed
   ``.DIR.ready<pid>``, the previous folder (if any) is moved aside to ``.DIR.old<pid>``, and the
   new one is renamed into place (``rename(2)``: atomic); only then is the previous one deleted.
@@ -20,7 +22,12 @@ A run claims its output folder ``DIR`` up front and publishes it at the end:
 * **Recovery.** A run killed before its commit leaves ``.DIR.tmp<pid>`` (incomplete: deleted by
   the next run that claims ``DIR``). One killed during its commit leaves ``.DIR.ready<pid>`` (a
   finished result: the next claim puts it in place, or keeps it as ``DIR.result-<date-time>``
-  when ``DIR`` is taken) and possibly ``.DIR.old<pid>`` (restored, or deleted once superseded).
+  when ``DIR`` is taken) and possibly ``.DIR.old<pid>`` (restored, or deleted once superseded,
+  what the library did not write in it kept as above).
+* **Nothing left behind.** A run that fails before its commit removes its temporary folder, its
+  lock file and the parent folders it created (the default ``outputs/`` included).
+* **Modes.** Every file of a committed folder gets the mode the umask gives a new file (weights
+  written through a temporary file would otherwise be 0600 while the other files are not).
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -45,6 +53,54 @@ class CommitFailed(UserError):
     """The run finished, but its result could not be put in place; it is kept elsewhere."""
 
     exit_code = 3
+
+
+class AlreadyFinished(UserError):
+    """``--resume auto`` on a run whose output is in place: nothing to do. Not a failure (exit
+    code 0): the same command serves a first start and every restart, a re-queued job
+    included; the command line prints the message as its one line."""
+
+    exit_code = 0
+
+
+# What a train run writes at the top of its output folder (every layout: full, LoRA, merged; the
+# model card and its temporary file). Whatever else a folder that --overwrite replaces holds was
+# put there by someone else (an `ap-erase eval` report, the user's notes) and is kept.
+TRAIN_OUTPUT_NAMES = frozenset({
+    "unet", "lora", "trained.safetensors", "lora_kohya.safetensors",
+    "pytorch_lora_weights.safetensors", "run.json", "log.jsonl", "RANDOM_WEIGHTS.txt",
+    "README.md", "README.md.tmp"})
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(folder: Path) -> None:
+    """Give every regular file under ``folder`` the mode the umask gives a new file
+    (``0o666 & ~umask``). Writers that create their file atomically through a temporary file
+    (safetensors: the weights) leave it 0600, while every other file follows the umask."""
+    mode = 0o666 & ~current_umask()
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            try:
+                st = os.lstat(path)
+                if (stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) != mode
+                        and not st.st_mode & 0o111):
+                    os.chmod(path, mode)
+            except OSError:
+                pass
 
 
 def lock_file_for(path: Path) -> Path:
@@ -91,6 +147,14 @@ class FolderLock:
         for _ in range(20):
             try:
                 fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError as exc:  # the parent was removed by a run that made it
+                try:
+                    self.file.parent.mkdir(parents=True, exist_ok=True)
+                except OSError:
+                    raise UserError(f"cannot write the output folder {self.target}: cannot "
+                                    f"create the lock file {self.file}: "
+                                    f"{exc.strerror or exc}") from None
+                continue
             except OSError as exc:
                 raise UserError(f"cannot write the output folder {self.target}: cannot create "
                                 f"the lock file {self.file}: {exc.strerror or exc}") from None
@@ -202,10 +266,10 @@ def _stamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
 
-def keep_aside(src: Path, target: Path) -> Path:
-    """Rename ``src`` (a finished result) to a visible sibling of ``target``; return where it
-    is now (``src`` itself when even that rename fails)."""
-    base = target.parent / f"{target.name}.result-{_stamp()}"
+def keep_aside(src: Path, target: Path, kind: str = "result") -> Path:
+    """Rename ``src`` (a finished result) to a visible sibling ``target.<kind>-<date-time>`` of
+    ``target``; return where it is now (``src`` itself when even that rename fails)."""
+    base = target.parent / f"{target.name}.{kind}-{_stamp()}"
     for k in range(100):
         dest = base if k == 0 else base.with_name(f"{base.name}-{k}")
         if dest.exists():
@@ -216,6 +280,54 @@ def keep_aside(src: Path, target: Path) -> Path:
         except OSError:
             return src
     return src
+
+
+def _names(entries: list[Path]) -> str:
+    shown = [e.name + ("/" if e.is_dir() and not e.is_symlink() else "") for e in entries[:6]]
+    more = len(entries) - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+
+
+def discard_previous(old: Path, path: Path, owned=TRAIN_OUTPUT_NAMES) -> str | None:
+    """Delete ``old``, a previous output folder of ``path`` that a new one has replaced, but
+    keep what the library did not write there: entries named neither in ``owned`` nor in the
+    new ``path`` move to ``DIR.kept-<date-time>``. Returns the note that says where (None when
+    there was nothing to keep). When they cannot be moved, ``old`` is kept whole."""
+    try:
+        library = set(owned) | {e.name for e in path.iterdir()}
+    except OSError:
+        library = set(owned)
+    try:
+        foreign = sorted((e for e in old.iterdir() if e.name not in library), key=lambda e: e.name)
+    except OSError:
+        foreign = None  # cannot tell: keep it all
+    if foreign:
+        what = _names(foreign)
+        kept = path.parent / f"{path.name}.kept-{_stamp()}"
+        for k in range(1, 100):
+            if not kept.exists():
+                break
+            kept = path.parent / f"{path.name}.kept-{_stamp()}-{k}"
+        try:
+            kept.mkdir()
+            for entry in foreign:
+                os.rename(entry, kept / entry.name)
+        except OSError:
+            whole = keep_aside(old, path, "previous")
+            where = (f"the previous folder is kept whole in {whole}" if whole != old else
+                     f"the previous folder is kept in {old}")
+            return (f"--overwrite replaced {path}; it held files ap_erase_fast did not write "
+                    f"({what}) that could not be moved aside, so {where}"
+                    + (f" (some are in {kept})" if kept.is_dir() and any(kept.iterdir()) else ""))
+        note = (f"--overwrite replaced {path}; what ap_erase_fast had not written there ({what}) "
+                f"is kept in {kept}")
+    elif foreign is None:
+        whole = keep_aside(old, path, "previous")
+        return f"--overwrite replaced {path}; the previous folder is kept in {whole}"
+    else:
+        note = None
+    shutil.rmtree(old, ignore_errors=True)
+    return note
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -231,11 +343,13 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def recover_interrupted(path: Path) -> tuple[list[str], bool]:
+def recover_interrupted(path: Path, owned=TRAIN_OUTPUT_NAMES) -> tuple[list[str], bool]:
     """Clean up after runs that were killed while holding ``path`` (call with its lock held):
     delete their incomplete temporary folders, put a finished result whose commit was cut
-    short in place (or keep it beside), restore or delete a previous folder moved aside.
-    Returns notes for the user, and whether a finished result was put in place."""
+    short in place (or keep it beside), restore a previous folder moved aside, or delete it
+    (keeping what the library did not write there, see :func:`discard_previous`).
+    Returns notes for the user, and whether a finished result was put in place (said by the
+    caller)."""
     notes: list[str] = []
     placed = False
     pattern = re.compile(rf"^\.{re.escape(path.name)}\.(tmp|ready|old)(\d+)$")
@@ -256,16 +370,16 @@ def recover_interrupted(path: Path) -> tuple[list[str], bool]:
             if vacant:
                 os.replace(ready, path)
                 placed = True
-                notes.append(f"an earlier run was stopped while putting its finished result in "
-                             f"place; it is now in {path}")
                 continue
         except OSError:
             pass
         kept = keep_aside(ready, path)
         notes.append(f"the finished result of an earlier, interrupted run is kept in {kept}")
     for old in found["old"]:
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)  # superseded by the committed folder
+        if path.exists():  # superseded by the committed folder
+            note = discard_previous(old, path, owned)
+            if note:
+                notes.append(note)
         else:
             try:
                 os.replace(old, path)
@@ -283,6 +397,9 @@ class OutputDir:
         self.path = Path(os.path.abspath(os.path.expanduser(str(path))))
         self.overwrite = overwrite
         self.marker = marker
+        # the names this kind of folder holds that the library wrote (an eval folder: those of
+        # the new result, see discard_previous)
+        self.owned = TRAIN_OUTPUT_NAMES if marker == "run.json" else frozenset({marker})
         self.tmp: Path | None = None
         danger = _is_dangerous(self.path)
         if danger:
@@ -290,36 +407,70 @@ class OutputDir:
                             f"e.g. {flag} out/run1")
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"output {self.path} exists and is not a folder")
+        # the parent folders this run creates (removed again when it fails before its commit:
+        # a failed run leaves nothing behind, not even an empty outputs/)
+        self.made_parents: list[Path] = []
+        parent = self.path.parent
+        while not parent.exists() and parent != parent.parent:
+            self.made_parents.append(parent)
+            parent = parent.parent
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            self._remove_made_parents()
             raise UserError(f"cannot write the output folder {self.path}: "
                             f"{exc.strerror or exc}") from None
-        self.lock = FolderLock(self.path).acquire()
         try:
-            self.notes, placed = recover_interrupted(self.path)
+            self.lock = FolderLock(self.path).acquire()
+        except BaseException:
+            self._remove_made_parents()
+            raise
+        try:
+            self.notes, placed = recover_interrupted(self.path, self.owned)
             for note in self.notes:
                 print(f"note: {note}", file=sys.stderr)
+            if placed and resuming and not overwrite:
+                raise AlreadyFinished(
+                    f"--resume auto: the run of {self.path} has finished already: an earlier run "
+                    f"was stopped while putting its finished result in place, and that is now "
+                    f"done (nothing was lost); its output is in {self.path}, nothing to resume "
+                    f"(pass --overwrite to run it again)")
             if placed and not overwrite:
                 raise UserError(f"output folder {self.path} already holds the finished result "
                                 f"of an earlier run whose commit had been interrupted (now "
                                 f"completed; nothing was lost); pass --overwrite to run again, "
                                 f"or choose another {flag}")
+            if placed:
+                print(f"note: an earlier run was stopped while putting its finished result in "
+                      f"place; it is now in {self.path}", file=sys.stderr)
             if resuming and not overwrite and written_by_library(self.path, marker):
-                raise UserError(f"--resume auto: the run of {self.path} has finished already (its "
-                                f"output is in place); nothing to resume: pass --overwrite to run "
-                                f"it again")
+                raise AlreadyFinished(
+                    f"--resume auto: the run of {self.path} has finished already; its output is "
+                    f"in {self.path}, nothing to resume (pass --overwrite to run it again)")
             self._check_existing(flag)
             self.tmp = self.path.parent / f".{self.path.name}.tmp{os.getpid()}"
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp.mkdir()
         except OSError as exc:
-            self.lock.release()
+            self._give_up()
             raise UserError(f"cannot write the output folder {self.path}: "
                             f"{exc.strerror or exc}") from None
         except BaseException:
-            self.lock.release()
+            self._give_up()
             raise
+
+    def _remove_made_parents(self) -> None:
+        """Remove the parent folders this run created, where they are still empty."""
+        for folder in self.made_parents:  # the deepest first
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+        self.made_parents = []
+
+    def _give_up(self) -> None:
+        self.lock.release()
+        self._remove_made_parents()
 
     def _check_existing(self, flag: str) -> None:
         if not self.path.is_dir() or not any(self.path.iterdir()):
@@ -345,6 +496,7 @@ class OutputDir:
             raise RuntimeError("commit() after commit() or abort()")
         parent, name, pid = self.path.parent, self.path.name, os.getpid()
         ready = parent / f".{name}.ready{pid}"
+        follow_umask(self.tmp)
         try:
             os.replace(self.tmp, ready)  # from here on it is a finished result
         except OSError as exc:
@@ -372,8 +524,11 @@ class OutputDir:
             kept = keep_aside(ready, self.path)
             self.lock.release()
             raise CommitFailed(self._failed_message(exc, kept)) from None
+        self.made_parents = []
         if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+            note = discard_previous(aside, self.path, self.owned)
+            if note:
+                print(f"note: {note}", file=sys.stderr)
         _fsync_dir(parent)
         self.lock.release()
         return str(self.path)
@@ -384,8 +539,10 @@ class OutputDir:
                 f"where you want it")
 
     def abort(self) -> None:
-        """Remove the temporary folder (not a finished result) and release the lock."""
+        """Remove the temporary folder (not a finished result), release the lock and remove the
+        parent folders this run created, when nothing else is in them."""
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
         self.lock.release()
+        self._remove_made_parents()

@@ -108,7 +108,8 @@ def test_kill_then_resume_auto_is_bit_identical(fault, reference, small_vocab, t
 def test_kill_during_commit_loses_nothing(fault, reference, small_vocab, tmp_path, capsys):
     """Killed between the finished output and its rename into place (commit-swap: with a
     previous output moved aside by --overwrite): the next claim of the folder completes the
-    commit, the rerun says so in one line, and the folder holds the finished result.
+    commit, the ``--resume auto`` rerun says in one line that the run is finished (exit 0), and
+    the folder holds the finished result.
 
     Mutations checked: recovery deleting ``.NAME.ready*`` like the other temporary folders
     (fails), recovery restoring the previous folder over a finished result (fails)."""
@@ -122,8 +123,11 @@ def test_kill_during_commit_loses_nothing(fault, reference, small_vocab, tmp_pat
     code = main(["train", "--erase", "garbage truck", "--vocab", small_vocab, "--steps", str(STEPS),
                  "--k-closest", "60", "--num-centers", "12", "--ddim-steps", "10", "--quiet",
                  "--checkpoint-every", "1", "--output", str(out), "--resume", "auto"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("error: ") and "already holds the finished result" in err[-1]
+    captured = capsys.readouterr()
+    out_lines = captured.out.strip().splitlines()
+    assert code == 0 and "error" not in captured.err, captured.err
+    assert len(out_lines) == 1 and "has finished already" in out_lines[0], out_lines
+    assert "now done (nothing was lost)" in out_lines[0]
     assert_same_result(out, reference)
     assert leftovers(out) == []
 
@@ -301,8 +305,9 @@ def _damage(path: Path, how: str) -> None:
 @pytest.mark.parametrize("how", ["truncate", "garbage"])
 def test_every_damaged_checkpoint_file_is_detected(how, reference, tmp_path):
     """Each file of the newest checkpoint, truncated or overwritten with garbage of the same
-    size: the verification names the file, falls back to the previous checkpoint (or refuses
-    with --no-resume-fallback, or when the damaged step is named by hand), one line each.
+    size: the verification names the file, falls back to the previous checkpoint saying so in
+    one note (or refuses with --no-resume-fallback, or when the damaged step is named by hand),
+    one line each.
 
     Mutation checked: the sha256 comparison removed (the same-size garbage passes: fails)."""
     from ap_erase_fast.checkpoint import choose_checkpoint
@@ -313,7 +318,9 @@ def test_every_damaged_checkpoint_file_is_detected(how, reference, tmp_path):
         _damage(root / "step-000003" / name, how)
         chosen, notes = choose_checkpoint(str(root), None)
         assert chosen == root / "step-000002", name
-        assert len(notes) == 2 and "step-000003 is damaged" in notes[0], notes
+        assert len(notes) == 1 and "step-000003 is damaged" in notes[0], notes
+        assert notes[0].endswith("resuming from " + str(root / "step-000002") + ", the newest "
+                                 "intact checkpoint"), notes
         assert name in notes[0] or "manifest.json" in notes[0], notes
         with pytest.raises(UserError, match="newest checkpoint .*step-000003 is damaged"):
             choose_checkpoint(str(root), None, fallback=False)
