@@ -4,7 +4,8 @@ while writing the outputs, damaged checkpoints, two runs aimed at one folder, a 
 cannot be replaced, and a rank killed under DeepSpeed.
 
 Every scenario ends the same way: the result equals an uninterrupted run's bit for bit (trained
-tensors, UNet weights file, loss log), or the finished result is kept and named. Kills use
+tensors, UNet weights file, loss log, and in the last checkpoint π, the search's logits, and every
+optimizer state, π's included), or the finished result is kept and named. Kills use
 forked copies of the test process (a real SIGKILL, no interpreter start-up); only the DeepSpeed
 test launches processes.
 """
@@ -46,12 +47,40 @@ def reference(tmp_path_factory, small_vocab):
     return out
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes (NaN equals itself: the score baseline starts as NaN)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _same_state(a, b) -> bool:
+    """Nested optimizer / scaler states equal bit for bit (tensors by value, dtype and shape)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and torch.equal(_bits(a), _bits(b)))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b))
+    return a == b or (a != a and b != b)  # NaN equals NaN here
+
+
 def assert_same_result(out: Path, ref: Path):
     a, b = load_file(str(out / "trained.safetensors")), load_file(str(ref / "trained.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     unet = "unet/diffusion_pytorch_model.safetensors"
     assert (out / unet).read_bytes() == (ref / unet).read_bytes()
     assert (out / "log.jsonl").read_text() == (ref / "log.jsonl").read_text()
+    # π (the search's logits) and the optimizer states, π's included, are in the checkpoint of
+    # the last step (always written): a resume that lost any of them differs there
+    last = f"step-{STEPS:06d}"
+    mine, theirs = (p.parent / f"{p.name}.checkpoints" / last for p in (out, ref))
+    pa, pb = load_file(str(mine / "pi.safetensors")), load_file(str(theirs / "pi.safetensors"))
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa), "π differs"
+    sa, sb = (torch.load(p / "state.pt", map_location="cpu", weights_only=True)
+              for p in (mine, theirs))
+    assert sa.keys() == sb.keys()
+    for key in sa:  # pi_optimizer, optimizer, scalers, the score baseline, skipped steps
+        assert _same_state(sa[key], sb[key]), f"{key} differs"
 
 
 def leftovers(out: Path) -> list[str]:
