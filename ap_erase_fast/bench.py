@@ -296,7 +296,9 @@ def _environment(device: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="ap-erase bench step", description=__doc__.split("\n\n")[0])
+    from .cli import _Parser  # a bad command line is one line and exit code 2
+
+    ap = _Parser(prog="ap-erase bench step", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=tuple(DEFAULT_SETS), default="tiny")
     ap.add_argument("--configs", default=None,
                     help=f"comma-separated names (default: the preset's set). Known: "
@@ -323,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    problem = _check_args(args)
+    if problem:
+        ap.error(problem)
 
     import torch
 
@@ -373,10 +378,29 @@ def main(argv: list[str] | None = None) -> int:
               f"(mean length)  peak {row.get('peak_gib', 'nan')} GiB  {row['status']}",
               file=sys.stderr, flush=True)
         add_speedups(rows)
-        write_results(rows, env, args)  # after every row: a long benchmark cut short keeps its rows
+        # after every row, so that a long benchmark cut short keeps its rows; said once, below
+        stem = write_results(rows, env, args)
+    print(f"wrote {stem}.csv and {stem}.md", file=sys.stderr)
     if args.json:
         print(json.dumps({"environment": env, "rows": rows}, indent=2))
     return 0
+
+
+def _check_args(args) -> str | None:
+    """What is wrong with the numbers of the command line, or None (checked before anything
+    runs or is written)."""
+    import math
+
+    for name, low in (("steps", 1), ("threads", 1), ("ddim_steps", 2), ("resolution", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            return f"--{name.replace('_', '-')} must be at least {low} (got {value})"
+    for name in ("timeout", "memory_cap_gib"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            return f"--{name.replace('_', '-')} must be a positive number of " \
+                   f"{'seconds' if name == 'timeout' else 'GiB'} (got {value})"
+    return None
 
 
 def add_speedups(rows: list[dict]) -> None:
@@ -402,7 +426,8 @@ COLUMNS = ["config", "status", "outer_steps_per_s", "speedup_vs_first",
            "memory_cap_gib", "outer_steps", "seconds"]
 
 
-def write_results(rows: list[dict], env: dict, args) -> None:
+def write_results(rows: list[dict], env: dict, args) -> Path:
+    """Write the rows as CSV and markdown; returns the common path stem of the two files."""
     out = Path(args.out or new_results_dir("step"))
     out.mkdir(parents=True, exist_ok=True)
     device = env["device"] if env["device"] == "cpu" else env.get("cuda devices", "cuda")
@@ -425,7 +450,7 @@ def write_results(rows: list[dict], env: dict, args) -> None:
               "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {stem}.csv and {stem}.md", file=sys.stderr)
+    return stem
 
 
 if __name__ == "__main__":

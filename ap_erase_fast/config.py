@@ -254,6 +254,15 @@ class EraseConfig:
         self._validate_numbers()
         if self.resolution is not None and self.resolution <= 0:
             raise UserError(f"--resolution must be positive (got {self.resolution})")
+        if self.gumbel_mode == "topk":
+            size, what = ((len(self.preserve_set), "the --preserve-set prompts")
+                          if self.preserve_set else
+                          (min(self.k_closest, self.num_centers),
+                           "at most min(--k-closest, --num-centers) candidates"))
+            if self.gumbel_topk > size:
+                raise UserError(f"--gumbel-topk {self.gumbel_topk} is larger than R ({size}: "
+                                f"{what}), so it would mix all of R; use --gumbel-topk {size} "
+                                f"or less (or --gumbel-mode soft to mix all of R)")
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -404,7 +413,16 @@ def load_config_file(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file {path} does not exist")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+    except OSError as exc:
+        raise UserError(f"config file {path} cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text; save it as UTF-8 YAML or "
+                        f"JSON") from None
+    if not text.strip():
+        raise UserError(f"config file {path} is empty; put settings in it as keys (e.g. "
+                        f"'steps: 200') or leave --config out")
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -415,8 +433,9 @@ def load_config_file(path: str) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"config file {path} does not parse: {first}") from None
-    if data is None:
-        data = {}
+    if data is None or data == {}:
+        raise UserError(f"config file {path} holds no settings; put settings in it as keys "
+                        f"(e.g. 'steps: 200') or leave --config out")
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of keys to values")
     return data
@@ -496,7 +515,158 @@ def config_from_args(args: argparse.Namespace) -> EraseConfig:
             raise UserError(f"DeepSpeed config {ds_path}: 'ap_erase' must be an object")
         apply_mapping(cfg, section, f"DeepSpeed config {ds_path} (ap_erase section)")
     apply_mapping(cfg, flags, "command line")
-    return cfg.validate()
+    cfg.validate()
+    check_model_bounds(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# bounds that depend on the model, read from its config files (no weights are loaded)
+# ----------------------------------------------------------------------------------------------
+# --resolution may go up to this many times the model's native size (per side); beyond it a
+# sampled trajectory needs tens of GB and the model was never trained for it
+MAX_RESOLUTION_FACTOR = 4
+# for a model whose config cannot be read before loading (.ckpt, uncached hub id): 4 × SDXL's 1024
+GENERIC_MAX_RESOLUTION = 4096
+
+
+@dataclass
+class ModelShape:
+    """What the bounds need of a model: its UNet config, its VAE's downsampling factor and its
+    native resolution in pixels."""
+    unet_config: dict
+    vae_factor: int
+
+    @property
+    def native_resolution(self) -> int:
+        return int(self.unet_config.get("sample_size") or 64) * self.vae_factor
+
+    @property
+    def resolution_multiple(self) -> int:
+        down = len(self.unet_config.get("down_block_types") or ()) or 1
+        return self.vae_factor * 2 ** (down - 1)
+
+
+def _read_json_file(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _folder_shape(folder: str) -> ModelShape | None:
+    unet = _read_json_file(os.path.join(folder, "unet", "config.json"))
+    if unet is None:
+        return None
+    vae = _read_json_file(os.path.join(folder, "vae", "config.json"))
+    factor = 2 ** (len(vae["block_out_channels"]) - 1) if vae and vae.get("block_out_channels") else 8
+    return ModelShape(unet, factor)
+
+
+def _shipped_shape(variant: str) -> ModelShape:
+    from .models import shipped
+
+    vae = shipped.load_config(variant, "vae")
+    return ModelShape(shipped.load_config(variant, "unet"), 2 ** (len(vae["block_out_channels"]) - 1))
+
+
+def peek_model(model: str) -> ModelShape | None:
+    """The UNet config and VAE factor of ``model`` from its config files only (built-in models,
+    diffusers folders, hub ids already in the local cache, .safetensors files by their key
+    names); None where that is not possible without loading it (then the loader's own checks
+    apply). Never raises: a broken model is the loader's to report."""
+    try:
+        model = os.fspath(model)
+        if model in ("tiny", "tiny-sdxl"):
+            return _shipped_shape(model)
+        if model in ("shapes", "shapes2"):
+            from .shapes.loading import shipped_dir
+
+            return _folder_shape(shipped_dir(model))
+        path = os.path.expanduser(model)
+        if os.path.isdir(path):
+            return _folder_shape(path)
+        if os.path.isfile(path):
+            if not path.lower().endswith(".safetensors"):
+                return None  # a .ckpt is a pickle: reading its keys is loading it
+            from safetensors import safe_open
+
+            from .models.single_file import _family
+
+            with safe_open(path, framework="pt") as fh:
+                keys = dict.fromkeys(fh.keys())
+            # SD2's 768-v and 512 UNets have the same layers; the larger native size bounds both
+            return _shipped_shape({"clip": "sd1", "openclip": "sd2-v", "sdxl": "sdxl"}[
+                _family(keys, path)])
+        from huggingface_hub import try_to_load_from_cache
+
+        unet = try_to_load_from_cache(model, "unet/config.json")
+        if isinstance(unet, str):
+            return _folder_shape(os.path.dirname(os.path.dirname(unet)))
+    except Exception:  # noqa: BLE001 - whatever is wrong, the loader says it better
+        return None
+    return None
+
+
+def lora_rank_bound(unet_config: dict, train_method: str) -> tuple[int, int]:
+    """(the largest rank any layer adapted under ``train_method`` can use, i.e. the largest
+    min(in, out) over those layers, number of those layers), from a UNet config on the meta
+    device (no memory, about a second for SDXL)."""
+    import logging
+
+    import torch
+
+    if os.environ.get("AP_ERASE_VERBOSE") != "1":  # its optional-kernel probe, as cli.quiet_libraries
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from .models.trainable import _meta_unet, parameter_is_trained
+
+    unet = _meta_unet(unet_config)
+    bound, count = 0, 0
+    for name, module in unet.named_modules():
+        params = [n for n, _ in module.named_parameters(recurse=False)]
+        if not params or not all(parameter_is_trained(f"{name}.{n}", train_method) for n in params):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            size = min(module.in_features, module.out_features)
+        elif isinstance(module, torch.nn.Conv2d):
+            kh, kw = module.kernel_size
+            size = min(module.in_channels * kh * kw, module.out_channels)
+        else:
+            continue
+        bound, count = max(bound, size), count + 1
+    return bound, count
+
+
+def check_model_bounds(cfg: EraseConfig) -> None:
+    """Refuse settings the model cannot use, before it is loaded: a --resolution far beyond the
+    model's native size (a trajectory would need tens of GB), a --lora-rank larger than every
+    layer it adapts."""
+    shape = peek_model(cfg.model)
+    if cfg.resolution is not None:
+        if shape is not None:
+            native = shape.native_resolution
+            limit = MAX_RESOLUTION_FACTOR * native
+            if cfg.resolution > limit:
+                raise UserError(
+                    f"--resolution {cfg.resolution} is far beyond what --model {cfg.model} "
+                    f"supports: its native size is {native} px and at most "
+                    f"{MAX_RESOLUTION_FACTOR}x that ({limit} px) is accepted; use a multiple of "
+                    f"{shape.resolution_multiple} up to {limit}, or leave --resolution out")
+        elif cfg.resolution > GENERIC_MAX_RESOLUTION:
+            raise UserError(
+                f"--resolution {cfg.resolution} is far beyond what any supported model takes "
+                f"(at most {GENERIC_MAX_RESOLUTION} px, {MAX_RESOLUTION_FACTOR}x SDXL's native "
+                f"1024); use a smaller one, or leave --resolution out for the model's own")
+    if cfg.lora_rank and shape is not None:
+        bound, count = lora_rank_bound(shape.unet_config, cfg.train_method)
+        if count and cfg.lora_rank > bound:
+            raise UserError(
+                f"--lora-rank {cfg.lora_rank} is larger than any layer it adapts: the largest of "
+                f"the {count} layers --train-method {cfg.train_method} selects in --model "
+                f"{cfg.model} has min(in, out) = {bound}; use --lora-rank {bound} or less "
+                f"(typically 4 to 64)")
 
 
 def default_output_dir(cfg: EraseConfig) -> str:

@@ -288,6 +288,14 @@ def _evaluate(cfg, run, erased, model_id, heldout, concepts_info, rows, prompts_
     comps, erased_unet, hash_match, erased_hash = _load_models(cfg, run, model_id, device)
     resolution = int(cfg.resolution or run_cfg.get("resolution") or comps.default_resolution)
     scale = vae_scale_factor(comps.vae) if comps.vae is not None else 8
+    from ..config import MAX_RESOLUTION_FACTOR
+
+    limit = MAX_RESOLUTION_FACTOR * comps.default_resolution
+    if resolution > limit:
+        raise UserError(f"--resolution {resolution} is far beyond what {model_id} supports: its "
+                        f"native size is {comps.default_resolution} px and at most "
+                        f"{MAX_RESOLUTION_FACTOR}x that ({limit} px) is accepted; use a smaller "
+                        f"one, or leave --resolution out")
     if resolution % scale:
         raise UserError(f"resolution {resolution} is not a multiple of the VAE scale factor {scale}")
     latent_shape = (int(comps.unet.config.in_channels), resolution // scale, resolution // scale)
