@@ -85,7 +85,7 @@ def test_paired_difference_on_the_same_curves():
 def test_search_over_training_follows_pi_and_the_draws():
     sets = {"circle": {"near": ["ring", "ellipse"]}}
     rows = [{"method": "ap_faithful", "target": "circle", "seed": s, "lr": 1e-3, "steps": st,
-             "pi_mass": {"ring": 0.1 * st / 10, "ellipse": 0.05, "star": 0.5},
+             "pi_measure": quality.PI_MEASURE, "pi_mass": {"ring": 0.1 * st / 10, "ellipse": 0.05, "star": 0.5},
              "r_share": {"ring": 0.1, "ellipse": 0.1, "star": 0.8},
              "picks": {"a ring": st, "a red ellipse": 1, "a star": 3 * st}} for s in (0, 1) for st in (10, 20)]
     rows += [{"method": "ap_faithful", "target": "circle", "seed": 0, "lr": 1e-2, "steps": 10,  # another lr
@@ -94,6 +94,11 @@ def test_search_over_training_follows_pi_and_the_draws():
     row = next(x for x in lines if x.startswith("| ap_faithful |"))
     # after 10 steps: π mass 0.1 + 0.05, draws (10 + 1) / 41; after 20: 0.25, 21 / 81; R share 0.2
     assert row == f"| ap_faithful | 15.0 / {100 * 11 / 41:.1f} | 25.0 / {100 * 21 / 81:.1f} | 20.0 |"
+    # rows recorded before π's draw distribution was: no mass (softmax(π/τ) is not what is drawn)
+    for r in rows:
+        r.pop("pi_measure", None)
+    row = next(x for x in quality.search_over_training(rows, ["ap_faithful"], sets, 1e-3) if x.startswith("| ap_"))
+    assert row == f"| ap_faithful | – / {100 * 11 / 41:.1f} | – / {100 * 21 / 81:.1f} | 20.0 |"
 
 
 def _fake_run_one(calls):
@@ -177,18 +182,91 @@ def test_shards_of_a_resumed_table_split_what_is_left(tmp_path, monkeypatch):
 
 
 def test_search_finds_near_reads_pi_and_the_draws():
-    """The end-of-training table: draws naming a near concept, π's mass on the near set, the near
-    share of π's top 5, π's peak over uniform, the near set's share of R; π only for AP."""
+    """The end-of-training table: draws naming a near concept, π's mass on the near set and its
+    peak over uniform (only from rows that recorded π's draw distribution), the near share of π's
+    top 5, π₁ − π₅, the near set's share of R; π only for AP. A row recorded before the measure
+    (softmax(π/τ) at τ 2) gives its logit gap 2·ln(q₁/q₅) and no mass or peak. Mutations checked:
+    old rows' mass shown as if it were the draw distribution; the gap without τ."""
+    import math
+
     sets = {"circle": {"near": ["ring", "heart"]}}
     base = {"target": "circle", "r_share": {"ring": 0.2, "heart": 0.1, "star": 0.7}, "pi_uniform": 0.02,
             "pi_mass": {"ring": 0.3, "heart": 0.2, "star": 0.5}}
-    rows = [{**base, "method": "ap_faithful", "picks": {"a ring": 3, "a small heart": 1, "a star": 4},
-             "pi_top": {"a ring": 0.08, "a star": 0.06, "a heart": 0.05, "a red star": 0.04, "a plus": 0.03}},
-            {**base, "method": "preserve_random", "picks": {"a ring": 1, "a star": 3},
-             "pi_top": {"a ring": 0.02}}]
+    top = {"a ring": 0.08, "a star": 0.06, "a heart": 0.05, "a red star": 0.04, "a plus": 0.03}
+    old = {**base, "method": "ap_faithful", "picks": {"a ring": 3, "a small heart": 1, "a star": 4},
+           "pi_top": top}
+    rows = [old, {**base, "method": "preserve_random", "picks": {"a ring": 1, "a star": 3},
+                  "pi_top": {"a ring": 0.02}}]
     lines = quality.search_finds_near(rows, ["base", "preserve_random", "ap_faithful"], sets)
-    assert "| ap_faithful | 50.0 | 50.0 | 40.0 | 4.0 | 30.0 |" in lines
-    assert "| preserve_random | 25.0 | – | – | – | 30.0 |" in lines
+    assert f"| ap_faithful | 50.0 | – | 40.0 | – | {2 * math.log(0.08 / 0.03):.2f} | 30.0 |" in lines
+    assert "| preserve_random | 25.0 | – | – | – | – | 30.0 |" in lines
+    new = {**old, "pi_measure": quality.PI_MEASURE, "pi_logits": [1.5, 1.0, 0.9, 0.2, 0.1, 0.0, -1.0]}
+    lines = quality.search_finds_near([new], ["ap_faithful"], sets)
+    assert "| ap_faithful | 50.0 | 50.0 | 40.0 | 4.0 | 1.40 | 30.0 |" in lines
+
+
+def test_draw_distribution_is_what_the_draw_uses():
+    """Hard draw: softmax(π) at any τ, the frequencies of the Gumbel-max draw; soft and top-k: the
+    mean mixture weight, against the reference mix over independent noise. Mutation checked:
+    softmax(π/τ) for the hard draw (τ 0.5 and 8 then differ from the frequencies)."""
+    from ap_erase_fast.ops.reference import gumbel_from_uniform, gumbel_scores, mix_weights
+    from ap_erase_fast.search import draw_distribution
+
+    g = torch.Generator().manual_seed(11)
+    pi = torch.randn(7, generator=g, dtype=torch.float64)
+    noise = gumbel_from_uniform(torch.rand(200_000, 7, generator=g, dtype=torch.float64))
+    freq = torch.bincount(torch.argmax(pi + noise, 1), minlength=7).double() / len(noise)
+    for tau in (0.5, 2.0, 8.0):
+        assert (draw_distribution(pi, "hard", tau) - freq).abs().max() < 5e-3
+        for mode, k in (("soft", None), ("topk", 3)):
+            want = mix_weights(gumbel_scores(pi[None], noise, tau), k).mean(0)
+            got = draw_distribution(pi, mode, tau, topk=k)
+            assert (got - want).abs().max() < 0.02, (mode, tau)
+            assert float(got.sum()) == pytest.approx(1.0)
+
+
+def test_matched_erasure_follows_the_step_budgets_of_each_learning_rate():
+    """A curve's points run from the weakest erasure to the strongest by lr × steps, whatever
+    order the rows come in: two learning rates, budgets 10 and 40, rows shuffled. Hand-computed:
+    points (0, 1.0) base, 1e-3×10 → (0.2, 0.9), 1e-3×40 → (0.6, 0.7), 3e-3×40 → (1.0, 0.5) (the
+    3e-3×10 point sits between them at (0.7, 0.65)); ESR 0.8 lies between 0.7 and 1.0: 0.65 −
+    0.15·(0.1/0.3) = 0.6. Mutation checked: ordering by learning rate only."""
+    def row(lr, steps, esr, psr):
+        return {"method": "ap_faithful", "target": "circle", "seed": 0, "lr": lr, "steps": steps,
+                "esr": esr, "psr": psr}
+    rows = [row(3e-3, 40, 1.0, 0.5), row(1e-3, 40, 0.6, 0.7), row(3e-3, 10, 0.7, 0.65),
+            row(1e-3, 10, 0.2, 0.9),
+            {"method": "base", "target": "circle", "seed": 0, "lr": 1e-3, "steps": 40, "esr": 0.0, "psr": 1.0}]
+    got = quality.matched_by_curve(rows, "ap_faithful", ["circle"], [0], 0.8)
+    assert got[("circle", 0)] == pytest.approx(0.6)
+    assert quality.matched_by_curve(rows, "ap_faithful", ["circle"], [0], 0.5)[("circle", 0)] == pytest.approx(
+        0.9 + (0.7 - 0.9) * (0.3 / 0.4))
+
+
+def test_holm_and_the_confirmation_section():
+    """Holm-Bonferroni by hand: p (0.01, 0.04, 0.03) → (0.03, 0.06, 0.06); capped at 1. The
+    confirmation says yes only where the adjusted p is below 0.05 and the difference positive.
+    Mutations checked: Bonferroni's m·p for every rank; no monotone step."""
+    assert quality.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert quality.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    assert quality.holm([0.02, 0.01]) == pytest.approx([0.02, 0.02])
+    rows = []
+    for i, t in enumerate(["circle", "ring", "star", "heart", "cross", "plus", "arrow", "square"]):
+        for s in (3, 4):
+            rows.append({"method": "base", "target": t, "seed": s, "lr": 1e-3, "steps": 40, "esr": 0.0,
+                         "psr_near": 1.0})
+            for m, near in (("ap_score", 0.8), ("preserve_random", 0.7)):
+                for st, e in ((10, 0.5), (40, 1.0)):
+                    rows.append({"method": m, "target": t, "seed": s, "lr": 1e-3, "steps": st, "esr": e,
+                                 "psr_near": near})
+    lines = quality.confirmation_section(rows, "ap_score", "preserve_random",
+                                         sorted({r["target"] for r in rows}), [3, 4])
+    body = [x for x in lines if x.startswith("| 80 %") or x.startswith("| 95 %")]
+    # 16 wins of 16: p = 2 / 2^16 at each level, Holm ×2 for the smaller (equal) one
+    assert all(x.endswith("| yes |") and "(16/0/0" in x for x in body), body
+    flipped = quality.confirmation_section(rows, "preserve_random", "ap_score",
+                                           sorted({r["target"] for r in rows}), [3, 4])
+    assert all(x.endswith("| no |") for x in flipped if x.startswith("| 8") or x.startswith("| 9"))
 
 
 def _world_rows(method, target, seed, near_acc, steps=(10, 20, 40), esr=(0.5, 0.9, 1.0), **extra):
@@ -247,8 +325,13 @@ def test_ablation_table_reads_each_setting_against_its_own_controls(tmp_path):
     assert t[2].startswith("+11.0 ± 0.6 (3/0/0") and t[5].startswith("-9.0 ± 0.6 (0/3/0")
     assert lm[2].startswith("+11.0 ± 0.6 (3/0/0") and lm[4].startswith("-9.0 ± 0.6")
     assert t[6] == "81.0 / 70.0" and lm[6] == "51.0 / 40.0"
-    # π: mass on ring + ellipse + heart, top 5 naming one of them, peak 0.1 / 0.02, R share
-    assert t[7:11] == ["40.0", "40.0", "5.0", "30.0"]
+    # π: mass and peak only from rows that recorded the draw distribution (these did not), top 5
+    # naming ring, ellipse or heart, π₁ − π₅ = τ·ln(0.1 / 0.02) at the setting's τ 0.5, R share
+    assert t[7:12] == ["–", "40.0", "–", "0.80", "30.0"]
+    measured = _setting("ap_faithful", 0.8, ablation={"tau": 0.5}, pi_measure=quality.PI_MEASURE,
+                        pi_logits=[2.0, 1.0, 0.5, 0.4, 0.3, 0.0])
+    row = ablations.setting_row("m", measured, "ap_faithful", 40, 1e-3, "shapes2", ["circle"], [0, 1, 2])
+    assert row[7:12] == ["40.0", "40.0", "5.0", "1.70", "30.0"]
     # the command: written from the results files, one clear error without them
     for tag, rows_ in (("shapes2_cpu", main_rows), ("shapes2_abl_tau0.5", tau)):
         (tmp_path / f"quality_{tag}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_))

@@ -58,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import TRAIN_METHODS
+from ..config import TRAIN_METHODS, EraseConfig
 from ..search import draw_distribution
 from .loading import WORLDS, world_of
 from .world import SHAPES
@@ -67,6 +67,8 @@ from .world import SHAPES
 # (draw_distribution). Rows without the key were measured as softmax(π/τ), which is not what a
 # hard draw uses; the reports leave those out.
 PI_MEASURE = 2
+# the Gumbel-Softmax temperature of every run that does not ablate it
+COMMON_TAU = {f.name: f.default for f in dataclasses.fields(EraseConfig)}["tau"]
 
 METHODS: dict[str, dict | None] = {
     "base": None,
@@ -635,6 +637,7 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
             json.dump(sets, fh, indent=1)
     if grid_images:
         _save_grid(grid_images, stem.with_name(stem.name + "_grid.png"))
+    if grid_images or stem.with_name(stem.name + "_grid.png").exists():  # --report-only keeps the grid
         lines += ["", f"Samples (first target, seed {seeds[0]}; rows: methods; columns: the {len(shapes)} shape "
                   f"prompts, two images each): ![grid]({stem.name}_grid.png)"]
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
@@ -702,23 +705,27 @@ def _near_share(counts: dict[str, float], near: list[str]) -> float:
 
 def search_finds_near(main, methods, sets) -> list[str]:
     """Does the search find the near set? Per method, over its main-setting rows: the draws that
-    name a near concept, π's final mass on the near set, the near share of π's top 5, π's peak
-    against a uniform draw, and the near set's share of R."""
+    name a near concept, π's final mass on the near set and π's peak against a uniform draw (both
+    under the draw distribution of the mode in use, :func:`~ap_erase_fast.search.draw_distribution`;
+    only rows that recorded it), the near share of π's top 5, the logit gap between π's first and
+    fifth candidate, and the near set's share of R."""
     lines = ["", "## Does the search find the near set? (main lr, mean over targets and seeds, %)", "",
              "Draws: share of the preservation draws (outer updates) whose candidate names a near "
-             "concept; π (its weights at τ, softmax(π/τ)): the final mass on those candidates, the share of π's 5 most "
-             "likely candidates that name a near concept, and how peaked π is (its largest "
-             "probability over a uniform draw's); R: the near candidates' share of R (what a "
-             "uniform draw gives).", "",
+             "concept (what was actually preserved). π: where π's draw distribution ends (for the hard "
+             "draw softmax(π), whatever τ; rows recorded before this measure show –): its mass on "
+             "those candidates and its largest probability over a uniform draw's; the share of π's 5 "
+             "most likely candidates that name a near concept; π₁ − π₅, the logit gap between its "
+             "first and fifth candidate (τ-free: the first is drawn exp(π₁ − π₅) times as often as the "
+             "fifth). R: the near candidates' share of R (what a uniform draw gives).", "",
              "| method | draws naming a near concept | π mass on the near set | π's top 5 naming a near "
-             "concept | π's peak ÷ uniform | near set's share of R |",
-             "|---|---|---|---|---|---|"]
+             "concept | π's peak ÷ uniform | π₁ − π₅ | near set's share of R |",
+             "|---|---|---|---|---|---|---|"]
     for m in methods:
         st = search_stats([r for r in main if r["method"] == m], sets)
         if st is None:
             continue
         lines.append(f"| {m} | {_pct(st['draws'])} | {_pct(st['mass'])} | {_pct(st['top'])} | "
-                     + (f"{statistics.fmean(st['peak']):.1f}" if st["peak"] else "–") + f" | {_pct(st['share'])} |")
+                     + _mean(st["peak"], 1) + " | " + _mean(st["gap"], 2) + f" | {_pct(st['share'])} |")
     return lines
 
 
@@ -726,25 +733,48 @@ def _pct(xs) -> str:
     return f"{100 * statistics.fmean(xs):.1f}" if xs else "–"
 
 
+def _mean(xs, digits: int) -> str:
+    return f"{statistics.fmean(xs):.{digits}f}" if xs else "–"
+
+
+def logit_gap(row: dict) -> float | None:
+    """π₁ − π₅ of a row: from its logits where recorded, else from its top 5 as recorded before
+    (softmax(π/τ): π₁ − π₅ = τ·ln(q₁/q₅), exact up to the 4-digit rounding). ``None`` when the
+    row holds neither."""
+    if row.get("pi_logits"):
+        top = sorted(row["pi_logits"], reverse=True)
+        return top[0] - top[4] if len(top) >= 5 else None
+    q = sorted((row.get("pi_top") or {}).values(), reverse=True)
+    if len(q) < 5 or q[4] <= 0:
+        return None
+    tau = (row.get("ablation") or {}).get("tau", COMMON_TAU)
+    return tau * math.log(q[0] / q[4])
+
+
 def search_stats(rows, sets) -> dict | None:
     """Per row of one method (targets with a near set and a recorded R): the share of its draws
     that name a near concept, the near set's share of R and, for AP methods (the others' π never
-    moves), π's mass on the near set, the near share of π's top 5 and π's peak over uniform.
-    ``None`` when no row qualifies."""
+    moves), the near share of π's top 5 and π₁ − π₅ (:func:`logit_gap`), and, where the row
+    recorded π's draw distribution (``pi_measure``), π's mass on the near set and its peak over
+    uniform. ``None`` when no row qualifies."""
     rs = [r for r in rows if r["target"] in sets and r.get("r_share")]
     if not rs:
         return None
-    out = {"draws": [], "mass": [], "share": [], "top": [], "peak": []}
+    out = {"draws": [], "mass": [], "share": [], "top": [], "peak": [], "gap": []}
     for r in rs:
         near = sets[r["target"]]["near"]
         if r.get("picks"):
             out["draws"].append(_near_share(r["picks"], near))
         out["share"].append(sum(r["r_share"].get(n, 0.0) for n in near))
         if r["method"].startswith("ap_"):
-            out["mass"].append(sum(r["pi_mass"].get(n, 0.0) for n in near))
             named = [any(n in k.split() for n in near) for k in r["pi_top"]]
             out["top"].append(sum(named) / len(named))
-            out["peak"].append(max(r["pi_top"].values()) / r["pi_uniform"])
+            gap = logit_gap(r)
+            if gap is not None:
+                out["gap"].append(gap)
+            if r.get("pi_measure") == PI_MEASURE:
+                out["mass"].append(sum(r["pi_mass"].get(n, 0.0) for n in near))
+                out["peak"].append(max(r["pi_top"].values()) / r["pi_uniform"])
     return out
 
 
@@ -758,7 +788,8 @@ def search_over_training(rows, methods, sets, lr) -> list[str]:
     if not runs:
         return []
     lines = ["", "## Where the search goes over training (main lr; mean over targets and seeds, %)", "",
-             "Per judged step budget: π's mass on the near set (softmax(π/τ)) / the share of the draws so far that "
+             "Per judged step budget: π's mass on the near set under its draw distribution (softmax(π) for the "
+             "hard draw; – for rows recorded before this measure) / the share of the draws so far that "
              "name a near concept. A uniform draw gives the near set's share of R.", "",
              "| method | " + " | ".join(f"after {b} steps" for b in budgets) + " | near set's share of R |",
              "|" + "---|" * (len(budgets) + 2)]
@@ -771,7 +802,7 @@ def search_over_training(rows, methods, sets, lr) -> list[str]:
         for b in budgets:
             at = [r for r in rs if r["steps"] == b]
             mass = [sum(r["pi_mass"].get(n, 0.0) for n in sets[r["target"]]["near"]) for r in at
-                    if m.startswith("ap_")]  # the other methods' π never moves
+                    if m.startswith("ap_") and r.get("pi_measure") == PI_MEASURE]  # others' π never moves
             draws = [_near_share(r["picks"], sets[r["target"]]["near"]) for r in at if r.get("picks")]
             cells.append(" / ".join(f"{100 * statistics.fmean(x):.1f}" if x else "–" for x in (mass, draws)))
         share = statistics.fmean(sum(r["r_share"].get(n, 0.0) for n in sets[r["target"]]["near"]) for r in rs)
@@ -990,6 +1021,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--confirm", default=None, metavar="METHOD:CONTROL",
                     help="add the pre-registered confirmation section: METHOD − CONTROL in PSR-near at "
                          "each matched ESR level, sign tests adjusted by Holm-Bonferroni over the levels")
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the report from the finished runs in --out and run nothing (runs not "
+                         "finished are left out; the sample grid PNG already there is kept)")
     ap.add_argument("--shard", default=None, metavar="I/N",
                     help="run only every N-th of the runs not yet finished, starting at I (0-based), "
                          "e.g. two processes started together with --threads 1 and --shard 0/2, 1/2; "
@@ -1044,6 +1078,8 @@ def main(argv: list[str] | None = None) -> int:
         pair = args.confirm.split(":")
         if len(pair) != 2 or any(m not in args.methods for m in pair):
             raise UserError(f"--confirm must be METHOD:CONTROL with both in --methods (got {args.confirm!r})")
+    if args.report_only and args.shard:
+        raise UserError("--report-only writes the report of every shard's runs: leave out --shard")
     shard = None
     if args.shard:
         try:
@@ -1129,6 +1165,9 @@ def main(argv: list[str] | None = None) -> int:
             ks = keys(t, m, s, lr)
             want_grid = t == args.targets[0] and s == args.seeds[0] and lr == args.lr
             grid_file = grid_dir / f"{m}.pt"
+            if args.report_only and shard is None:
+                rows += [done[k] if k in done else borrowed[k] for k in ks if k in done or k in borrowed]
+                continue
             if finished(t, m, s, lr):
                 for k in ks:
                     if k not in done:  # copied, so that this tag's results stand on their own
