@@ -7,6 +7,7 @@ every conditioning tensor with the same weights.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import torch
@@ -95,7 +96,7 @@ class Search:
                 others = [losses[j] for j in mine if j != i]
                 if others:
                     baseline = sum(others) / len(others)
-                elif history == history:  # not NaN: the concept has a running mean
+                elif not math.isnan(history):  # the concept has a running mean
                     baseline = history
                 else:
                     continue
@@ -105,7 +106,7 @@ class Search:
             grads[c] = (-g / n).to(self.pi[c].dtype)
             # the running mean moves after the estimate: b never depends on the draw it scores
             mean = float(losses[mine].mean())
-            self.baseline[c] = mean if history != history else (
+            self.baseline[c] = mean if math.isnan(history) else (
                 BASELINE_DECAY * history + (1 - BASELINE_DECAY) * mean)
         return grads
 
