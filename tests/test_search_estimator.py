@@ -221,3 +221,27 @@ def test_resume_with_the_running_baseline_is_bit_identical(tmp_path, small_vocab
     for name in ("pi.safetensors", "trained.safetensors"):
         a, b = (load_file(str(p / name)) for p in last.values())
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_shared_schedule_later_search_steps_move_pi(tiny_cfg):
+    """The shared schedule with P = 4 under the score estimator: each outer step hands π one
+    estimate from the joint pass and P − 2 = 2 more from its later search steps, each the
+    estimate of the errors measured in that step (a step whose draws differ gives a non-zero
+    one), and π's Adam steps P − 1 times. Mutation checked: the later search steps computing
+    their errors without stepping π (fails), or stepping π with zero gradients (fails)."""
+    er = _eraser(tiny_cfg, ("fast", "shared", "no"), ddim_steps=10, lr=1e-2, train_method="xattn",
+                 batch_size=2, search_estimator="score", gumbel_mode="hard", pgd_steps=4)
+    calls = []
+    original = er.search.step
+
+    def spy(grads, scaler=None):
+        calls.append({c: g.detach().clone() for c, g in grads.items()})
+        return original(grads, scaler)
+
+    er.search.step = spy
+    for _ in range(3):
+        er.run_outer_step()
+    er.search.step = original
+    assert len(calls) == 3 * 3
+    assert sum(bool(g.abs().max() > 0) for call in calls[1::3] + calls[2::3] for g in call.values()) >= 2
+    assert int(er.pi_optimizer.state[er.pi[0]]["step"]) == 9
