@@ -228,19 +228,19 @@ def test_draw_distribution_is_what_the_draw_uses():
 def test_matched_erasure_follows_the_step_budgets_of_each_learning_rate():
     """A curve's points run from the weakest erasure to the strongest by lr × steps, whatever
     order the rows come in: two learning rates, budgets 10 and 40, rows shuffled. Hand-computed:
-    points (0, 1.0) base, 1e-3×10 → (0.2, 0.9), 1e-3×40 → (0.6, 0.7), 3e-3×40 → (1.0, 0.5) (the
-    3e-3×10 point sits between them at (0.7, 0.65)); ESR 0.8 lies between 0.7 and 1.0: 0.65 −
-    0.15·(0.1/0.3) = 0.6. Mutation checked: ordering by learning rate only."""
+    base (0, 1.0), then 1e-3×10 → (0.2, 0.9), 3e-3×10 → (0.6, 0.8), 1e-3×40 → (0.9, 0.4),
+    3e-3×40 → (1.0, 0.3). ESR 0.8 lies between 0.6 and 0.9: 0.8 − 0.4·(0.2/0.3); ESR 0.5 between
+    0.2 and 0.6: 0.9 − 0.1·(0.3/0.4). Mutation checked: ordering by learning rate only (then
+    1e-3×40 comes first: 0.467 and 0.667)."""
     def row(lr, steps, esr, psr):
         return {"method": "ap_faithful", "target": "circle", "seed": 0, "lr": lr, "steps": steps,
                 "esr": esr, "psr": psr}
-    rows = [row(3e-3, 40, 1.0, 0.5), row(1e-3, 40, 0.6, 0.7), row(3e-3, 10, 0.7, 0.65),
+    rows = [row(3e-3, 40, 1.0, 0.3), row(1e-3, 40, 0.9, 0.4), row(3e-3, 10, 0.6, 0.8),
             row(1e-3, 10, 0.2, 0.9),
             {"method": "base", "target": "circle", "seed": 0, "lr": 1e-3, "steps": 40, "esr": 0.0, "psr": 1.0}]
-    got = quality.matched_by_curve(rows, "ap_faithful", ["circle"], [0], 0.8)
-    assert got[("circle", 0)] == pytest.approx(0.6)
-    assert quality.matched_by_curve(rows, "ap_faithful", ["circle"], [0], 0.5)[("circle", 0)] == pytest.approx(
-        0.9 + (0.7 - 0.9) * (0.3 / 0.4))
+    at = {lv: quality.matched_by_curve(rows, "ap_faithful", ["circle"], [0], lv)[("circle", 0)] for lv in (0.8, 0.5)}
+    assert at[0.8] == pytest.approx(0.8 - 0.4 * 0.2 / 0.3)
+    assert at[0.5] == pytest.approx(0.9 - 0.1 * 0.3 / 0.4)
 
 
 def test_holm_and_the_confirmation_section():
