@@ -368,12 +368,14 @@ def paired_difference(rows: list[dict], method: str, against: str, targets: list
             "wins": wins, "losses": losses, "ties": len(diffs) - wins - losses, "p": sign_test(wins, losses)}
 
 
-def _paired_cell(d: dict) -> str:
+def _paired_cell(d: dict, adjusted: float | None = None) -> str:
+    """``mean ± se (wins/losses/ties, p P)``; with ``adjusted``, also the Holm-adjusted p."""
     if not d["n"]:
         return "–"
     se = f" ± {100 * d['se']:.1f}" if d["se"] is not None else ""
     mean = 100 * d["mean"] if abs(d["mean"]) >= 5e-4 else 0.0  # no "-0.0"
-    return f"{mean:+.1f}{se} ({d['wins']}/{d['losses']}/{d['ties']}, p {d['p']:.2g})"
+    holm_p = f"; Holm {adjusted:.2g}" if adjusted is not None else ""
+    return f"{mean:+.1f}{se} ({d['wins']}/{d['losses']}/{d['ties']}, p {d['p']:.2g}{holm_p})"
 
 
 def near_sets(rows: list[dict], targets: list[str], lr: float, model: str = "shapes",
@@ -657,11 +659,19 @@ def paired_section(rows, methods, targets, seeds, metrics) -> list[str]:
     cols = [(lv, mt) for lv in MATCHED_ESR for mt in metrics]
     lines = ["", "## Paired at matched erasure: method − control on the same (target, seed) curves", "",
              "Percentage points, mean ± standard error over the curves on which both reach the level; "
-             "in brackets wins / losses / ties of the method and the two-sided sign test's p.", "",
+             "in brackets wins / losses / ties of the method, the two-sided sign test's p and that p "
+             f"Holm-adjusted over the column's {len(pairs)} comparisons (a column is one family: read a "
+             "single p as significant only where its Holm value is small).", "",
              "| method − control | " + " | ".join(f"{names[mt]} @ ESR {100 * lv:.0f} %" for lv, mt in cols) + " |",
              "|" + "---|" * (len(cols) + 1)]
-    for m, c in pairs:
-        cells = [_paired_cell(paired_difference(rows, m, c, targets, seeds, lv, mt)) for lv, mt in cols]
+    table = [[paired_difference(rows, m, c, targets, seeds, lv, mt) for lv, mt in cols] for m, c in pairs]
+    adjusted = [[None] * len(pairs) for _ in cols]
+    for j in range(len(cols)):
+        tested = [i for i in range(len(pairs)) if table[i][j]["n"]]
+        for i, q in zip(tested, holm([table[i][j]["p"] for i in tested])):
+            adjusted[j][i] = q
+    for i, (m, c) in enumerate(pairs):
+        cells = [_paired_cell(table[i][j], adjusted[j][i]) for j in range(len(cols))]
         lines.append(f"| {m} − {c} | " + " | ".join(cells) + " |")
     return lines
 
