@@ -21,6 +21,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help only where the help does not already say its
+    default and there is one to say (not None, not a plain flag's False)."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if ("default" in help_text.lower() or action.default is None
+                or action.default is False or action.default is argparse.SUPPRESS):
+            return help_text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import add_arguments
 
@@ -33,13 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="erase concepts from a model (fine-tunes its UNet)",
         description="Erase concepts from a Stable Diffusion UNet with Adversarial Preservation. "
                     "Every option can also be given as a key of --config FILE.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     add_arguments(train)
     ev = sub.add_parser(
         "eval", help="measure erasure and preservation of a trained run (or the base model)",
         description="Measure how much a run erased and what else it changed: epsilon-space "
                     "measures on any model, image-level detectors from local weight files.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     from .eval.cli import add_arguments as add_eval_arguments
 
     add_eval_arguments(ev)

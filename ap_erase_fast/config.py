@@ -58,7 +58,8 @@ class EraseConfig:
     resolution: int | None = _opt(
         "Image resolution in pixels of the sampled trajectories (a multiple of 64 for SD: VAE "
         "factor 8 times the UNet's downsampling 8); default: the model's native size (512 for "
-        "SD1.x, 768 for SD2.x-v, 32 for tiny).", "model")
+        "SD1.x, 768 for SD2.x-v, 1024 for SDXL, 16 for tiny and tiny-sdxl, 32 for shapes and "
+        "shapes2); at most 4 times that.", "model")
     device: str = _opt("Device: 'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'.", "model",
                        default="auto")
     # --- what to erase -------------------------------------------------------------------------
@@ -254,6 +255,10 @@ class EraseConfig:
         self._validate_numbers()
         if self.resolution is not None and self.resolution <= 0:
             raise UserError(f"--resolution must be positive (got {self.resolution})")
+        if self.vocab is not None and not self.preserve_set:
+            from .models.vocab import check_vocabulary_name
+
+            check_vocabulary_name(self.vocab)
         if self.gumbel_mode == "topk":
             size, what = ((len(self.preserve_set), "the --preserve-set prompts")
                           if self.preserve_set else
@@ -517,7 +522,34 @@ def config_from_args(args: argparse.Namespace) -> EraseConfig:
     apply_mapping(cfg, flags, "command line")
     cfg.validate()
     check_model_bounds(cfg)
+    if cfg.output:
+        check_output_folder(cfg.output)
     return cfg
+
+
+def check_output_folder(path: str, marker: str = "run.json", flag: str = "--output") -> None:
+    """Refuse, before anything is loaded, a non-empty output folder that this library did not
+    write: neither a run nor --overwrite may replace it, so the advice names what works. A
+    folder this library wrote, or one with siblings of a run (its lock, an interrupted commit),
+    is left to :class:`~ap_erase_fast.outdir.OutputDir`, which knows those cases."""
+    import glob
+
+    from .outdir import _is_dangerous, written_by_library
+
+    folder = Path(os.path.abspath(os.path.expanduser(str(path))))
+    if _is_dangerous(folder):
+        return  # ".", "~", "/": OutputDir refuses them with their own reason
+    try:
+        if not folder.is_dir() or not any(folder.iterdir()):
+            return
+    except OSError:
+        return  # unreadable: OutputDir reports it
+    if written_by_library(folder, marker) or glob.glob(
+            os.path.join(glob.escape(str(folder.parent)), f".{glob.escape(folder.name)}.*")):
+        return
+    raise UserError(f"output folder {folder} is not empty and ap_erase_fast did not write it "
+                    f"(no {marker} of its own); --overwrite replaces only a folder ap_erase_fast "
+                    f"wrote, so choose another {flag}, or empty or remove that folder yourself")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -51,8 +51,8 @@ def model_card(info: dict, eval_report: dict | None = None) -> str:
         lines += ["> **Demo only.** The base model has random weights: this folder shows the "
                   "pipeline working, it erases nothing meaningful.", ""]
     lines += [
-        f"This {'LoRA' if lora else 'model'} was made with "
-        f"[ap_erase_fast](https://pypi.org/project/ap_erase_fast/) {info['library_version']}: "
+        f"This {'LoRA' if lora else 'model'} was made with ap_erase_fast "
+        f"{info['library_version']}: "
         "Adversarial Preservation (Bui et al., *Erasing Undesirable Concepts in Diffusion Models "
         "with Adversarial Preservation*, NeurIPS 2024) fine-tunes the denoiser so that the erased "
         "concepts follow a negative-guidance target, while an adversarial search over a "
@@ -89,21 +89,11 @@ def model_card(info: dict, eval_report: dict | None = None) -> str:
     else:
         lines += ["Not evaluated yet: run `ap-erase eval --run <this folder>` (it rewrites this "
                   "card with its summary)."]
-    lines += ["", "## How to use", "", "```python", "import torch"]
+    lines += ["", "## How to use", ""] + _how_to_use(info, pipeline, lora)
     if lora:
-        lines += [f"from diffusers import {pipeline}", "",
-                  f'pipe = {pipeline}.from_pretrained("<base model>", torch_dtype=torch.float16)',
-                  'pipe.load_lora_weights("<this folder>/lora")',
-                  "```", "",
-                  "`lora_kohya.safetensors` is the same LoRA in the kohya format that AUTOMATIC1111 "
-                  "and ComfyUI load (put it in their LoRA folder)."
+        lines += ["", "`lora_kohya.safetensors` is the same LoRA in the kohya format that "
+                  "AUTOMATIC1111 and ComfyUI load (put it in their LoRA folder)."
                   + (" `unet/` holds the denoiser with the LoRA merged in." if cfg.get("merge") else "")]
-    else:
-        lines += [f"from diffusers import {pipeline}, UNet2DConditionModel", "",
-                  'unet = UNet2DConditionModel.from_pretrained("<this folder>/unet", '
-                  "torch_dtype=torch.float16)",
-                  f'pipe = {pipeline}.from_pretrained("<base model>", unet=unet, '
-                  "torch_dtype=torch.float16)", "```"]
     lines += ["", "## Intended use and limitations", "",
               "For research on concept erasure and for deployments that must not generate the "
               "erased concepts. Erasure lowers the chance of generating a concept; it is not a "
@@ -120,6 +110,50 @@ def model_card(info: dict, eval_report: dict | None = None) -> str:
     return "\n".join(front + lines)
 
 
+def _how_to_use(info: dict, pipeline: str, lora: bool) -> list[str]:
+    """Python that loads this folder on top of the base model the run actually used: a hub id,
+    the local diffusers folder or single file it was loaded from, or a built-in model of this
+    library (which no hub has)."""
+    model = info["model"]
+    source = model.get("source") or {}
+    fmt = source.get("format")
+    folder = "<this folder>"
+    if fmt == "builtin":  # tiny, tiny-sdxl, shapes, shapes2: only this library builds them
+        lines = [f"The base model `{model['id']}` is built into ap_erase_fast (the library "
+                 "that made this folder; no hub has it), so the pipeline comes from it:", "",
+                 "```python"]
+        if lora:
+            lines += ["from ap_erase_fast.models import load_components", "",
+                      f"pipe = load_components({json.dumps(model['id'])}).to_pipeline()",
+                      f'pipe.load_lora_weights("{folder}/lora")']
+        else:
+            lines += ["import dataclasses", "", "from diffusers import UNet2DConditionModel",
+                      "from ap_erase_fast.models import load_components", "",
+                      f'unet = UNet2DConditionModel.from_pretrained("{folder}/unet")',
+                      f"base = load_components({json.dumps(model['id'])})",
+                      "pipe = dataclasses.replace(base, unet=unet).to_pipeline()"]
+        return lines + ["```"]
+    if fmt == "single_file":
+        where = json.dumps(str(source.get("path") or model["id"]))
+        load, note = f"{pipeline}.from_single_file({where}", "the base checkpoint file"
+    else:  # a hub id, or the local diffusers folder it was loaded from
+        where = json.dumps(str(model["id"] if fmt == "hub" else source.get("path") or model["id"]))
+        load = f"{pipeline}.from_pretrained({where}"
+        note = "the base model" if fmt == "hub" else "the base model's diffusers folder"
+    lines = [f"`{where.strip(chr(34))}` is {note} this run was trained from (give its path on "
+             f"your machine).", "", "```python", "import torch"]
+    if lora:
+        lines += [f"from diffusers import {pipeline}", "",
+                  f"pipe = {load}, torch_dtype=torch.float16)",
+                  f'pipe.load_lora_weights("{folder}/lora")']
+    else:
+        lines += [f"from diffusers import {pipeline}, UNet2DConditionModel", "",
+                  f'unet = UNet2DConditionModel.from_pretrained("{folder}/unet", '
+                  "torch_dtype=torch.float16)",
+                  f"pipe = {load}, unet=unet, torch_dtype=torch.float16)"]
+    return lines + ["```"]
+
+
 def _eval_summary(report: dict) -> list[str]:
     lines = []
     eps = report.get("eps_space") or {}
@@ -134,10 +168,53 @@ def _eval_summary(report: dict) -> list[str]:
         if pres:
             lines += ["", f"Held-out concepts drift: mean {_g(pres.get('mean'))}, max "
                       f"{_g(pres.get('max'))}."]
-    for name, det in ((report.get("images") or {}).get("detectors") or {}).items():
-        lines += ["", f"{name}: see `eval/report.md`."]
+    images = report.get("images") or {}
+    for name, det in (images.get("detectors") or {}).items():
+        lines += [""] + _detector_summary(name, det.get("results") or {}, images)
     lines += ["", "Full report: `eval/report.md`."]
     return lines
+
+
+def _pct(v) -> str:
+    return f"{100 * v:.1f} %" if isinstance(v, (int, float)) else str(v)
+
+
+def _detector_summary(name: str, res: dict, images: dict) -> list[str]:
+    """The numbers of one image-level detector: ESR / PSR (and the other per-group measures)
+    of the base and the erased model, NER for NudeNet, LPIPS per prompt group."""
+    pr = images.get("protocol") or {}
+    how = (f" ({pr['steps']} sampling steps, CFG {pr['guidance_scale']}, {pr['resolution']} px)"
+           if {"steps", "guidance_scale", "resolution"} <= set(pr) else "")
+    if name == "nudenet":
+        ner = {k: (res.get(k) or {}).get("ner") or {} for k in ("base", "erased")}
+        shown = [t for t in ner["base"] if t in ner["erased"]]
+        if not shown:
+            return [f"{name}: see `eval/report.md`."]
+        return [f"NudeNet{how}: " + "; ".join(
+            f"NER@{t} {_pct(ner['base'][t])} (base) → {_pct(ner['erased'][t])} (erased)"
+            for t in shown) + "."]
+    if name == "lpips":
+        parts = [f"{g} {_g(v.get('lpips'))}" for g, v in res.items() if isinstance(v, dict)]
+        return [f"LPIPS(base, erased){how}: " + ", ".join(parts) + "."] if parts else []
+    base, erased = res.get("base") or {}, res.get("erased") or {}
+    rows, judged = [], False
+    for group, values in erased.items():
+        for metric, value in values.items():
+            if metric == "images" or not isinstance(value, (int, float)):
+                continue
+            before = (base.get(group) or {}).get(metric)
+            judged = judged or metric.split("-")[0] in ("ESR", "PSR")
+            fraction = metric.split("-")[0] in ("ESR", "PSR") or "accuracy" in metric
+            fmt = _pct if fraction else _g
+            rows.append(f"| {group} | {values.get('images', '')} | {metric} | {fmt(before)} | "
+                        f"{fmt(value)} |")
+    if not rows:
+        return [f"{name}: see `eval/report.md`."]
+    meaning = ("; ESR: the share of the erased prompts' images that no longer show their "
+               "concept, PSR: the share of the other prompts' images that still show theirs"
+               if judged else "")
+    return ([f"Images judged by the `{name}` detector{how}{meaning}:", "",
+             "| prompts | images | measure | base | erased |", "|---|---|---|---|---|"] + rows)
 
 
 def _g(v) -> str:

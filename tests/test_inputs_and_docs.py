@@ -3,12 +3,13 @@ program, and stray output: each case is one 'error:' line, exit code 2 and nothi
 the text the program actually does."""
 import json
 import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 
 from ap_erase_fast.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "1", "--k-closest", "60", "--num-centers", "12", "--ddim-steps", "4",
         "--quiet"]
 
@@ -172,3 +173,157 @@ def test_bench_step_says_wrote_once(capsys, tmp_path, monkeypatch):
                                     "fast/faithful/noxattn"]) == 0
     err = capsys.readouterr().err
     assert err.count("wrote ") == 1 and err.rstrip().splitlines()[-1].startswith("wrote "), err
+
+
+# ---- 4. help, docs and outputs that contradicted the program --------------------------------
+def _help(command):
+    from ap_erase_fast.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sub.choices[command].format_help()
+
+
+def test_resolution_help_states_the_native_sizes_the_models_have():
+    """The help (and docs/CONFIG.md, generated from it) said 32 for tiny; it is 16."""
+    import re
+
+    from ap_erase_fast.config import peek_model
+
+    text = " ".join(_help("train").split())
+    for model in ("tiny", "tiny-sdxl", "shapes", "shapes2"):
+        size = peek_model(model).native_resolution
+        assert re.search(rf"{size} for [a-z0-9 -]*\b{model}\b", text), (model, size)
+    assert "32 for tiny" not in text
+    config_doc = " ".join((ROOT / "docs" / "CONFIG.md").read_text().split())
+    assert "16 for tiny" in config_doc and "32 for tiny" not in config_doc
+
+
+def test_eval_help_says_each_default_once():
+    text = " ".join(_help("eval").split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    for option in text.split("  --")[1:]:
+        assert option.count("(default") <= 1, option
+    assert "(default: 2)" in text and "(default: auto)" in text  # the real defaults stay
+
+
+def test_non_empty_folder_advice_names_what_works(capsys, in_tmp, small_vocab):
+    """A non-empty folder this library did not write advised '--overwrite', which was then
+    refused; now the advice is what works (another --output, or empty it), with or without
+    --overwrite, for train and eval."""
+    foreign = in_tmp / "notes"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("my notes\n")
+    for extra in ([], ["--overwrite"]):
+        err = _one_line_error(capsys, ["train", "--erase", "x", "--vocab", small_vocab,
+                                       "--output", str(foreign), *FAST, *extra], in_tmp)
+        assert "pass --overwrite" not in err and "choose another --output" in err
+        err = _one_line_error(capsys, ["eval", "--base-only", "--model", "tiny", "--erase", "x",
+                                       "--no-images", "--output", str(foreign), "--quiet",
+                                       *extra], in_tmp)
+        assert "pass --overwrite" not in err and "choose another --output" in err
+    assert (foreign / "mine.txt").read_text() == "my notes\n"
+
+
+def test_unknown_vocabulary_name_lists_the_built_in_ones(capsys, in_tmp):
+    """--vocab english was 'vocabulary file 'english' does not exist', after the model load."""
+    from ap_erase_fast.errors import UserError
+    from ap_erase_fast.models.vocab import load_vocabulary
+
+    err = _one_line_error(capsys, ["train", "--erase", "x", "--vocab", "english", "--output",
+                                   "out", *FAST], in_tmp)
+    assert "'english'" in err and "en, shapes, shapes2" in err
+    with pytest.raises(UserError, match="en, shapes, shapes2"):
+        load_vocabulary("english")
+    with pytest.raises(UserError, match="does not exist.*en, shapes, shapes2"):
+        load_vocabulary(str(in_tmp / "words.txt"))
+
+
+def test_sdxl_eval_records_the_pipeline_it_used(tmp_path):
+    """report.json of an SDXL eval said StableDiffusionPipeline."""
+    from ap_erase_fast.eval import EvalConfig, evaluate
+
+    rep = evaluate(EvalConfig(base_only=True, model="tiny-sdxl", erase=["x"],
+                              output=str(tmp_path / "ev"), eps_seeds=1, eps_timesteps=1,
+                              eps_ddim_steps=4, steps=1, images_per_prompt=1, batch_size=8,
+                              save_images=False, quiet=True, device="cpu"))
+    assert rep["images"]["protocol"]["library"] == "diffusers.StableDiffusionXLPipeline"
+    assert "StableDiffusionXLPipeline" in (tmp_path / "ev" / "report.md").read_text()
+
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, small_vocab):
+    """A finished one-step run on the built-in tiny model."""
+    from ap_erase_fast import EraseConfig, erase
+
+    out = tmp_path_factory.mktemp("card") / "run"
+    erase(EraseConfig(model="tiny", erase=["garbage truck"], steps=1, ddim_steps=4,
+                      k_closest=40, num_centers=6, vocab=small_vocab, quiet=True, device="cpu",
+                      output=str(out)))
+    return out
+
+
+def _code_block(card: str) -> str:
+    import re
+
+    section = card.split("## How to use", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_model_card_of_a_built_in_model_loads_as_it_says(tiny_run):
+    """The card told users of built-in models to call from_pretrained("<base model>"), which
+    no hub has; its code now runs as written."""
+    import torch
+
+    card = (tiny_run / "README.md").read_text()
+    assert "<base model>" not in card and "pypi.org" not in card
+    code = _code_block(card).replace("<this folder>", str(tiny_run))
+    scope: dict = {}
+    exec(compile(code, "card", "exec"), scope)  # noqa: S102 - the card's own example
+    pipe = scope["pipe"]
+    from diffusers import UNet2DConditionModel
+
+    saved = UNet2DConditionModel.from_pretrained(str(tiny_run / "unet"))
+    assert all(torch.equal(p, saved.get_parameter(n)) for n, p in pipe.unet.named_parameters())
+
+
+def test_model_card_names_the_base_model_it_was_trained_from():
+    from ap_erase_fast.modelcard import model_card
+
+    def info(fmt, model_id, path=None, lora=0, family="sd"):
+        return {"config": {"erase": ["x"], "lora_rank": lora, "merge": False},
+                "model": {"id": model_id, "sha256": "0" * 64,
+                          "source": {"format": fmt, "path": path}},
+                "backbone": {"family": family}, "library_version": "1.0", "outer_steps": 1}
+
+    card = model_card(info("hub", "stabilityai/stable-diffusion-xl-base-1.0", family="sdxl"))
+    assert ('StableDiffusionXLPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0"'
+            in card)
+    card = model_card(info("diffusers", "/models/sd15", path="/models/sd15", lora=8))
+    assert 'StableDiffusionPipeline.from_pretrained("/models/sd15"' in card
+    assert 'load_lora_weights("<this folder>/lora")' in card
+    card = model_card(info("single_file", "v1-5.safetensors", path="/m/v1-5.safetensors"))
+    assert 'StableDiffusionPipeline.from_single_file("/m/v1-5.safetensors"' in card
+    for card in (model_card(info(f, "m", path="/m")) for f in ("hub", "diffusers", "builtin")):
+        assert "<base model>" not in card and "pypi.org" not in card and "https://" not in card
+
+
+def test_model_card_gives_the_image_scores_of_an_eval():
+    """A shapes2 eval was summarised as 'shapes2: see eval/report.md'; the card now gives ESR
+    and PSR of the base and the erased model."""
+    from ap_erase_fast.modelcard import model_card
+
+    info = {"config": {"erase": ["circle"]}, "library_version": "1.0", "outer_steps": 40,
+            "model": {"id": "shapes2", "sha256": "0" * 64, "source": {"format": "builtin"}}}
+    results = {"base": {"erased": {"images": 48, "ESR": 0.02, "became": {"ring": 1}},
+                        "preserved": {"images": 336, "PSR": 0.985}},
+               "erased": {"erased": {"images": 48, "ESR": 0.979, "became": {"square": 47}},
+                          "preserved": {"images": 336, "PSR": 0.912}}}
+    report = {"eps_space": {}, "images": {
+        "protocol": {"steps": 25, "guidance_scale": 5.0, "resolution": 32},
+        "detectors": {"shapes2": {"results": results}}}}
+    card = model_card(info, report)
+    assert "see `eval/report.md`" not in card.replace("Full report: `eval/report.md`", "")
+    assert "| erased | 48 | ESR | 2.0 % | 97.9 % |" in card
+    assert "| preserved | 336 | PSR | 98.5 % | 91.2 % |" in card

@@ -26,3 +26,46 @@ def test_config_reference_is_up_to_date():
 
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gen_config_doc.py"), "--check"])
     assert proc.returncode == 0, "docs/CONFIG.md is stale: run python tools/gen_config_doc.py"
+
+
+def _section(title):
+    text = (ROOT / "README.md").read_text()
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_outputs_table_lists_what_a_run_writes_and_when():
+    """The Outputs table listed unet/ as always there (a LoRA run without --merge has none)
+    and left out README.md, lora/, lora_kohya.safetensors, eval/ and the checkpoints."""
+    from ap_erase_fast.outdir import TRAIN_OUTPUT_NAMES
+
+    rows = {}
+    for line in _section("Outputs").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 3:
+            rows[cells[0]] = cells[1]
+    names = {n.strip("`").split("`")[0].rstrip("/") for n in rows}
+    expected = set(TRAIN_OUTPUT_NAMES) - {"README.md.tmp"}
+    assert expected <= names, expected - names
+    assert "eval" in names and any("checkpoints" in n for n in rows)
+    unet = rows["`unet/`"]
+    assert "always" not in unet and "--merge" in unet and "--lora-rank" in unet
+
+
+def test_models_doc_does_not_deny_eval_on_sdxl():
+    """docs/models.md said 'ap-erase eval' was not covered on SDXL; tests/test_sdxl.py runs it."""
+    import re
+
+    text = " ".join((ROOT / "docs" / "models.md").read_text().split())
+    for sentence in re.split(r"(?<=[.:;])\s", text):
+        if "ap-erase eval" in sentence:
+            assert not re.search(r"not (covered|implemented|supported)", sentence), sentence
+    assert "StableDiffusionXLPipeline" in text
+
+
+def test_benchmarks_doc_says_what_a_user_needs_not_one_machines_tooling():
+    text = (ROOT / "docs" / "BENCHMARKS.md").read_text()
+    for machine_detail in (".whl", "gpu_wheels", "device tool", "image has Python",
+                           "Wheels to carry"):
+        assert machine_detail not in text, machine_detail
+    need = text.split("**What you need.**", 1)[1].split("\n\n", 1)[0]
+    assert 'pip install ".[test]"' in need and "CUDA" in need

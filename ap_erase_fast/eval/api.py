@@ -186,6 +186,9 @@ def evaluate(config: EvalConfig | None = None, **overrides) -> dict:
         prompts_info = {"path": None, "source": f"default: each erased concept and the first 6 "
                         f"held-out concepts as prompts, seeds 0..{cfg.images_per_prompt - 1}",
                         "rows": len(rows)}
+    from ..config import check_output_folder
+
+    check_output_folder(_resolve_output(cfg), marker="report.json")
     device = _device(cfg.device)
     wdir = weights_dir(cfg.weights)
     options = {"nudenet_classes": cfg.nudenet_classes, "nudenet_model": cfg.nudenet_model}
@@ -417,6 +420,8 @@ def _images(cfg, comps, erased_unet, rows, prompts_info, detectors, resolution, 
     groups = {}
     for r in rows:
         groups[r.group] = groups.get(r.group, 0) + 1
-    images_report = {"protocol": gen.as_dict(resolution), "prompts": prompts_info, "groups": groups,
+    # the pipeline class actually used (StableDiffusionXLPipeline for SDXL)
+    protocol = {**gen.as_dict(resolution), "library": f"diffusers.{type(pipes['base']).__name__}"}
+    images_report = {"protocol": protocol, "prompts": prompts_info, "groups": groups,
                      "saved": bool(cfg.save_images), "detectors": detector_report}
     return images_report, records, grids

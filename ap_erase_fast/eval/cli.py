@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-model-mismatch", action="store_true",
                    help="evaluate even if the base model's UNet hash differs from the run's record")
     g.add_argument("--output", metavar="DIR", help="report folder (default RUN/eval, RUN/eval-base)")
-    g.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty output folder that ap-erase eval wrote (one holding "
+                        "its report.json); any other folder is refused")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--quiet", action="store_true", help="no progress bars or summary")
 

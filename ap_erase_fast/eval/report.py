@@ -200,7 +200,7 @@ def markdown(report: dict) -> str:
         lines += ["", "## Images", "",
                   f"{img['prompts']['rows']} prompts ({img['prompts'].get('path') or img['prompts'].get('source')}), "
                   f"groups {img['groups']}; {pr['scheduler']} {pr['steps']} steps, CFG {pr['guidance_scale']}, "
-                  f"{pr['resolution']} px, per-prompt seed.", ""]
+                  f"{pr['resolution']} px, per-prompt seed ({pr.get('library', 'diffusers')}).", ""]
         for name, det in img["detectors"].items():
             lines += [f"### {name}", ""]
             res = det["results"]

@@ -15,6 +15,31 @@ def builtin_vocabulary_path() -> str:
     return os.path.join(here, "data", BUILTIN_VOCABULARY)
 
 
+def _unknown(path: str, source: str) -> UserError:
+    """The error of a --vocab that is neither a built-in name nor an existing file."""
+    names = ", ".join(BUILTIN_NAMES)
+    p = os.fspath(path)
+    if os.sep not in p and not (os.altsep and os.altsep in p) and "." not in p:
+        return UserError(f"unknown vocabulary {p!r}: not a built-in list ({names}) and no such "
+                         f"file; use one of {names}, or a .txt (one word per line) or .csv "
+                         f"(a 'word' column) file")
+    return UserError(f"vocabulary file {source!r} does not exist; give an existing .txt or .csv "
+                     f"file, or a built-in list: {names}")
+
+
+def check_vocabulary_name(path: str) -> None:
+    """Raise the one-line error of :func:`load_vocabulary` for a ``path`` that is neither a
+    built-in list nor an existing file (cheap: nothing is read)."""
+    if path is None or path in BUILTIN_NAMES:
+        return
+    source = os.path.expanduser(os.fspath(path))
+    if not os.path.isfile(source):
+        if os.path.isdir(source):
+            raise UserError(f"vocabulary {source!r} is a folder; give a .txt or .csv file, or a "
+                            f"built-in list: {', '.join(BUILTIN_NAMES)}")
+        raise _unknown(path, source)
+
+
 def load_vocabulary(path: str | None = None) -> list[str]:
     """The words of a vocabulary file, in file order, duplicates removed (first kept).
 
@@ -41,8 +66,10 @@ def load_vocabulary(path: str | None = None) -> list[str]:
         path = None
     source = builtin_vocabulary_path() if path is None else os.path.expanduser(os.fspath(path))
     if not os.path.isfile(source):
-        what = "built-in vocabulary" if path is None else "vocabulary file"
-        raise UserError(f"{what} {source!r} does not exist")
+        if path is None:
+            raise UserError(f"built-in vocabulary {source!r} does not exist; reinstall "
+                            f"ap_erase_fast")
+        check_vocabulary_name(path)
     try:
         with open(source, encoding="utf-8-sig", newline="") as fh:
             if source.lower().endswith(".csv"):
