@@ -327,11 +327,11 @@ def test_ablation_table_reads_each_setting_against_its_own_controls(tmp_path):
     assert t[6] == "81.0 / 70.0" and lm[6] == "51.0 / 40.0"
     # π: mass and peak only from rows that recorded the draw distribution (these did not), top 5
     # naming ring, ellipse or heart, π₁ − π₅ = τ·ln(0.1 / 0.02) at the setting's τ 0.5, R share
-    assert t[7:12] == ["–", "40.0", "–", "0.80", "30.0"]
+    assert t[7:13] == ["–", "–", "40.0", "–", "0.80", "30.0"]  # (these rows drew nothing)
     measured = _setting("ap_faithful", 0.8, ablation={"tau": 0.5}, pi_measure=quality.PI_MEASURE,
                         pi_logits=[2.0, 1.0, 0.5, 0.4, 0.3, 0.0])
     row = ablations.setting_row("m", measured, "ap_faithful", 40, 1e-3, "shapes2", ["circle"], [0, 1, 2])
-    assert row[7:12] == ["40.0", "40.0", "5.0", "1.70", "30.0"]
+    assert row[8:13] == ["40.0", "40.0", "5.0", "1.70", "30.0"]
     # the command: written from the results files, one clear error without them
     for tag, rows_ in (("shapes2_cpu", main_rows), ("shapes2_abl_tau0.5", tau)):
         (tmp_path / f"quality_{tag}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_))

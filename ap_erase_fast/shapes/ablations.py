@@ -50,8 +50,8 @@ def setting_row(name: str, rows: list[dict], method: str, steps: int, lr: float,
                  and "psr_near" in r] for m in (method, "preserve_random")}
     cells.append(" / ".join(quality._pct(final[m]) for m in final))
     st = quality.search_stats([r for r in rows if r["method"] == method and r["lr"] == lr and r["steps"] == steps],
-                              sets) or {"mass": [], "top": [], "peak": [], "share": [], "gap": []}
-    cells += [quality._pct(st["mass"]), quality._pct(st["top"]), quality._mean(st["peak"], 1),
+                              sets) or {"draws": [], "mass": [], "top": [], "peak": [], "share": [], "gap": []}
+    cells += [quality._pct(st["draws"]), quality._pct(st["mass"]), quality._pct(st["top"]), quality._mean(st["peak"], 1),
               quality._mean(st["gap"], 2), quality._pct(st["share"])]
     return cells
 
@@ -70,7 +70,7 @@ def summary_lines(main_rows: list[dict], settings: list[tuple[str, list[dict]]],
     defaults = {k: main_ap[0][k] for k in KNOBS if main_ap and k in main_ap[0]}
     head = ["setting", "AP method"]
     head += [f"− {c} PSR-near @ ESR {100 * lv:.0f} %" for c in ("random", "oracle") for lv in quality.MATCHED_ESR]
-    head += [f"PSR-near after {steps} steps: AP / random", "π mass on the near set", "π's top 5 naming a near concept",
+    head += [f"PSR-near after {steps} steps: AP / random", "draws naming a near concept", "π mass on the near set", "π's top 5 naming a near concept",
              "π's peak ÷ uniform", "π₁ − π₅", "near set's share of R"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     used = list(dict.fromkeys(r["method"] for r in ap_runs))
@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
              "points of PSR-near, mean ± standard error (wins / losses / ties, two-sided sign test's p). The "
              "first rows are the main table's runs with the default search settings (τ 2, π lr 0.1, P 2, "
              "|R| ≤ 60, hard draw, λ 1) on the same targets and seeds. π columns: after the full step "
-             "budget, mean over targets and seeds, % (the near set's share of R is what a uniform draw gives). "
+             "budget, mean over targets and seeds, %: the share of the preservation draws whose candidate names a near "
+             "concept (what was actually preserved), then π itself (the near set's share of R is what a uniform "
+             "draw gives). "
              "π's mass and peak are those of its draw distribution (softmax(π) for the hard draw, whatever τ), "
              "shown only for runs that recorded it (– for runs recorded before); π₁ − π₅, the logit gap "
              "between π's first and fifth candidate, is exact for every run (τ-free: the first is drawn "
