@@ -339,3 +339,19 @@ def test_ablation_table_reads_each_setting_against_its_own_controls(tmp_path):
     text = (tmp_path / "quality_shapes2_ablations.md").read_text()
     assert "| tau0.5 (tau 0.5) | ap_faithful | +11.0 ± 0.6" in text
     assert cli(["bench", "ablations", "--out", str(tmp_path), "--names", "nothing"]) == 2
+
+
+def test_near_sets_and_confirm_options_refuse_bad_input(tmp_path, capsys):
+    """--near-sets must be a near-set file of an earlier table and --confirm name two of the run's
+    methods: one line, exit 2, nothing run."""
+    from ap_erase_fast.cli import main as cli
+
+    bad = tmp_path / "near.json"
+    bad.write_text('{"circle": [1, 2]}')
+    common = ["bench", "quality", "--model", "shapes2", "--targets", "circle", "--seeds", "3",
+              "--methods", "base,preserve_random,ap_score", "--out", str(tmp_path / "out")]
+    assert cli([*common, "--near-sets", str(bad)]) == 2
+    assert "--near-sets" in capsys.readouterr().err
+    assert cli([*common, "--confirm", "ap_score:oracle"]) == 2
+    assert "--confirm" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
