@@ -69,17 +69,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def quiet_libraries() -> None:
+def _errors_only(record) -> bool:
+    """A logging filter: errors pass, lower levels do not."""
+    import logging
+
+    return record.levelno >= logging.ERROR
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
+    """Python warnings as one 'warning:' line, without the source line that raised them."""
+    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def quiet_libraries(quiet: bool = False) -> None:
     """Keep third-party log chatter (dtype notes, optional-kernel probes) off the terminal, so
-    the user sees the progress bar, the summary and, on failure, one error line."""
+    the user sees the progress bar, the summary and, on failure, one error line. Python
+    warnings become one 'warning:' line each; ``quiet`` (--quiet: only errors) drops them."""
     import logging
     import os
     import warnings
 
     if os.environ.get("AP_ERASE_VERBOSE") == "1":
         return
-    for name in ("bitsandbytes", "DeepSpeed", "deepspeed", "accelerate", "torch.distributed"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # (kernels: bitsandbytes' optional-kernel download, e.g. its offline-mode note)
+    for name in ("bitsandbytes", "kernels", "DeepSpeed", "deepspeed", "accelerate",
+                 "torch.distributed"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.ERROR)
+        # DeepSpeed sets its logger's level again when it is imported later (by a model load,
+        # once it is installed): the filter stays
+        logger.addFilter(_errors_only)
+    warnings.showwarning = _one_line_warning
+    if quiet:
+        warnings.simplefilter("ignore")
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -99,7 +121,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg.output = cfg.output or default_output_dir(cfg)
     _RUN["output"] = cfg.output
     _error_log_beside(cfg.output)
-    quiet_libraries()
+    quiet_libraries(quiet=cfg.quiet)
     from .api import erase
 
     result = erase(cfg)
@@ -242,7 +264,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                                  if args.run else None)
         if output:
             _error_log_beside(output)
-        quiet_libraries()
+        quiet_libraries(quiet=args.quiet)
         from .eval.cli import run as run_eval
 
         return run_eval(args)

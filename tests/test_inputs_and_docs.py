@@ -327,3 +327,40 @@ def test_model_card_gives_the_image_scores_of_an_eval():
     assert "see `eval/report.md`" not in card.replace("Full report: `eval/report.md`", "")
     assert "| erased | 48 | ESR | 2.0 % | 97.9 % |" in card
     assert "| preserved | 336 | PSR | 98.5 % | 91.2 % |" in card
+
+
+# ---- 5. stray output ----------------------------------------------------------------------
+def test_plain_sdxl_run_prints_no_deepspeed_accelerator_warning(tmp_path):
+    """With DeepSpeed installed, building the tiny-sdxl model imported it, and its accelerator
+    probe printed '[WARNING] [real_accelerator.py:…] Setting accelerator to CPU' on stdout of a
+    plain --quiet run (the library's logger setting was reset by DeepSpeed's import)."""
+    import os
+    import sys
+
+    pytest.importorskip("deepspeed")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env["AP_ERASE_CACHE"] = str(tmp_path / "cache")  # a fresh cache: the model is built
+    proc = subprocess.run([sys.executable, "-m", "ap_erase_fast", "train", "--model", "tiny-sdxl",
+                           "--erase", "x", "--preserve-set", "a, b", "--steps", "1",
+                           "--ddim-steps", "2", "--output", str(tmp_path / "out"), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == "" and proc.stderr == "", (proc.stdout, proc.stderr)
+
+
+def test_unusable_embedding_cache_is_one_warning_line_or_nothing_under_quiet(capsys, in_tmp,
+                                                                               small_vocab):
+    """An --embedding-cache that cannot be written printed a raw 'UserWarning' with the source
+    line that raised it, even under --quiet. The cache is optional: one 'warning:' line, and
+    nothing under --quiet."""
+    (in_tmp / "afile").write_text("a file, not a folder\n")
+    argv = ["train", "--erase", "x", "--vocab", small_vocab, *FAST[:-1],
+            "--embedding-cache", str(in_tmp / "afile" / "sub")]
+    assert main([*argv, "--output", "a"]) == 0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.replace("\r", "\n").splitlines()
+             if ln.strip() and "step/s" not in ln and "erasing" not in ln]
+    assert lines == [ln for ln in lines if ln.startswith("warning: could not write the embedding")]
+    assert len(lines) == 1 and "UserWarning" not in err and "vocabulary_embeddings(" not in err
+    assert main([*argv, "--output", "b", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
