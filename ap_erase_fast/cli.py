@@ -122,6 +122,9 @@ def _train(args: argparse.Namespace) -> int:
     _RUN["output"] = cfg.output
     _error_log_beside(cfg.output)
     quiet_libraries(quiet=cfg.quiet)
+    threads = _apply_threads(getattr(args, "threads", None))
+    if not cfg.quiet and int(os.environ.get("RANK", "0")) == 0:
+        print(threads, flush=True)
     from .api import erase
 
     result = erase(cfg)
@@ -135,6 +138,24 @@ def _train(args: argparse.Namespace) -> int:
             print("note: " + info["notice"])
         print(f"output: {result.output_dir}")
     return 0
+
+
+def _apply_threads(threads: int | None) -> str:
+    """Set torch's intra-op thread count (``--threads``; None: keep torch's) and return the
+    line that says what it is and where it came from."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+        source = "--threads"
+    elif os.environ.get("OMP_NUM_THREADS"):
+        source = "OMP_NUM_THREADS"
+    else:
+        source = "torch's default: one per core"
+    n = torch.get_num_threads()
+    return (f"threads: {n} CPU thread{'s' if n != 1 else ''} ({source}); --threads N or "
+            f"OMP_NUM_THREADS=N sets it (on a busy machine fewer can be much faster), and results "
+            f"are bit-identical only at the same count")
 
 
 # Where the traceback of an unexpected error goes: beside the command's output folder once it is

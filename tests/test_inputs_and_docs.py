@@ -364,3 +364,51 @@ def test_unusable_embedding_cache_is_one_warning_line_or_nothing_under_quiet(cap
     assert len(lines) == 1 and "UserWarning" not in err and "vocabulary_embeddings(" not in err
     assert main([*argv, "--output", "b", "--quiet"]) == 0
     assert capsys.readouterr().err == ""
+
+
+# ---- 2, 3. threads: the reproducibility condition, --threads, the first line ---------------
+def test_thread_count_is_part_of_the_reproducibility_promise():
+    """Default threads and OMP_NUM_THREADS=1 give different tensors on the same machine; the
+    README and the --seed help promised bit-identical results on the same machine only."""
+    import re
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    promises = [s for s in re.split(r"(?<=\.)\s", readme) if "bit-identical outputs" in s]
+    assert promises and all("thread" in s for s in promises), promises
+    assert "same number of CPU threads" in " ".join(_help("train").split())
+
+
+def test_threads_flag_sets_the_count_and_the_first_line_says_it(capsys, in_tmp, small_vocab):
+    import torch
+
+    before = torch.get_num_threads()
+    argv = ["train", "--erase", "x", "--vocab", small_vocab, *FAST[:-1]]
+    try:
+        assert main([*argv, "--output", "a", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+        first = capsys.readouterr().out.splitlines()[0]
+        assert first.startswith("threads: 1 CPU thread (--threads)") and "OMP_NUM_THREADS" in first
+        (in_tmp / "run.yaml").write_text("threads: 2\n")
+        assert main([*argv, "--output", "b", "--config", "run.yaml"]) == 0
+        assert torch.get_num_threads() == 2
+        assert capsys.readouterr().out.startswith("threads: 2 CPU threads")
+        assert main([*argv, "--output", "c", "--config", "run.yaml", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1  # the flag overrides the file
+        capsys.readouterr()
+        assert main([*argv, "--output", "d", "--quiet"]) == 0
+        assert capsys.readouterr().out == ""  # --quiet: no first line either
+    finally:
+        torch.set_num_threads(before)
+    for bad in (["--threads", "0"], ["--threads", "x"], ["--threads", "-1"]):
+        err = _one_line_error(capsys, [*argv, "--output", "e", *bad], in_tmp)
+        assert "threads" in err
+    (in_tmp / "bad.yaml").write_text("threads: 0.5\n")
+    assert "threads must be a whole number" in _one_line_error(
+        capsys, [*argv, "--output", "e", "--config", "bad.yaml"], in_tmp)
+
+
+def test_quickstart_documents_threads_next_to_it():
+    text = (ROOT / "README.md").read_text()
+    quickstart = text.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    prose = quickstart.split("```", 2)[2]  # after the two commands
+    assert "--threads" in prose and "OMP_NUM_THREADS" in prose
