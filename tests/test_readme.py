@@ -69,3 +69,45 @@ def test_benchmarks_doc_says_what_a_user_needs_not_one_machines_tooling():
         assert machine_detail not in text, machine_detail
     need = text.split("**What you need.**", 1)[1].split("\n\n", 1)[0]
     assert 'pip install ".[test]"' in need and "CUDA" in need
+
+
+def _results_rows(name):
+    """The rows of a committed step benchmark CSV by config name (its first line is the
+    machine header)."""
+    import csv
+
+    lines = (ROOT / "benchmarks" / "results" / name).read_text().splitlines()
+    return {r["config"]: r for r in csv.DictReader(lines[1:])}
+
+
+def test_real_model_section_says_where_weights_go_and_what_memory_each_preset_needs():
+    """A user with an SD1.5 or SDXL checkpoint can follow the README: where the weights go,
+    the memory of each preset (numbers from the committed results only; GPU: not measured
+    yet), and a command for a 24 GB card that the program accepts."""
+    import shlex
+
+    section = _section("A real model")
+    for form in ("sd15", ".safetensors", "sdxl-base", "sd_xl_base_1.0.safetensors"):
+        assert form in section, form
+    files = {"SD1.x": "step_sd14_cpu_memory.csv", "SDXL": "step_sdxl_cpu_memory.csv"}
+    columns = ("params_gib", "theta_copy_gib", "grads_gib", "optimizer_state_gib", "peak_gib")
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in section.splitlines() if line.startswith(("| SD1.x |", "| SDXL |"))]
+    assert len(rows) >= 8
+    for model, config, *numbers, vram in rows:
+        assert files[model].replace(".csv", ".md") in section
+        measured = _results_rows(files[model])[config.strip("`")]
+        for column, shown in zip(columns, numbers):
+            assert float(shown) == round(float(measured[column]), 2), (model, config, column)
+        assert vram == "not measured on GPU yet"
+    card = section.split("**A 24 GB card.**", 1)[1]
+    command = " ".join(card.split("```bash", 1)[1].split("```", 1)[0].replace("\\\n", " ").split())
+    for option in ("--lora-rank", "--gradient-checkpointing", "--optimizer adamw8bit"):
+        assert option in command
+    from ap_erase_fast.cli import build_parser
+    from ap_erase_fast.config import config_from_args
+
+    argv = shlex.split(command)
+    assert argv[:2] == ["ap-erase", "train"]
+    cfg = config_from_args(build_parser().parse_args(argv[1:]))
+    assert cfg.lora_rank and cfg.gradient_checkpointing and cfg.optimizer == "adamw8bit"
