@@ -606,11 +606,15 @@ class ModelShape:
 
     @property
     def native_resolution(self) -> int:
-        return int(self.unet_config.get("sample_size") or 64) * self.vae_factor
+        size = self.unet_config.get("sample_size") or 64
+        if isinstance(size, (list, tuple)):  # (height, width)
+            size = max(size)
+        return int(size) * self.vae_factor
 
     @property
     def resolution_multiple(self) -> int:
-        down = len(self.unet_config.get("down_block_types") or ()) or 1
+        blocks = self.unet_config.get("down_block_types")
+        down = len(blocks) if isinstance(blocks, (list, tuple)) and blocks else 1
         return self.vae_factor * 2 ** (down - 1)
 
 
@@ -685,11 +689,20 @@ def lora_rank_bound(unet_config: dict, train_method: str) -> tuple[int, int]:
 
     import torch
 
-    if os.environ.get("AP_ERASE_VERBOSE") != "1":  # its optional-kernel probe, as cli.quiet_libraries
+    verbose = os.environ.get("AP_ERASE_VERBOSE") == "1"
+    if not verbose:  # its optional-kernel probe, as cli.quiet_libraries
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from diffusers.utils import logging as diffusers_logging
+
     from .models.trainable import _meta_unet, parameter_is_trained
 
-    unet = _meta_unet(unet_config)
+    before = diffusers_logging.get_verbosity()
+    if not verbose:  # notes on config keys this diffusers does not know: the load says them
+        diffusers_logging.set_verbosity_error()
+    try:
+        unet = _meta_unet(unet_config)
+    finally:
+        diffusers_logging.set_verbosity(before)
     bound, count = 0, 0
     for name, module in unet.named_modules():
         params = [n for n, _ in module.named_parameters(recurse=False)]
@@ -727,7 +740,10 @@ def check_model_bounds(cfg: EraseConfig) -> None:
                 f"(at most {GENERIC_MAX_RESOLUTION} px, {MAX_RESOLUTION_FACTOR}x SDXL's native "
                 f"1024); use a smaller one, or leave --resolution out for the model's own")
     if cfg.lora_rank and shape is not None:
-        bound, count = lora_rank_bound(shape.unet_config, cfg.train_method)
+        try:
+            bound, count = lora_rank_bound(shape.unet_config, cfg.train_method)
+        except Exception:  # noqa: BLE001 - a config diffusers cannot build: the loader says why
+            bound, count = 0, 0
         if count and cfg.lora_rank > bound:
             raise UserError(
                 f"--lora-rank {cfg.lora_rank} is larger than any layer it adapts: the largest of "

@@ -80,6 +80,20 @@ def test_resolution_limit_of_models_read_only_at_load_time(capsys, in_tmp):
     check_model_bounds(EraseConfig(model=str(ckpt), erase=["x"], resolution=1024))
 
 
+def test_model_bounds_leave_configs_they_cannot_read_to_the_loader(in_tmp, capsys):
+    """A folder whose UNet config diffusers cannot build, or whose sample size is (h, w): the
+    bounds are checked where they can be and never crash or print."""
+    from ap_erase_fast.config import EraseConfig, check_model_bounds, peek_model
+
+    (in_tmp / "odd" / "unet").mkdir(parents=True)
+    (in_tmp / "odd" / "unet" / "config.json").write_text(json.dumps(
+        {"_class_name": "SomethingElse", "sample_size": [64, 96], "down_block_types": 3,
+         "unknown_key": 1}))
+    assert peek_model(str(in_tmp / "odd")).native_resolution == 768
+    check_model_bounds(EraseConfig(model=str(in_tmp / "odd"), erase=["x"], lora_rank=4))
+    assert capsys.readouterr() == ("", "")
+
+
 def test_eval_resolution_far_beyond_the_model_is_refused(capsys, in_tmp):
     err = _one_line_error(capsys, ["eval", "--base-only", "--model", "tiny", "--erase", "x",
                                    "--no-images", "--output", "ev", "--resolution", "100000",
