@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .config import EraseConfig, default_output_dir
+from .config import EraseConfig, check_model_bounds, default_output_dir
 from .engine import EraseResult, Eraser
 from .errors import UserError
 from .export import OutputDir, checkpoint_root_for, write_outputs
@@ -28,6 +28,7 @@ def erase(config: EraseConfig | None = None, write: bool = True, **overrides) ->
 
         cfg.preserve_set = parse_prompt_list(cfg.preserve_set)
     cfg.validate()
+    check_model_bounds(cfg)
     if write:
         cfg.output = cfg.output or default_output_dir(cfg)
     eraser = Eraser(cfg)  # under --deepspeed this joins the process group

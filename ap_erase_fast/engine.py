@@ -436,8 +436,10 @@ class Eraser:
         cfg, comp = self.cfg, self.components
         outer_steps = max(self.iteration // cfg.pgd_steps, 1)
         pi_summary = {}
-        for s, p in zip(self.sets, self.pi):
-            probs = torch.softmax(p.detach().float().cpu(), 0)
+        from .search import draw_distribution
+
+        for s, p in zip(self.sets, self.pi):  # what each candidate weighs in the drawn c_a
+            probs = draw_distribution(p.cpu(), cfg.gumbel_mode, cfg.tau, cfg.gumbel_topk).float()
             top = torch.argsort(probs, descending=True, stable=True)[:10]
             pi_summary[s.concept] = [{"word": s.words[j], "prob": round(float(probs[j]), 6)}
                                      for j in top.tolist()]
@@ -452,7 +454,7 @@ class Eraser:
             "model": {"id": comp.model_id, "sha256": comp.content_hash,
                       "random_weights": comp.random_weights, "source": comp.source,
                       "prediction_type": self.tables.prediction_type},
-            "device": str(self.device),
+            "device": str(self.device), "torch_threads": torch.get_num_threads(),
             "world_size": self.dist.world, "batch_size_per_process": cfg.batch_size,
             "global_batch": self.dist.world * cfg.batch_size,
             "latent_shape": list(self.latent_shape),

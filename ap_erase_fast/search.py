@@ -24,6 +24,13 @@ class Search:
         """``sets``: the :class:`~ap_erase_fast.concepts.PreservationSet` per erased concept;
         ``tables``: their rows [|R|, F] on the device; ``cond_shapes``: per-prompt shapes of a
         Cond (to unflatten a mixed row)."""
+        if cfg.gumbel_mode == "topk" and any(cfg.gumbel_topk > len(s.words) for s in sets):
+            from .errors import UserError
+
+            small = min(sets, key=lambda s: len(s.words))
+            raise UserError(f"--gumbel-topk {cfg.gumbel_topk} is larger than the preservation set of "
+                            f"{small.concept!r} ({len(small.words)} candidates); use --gumbel-topk "
+                            f"{len(small.words)} or less")
         self.cfg = cfg
         self.sets = sets
         self.tables = tables

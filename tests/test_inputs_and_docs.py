@@ -426,3 +426,36 @@ def test_quickstart_documents_threads_next_to_it():
     quickstart = text.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
     prose = quickstart.split("```", 2)[2]  # after the two commands
     assert "--threads" in prose and "OMP_NUM_THREADS" in prose
+
+
+def test_python_api_checks_the_model_bounds_and_the_real_r(tmp_path):
+    """``erase()`` refuses what the command line refuses (a --resolution far beyond the model), and
+    a --gumbel-topk larger than the R actually selected (a vocabulary smaller than --num-centers)
+    is one clear error, not a silent clamp."""
+    import pytest
+
+    from ap_erase_fast import EraseConfig, erase
+    from ap_erase_fast.errors import UserError
+
+    with pytest.raises(UserError, match="resolution"):
+        erase(EraseConfig(model="tiny", erase=["garbage truck"], steps=1, resolution=100000,
+                          quiet=True), write=False)
+    vocab = tmp_path / "words.txt"
+    vocab.write_text("apple\nriver\nchair\nlamp\ncloud\n")  # R can hold at most 5 words
+    with pytest.raises(UserError, match="--gumbel-topk 8 is larger than the preservation set"):
+        erase(EraseConfig(model="tiny", erase=["garbage truck"], steps=1, vocab=str(vocab),
+                          k_closest=60, num_centers=12, gumbel_mode="topk", gumbel_topk=8,
+                          quiet=True), write=False)
+
+
+def test_run_json_records_the_thread_count(tmp_path, small_vocab):
+    import json
+
+    import torch
+
+    from ap_erase_fast import EraseConfig, erase
+
+    out = tmp_path / "run"
+    erase(EraseConfig(model="tiny", erase=["garbage truck"], steps=1, vocab=small_vocab, k_closest=60,
+                      num_centers=12, ddim_steps=4, quiet=True, output=str(out)))
+    assert json.loads((out / "run.json").read_text())["torch_threads"] == torch.get_num_threads()
