@@ -19,18 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ap_erase_fast import EraseConfig, erase
+from ap_erase_fast import erase
 from ap_erase_fast.cli import main
 
-STEPS = 3
-
-
-def config(vocab, out, **kw):
-    base = dict(model="tiny", erase=["garbage truck"], steps=STEPS, seed=0, vocab=vocab,
-                k_closest=60, num_centers=12, ddim_steps=10, quiet=True, device="cpu",
-                checkpoint_every=1, output=str(out))
-    base.update(kw)
-    return EraseConfig(**base)
+from test_faults import STEPS, config  # the fault suite's run settings
 
 
 def argv(vocab, out, *extra, steps=STEPS):
