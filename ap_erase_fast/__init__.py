@@ -5,7 +5,7 @@
 
 Nothing heavy is imported until it is used.
 """
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["__version__", "erase", "EraseConfig", "EraseResult", "UserError"]
 

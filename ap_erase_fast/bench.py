@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
 import json
-import os
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from .runtime import environment as _environment
+from .runtime import new_results_dir
 
 # name: overrides of EraseConfig. The first entry of each preset is the baseline.
 CONFIGS: dict[str, dict] = {
@@ -150,7 +151,7 @@ def _run_one(args) -> dict:
     """Child process: one configuration."""
     import torch
 
-    from .cli import quiet_libraries
+    from .runtime import quiet_libraries
     from .config import EraseConfig
     from .engine import Eraser
 
@@ -259,44 +260,8 @@ def memory_accounting(eraser) -> dict:
             "optimizer_state_gib": _gib(states)}
 
 
-def new_results_dir(kind: str) -> Path:
-    """The default results folder of a benchmark: a new ``bench-<kind>-<date-time>`` folder
-    under the current one (never the package, never the committed reports)."""
-    base = Path.cwd() / f"bench-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path, k = base, 1
-    while path.exists():
-        path, k = base.with_name(f"{base.name}-{k}"), k + 1
-    return path
-
-
-def _environment(device: str) -> dict:
-    from .env_report import collect
-
-    info = collect()
-    commit = "unknown"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).resolve().parents[1],
-                                check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - not a checkout
-        pass
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    keep = ("ap_erase_fast", "python", "torch", "diffusers", "transformers", "bitsandbytes",
-            "cuda devices", "cuda (torch build)")
-    env = {k: v for k, v in info.items() if k in keep}
-    env.update({"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                "commit": commit, "cpu": cpu, "cpu cores": str(os.cpu_count()),
-                "device": device})
-    return env
-
-
 def main(argv: list[str] | None = None) -> int:
-    from .cli import _Parser  # a bad command line is one line and exit code 2
+    from .runtime import OneLineParser as _Parser  # a bad command line is one line and exit code 2
 
     ap = _Parser(prog="ap-erase bench step", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=tuple(DEFAULT_SETS), default="tiny")

@@ -10,15 +10,10 @@ import argparse
 import os
 import sys
 
-from . import __version__
+from ._version import __version__
 from .errors import UserError
-
-
-class _Parser(argparse.ArgumentParser):
-    """Reports a bad command line as one line and exit code 2, like every other bad input."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+from .runtime import OneLineParser as _Parser
+from .runtime import quiet_libraries
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -67,51 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
     sub.add_parser("env", help="print versions, devices and optional backends")
     return parser
-
-
-def _errors_only(record) -> bool:
-    """A logging filter: errors pass, lower levels do not."""
-    import logging
-
-    return record.levelno >= logging.ERROR
-
-
-def _one_line_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
-    """Python warnings as one 'warning:' line, without the source line that raised them."""
-    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
-
-
-def quiet_libraries(quiet: bool = False) -> None:
-    """Keep third-party log chatter (dtype notes, optional-kernel probes) off the terminal, so
-    the user sees the progress bar, the summary and, on failure, one error line. Python
-    warnings become one 'warning:' line each; ``quiet`` (--quiet: only errors) drops them."""
-    import logging
-    import os
-    import warnings
-
-    if os.environ.get("AP_ERASE_VERBOSE") == "1":
-        return
-    # (kernels: bitsandbytes' optional-kernel download, e.g. its offline-mode note)
-    for name in ("bitsandbytes", "kernels", "DeepSpeed", "deepspeed", "accelerate",
-                 "torch.distributed"):
-        logger = logging.getLogger(name)
-        logger.setLevel(logging.ERROR)
-        # DeepSpeed sets its logger's level again when it is imported later (by a model load,
-        # once it is installed): the filter stays
-        logger.addFilter(_errors_only)
-    warnings.showwarning = _one_line_warning
-    if quiet:
-        warnings.simplefilter("ignore")
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
-    # their "Loading weights" / "Writing model shards" bars: our own bars say what is going on
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .concepts import (check_concept_has_tokens, describe_sets, fixed_preservation_set,
                        select_preservation_set, vocabulary_embeddings)
 from .config import EraseConfig
@@ -223,7 +223,12 @@ class Eraser:
             sets = [fixed_preservation_set(c, e.flat()[0].cpu(), cfg.preserve_set, table)
                     for c, e in zip(cfg.erase, concepts)]
         else:
-            words = load_vocabulary(cfg.vocab or (cfg.model if cfg.model in ("shapes", "shapes2") else None))
+            name = cfg.vocab or (cfg.model if cfg.model in ("shapes", "shapes2") else None)
+            if name == "shapes":
+                from .shapes import world  # noqa: F401  (registers the "shapes" vocabulary)
+            elif name == "shapes2":
+                from .shapes import world2  # noqa: F401  (registers the "shapes2" vocabulary)
+            words = load_vocabulary(name)
             cache = None
             if (cfg.embedding_cache or "").lower() != "none":
                 cache = cfg.embedding_cache or os.path.join(cache_root(), "embeddings")

@@ -8,7 +8,7 @@ from importlib import metadata
 def collect() -> dict[str, str]:
     import torch
 
-    from . import __version__
+    from ._version import __version__
 
     info = {
         "ap_erase_fast": __version__,

@@ -18,15 +18,9 @@ import json
 from pathlib import Path
 
 from .faults import fault_point
-from .outdir import OutputDir  # noqa: F401  (re-exported: the output folder of a run)
+from .outdir import OutputDir, checkpoint_root_for  # noqa: F401  (re-exported: the output folder of a run)
 
 TRAINED_FORMAT = "ap_erase_fast.trained/v1"
-
-
-def checkpoint_root_for(output: str) -> str:
-    """Checkpoints of a run go beside its output folder: ``<output>.checkpoints``."""
-    path = Path(output).absolute()
-    return str(path.parent / f"{path.name}.checkpoints")
 
 
 def trained_metadata(info: dict) -> dict[str, str]:

@@ -388,6 +388,12 @@ def recover_interrupted(path: Path, owned=TRAIN_OUTPUT_NAMES) -> tuple[list[str]
     return notes, placed
 
 
+def checkpoint_root_for(output: str) -> str:
+    """Checkpoints of a run go beside its output folder: ``<output>.checkpoints``."""
+    path = Path(output).absolute()
+    return str(path.parent / f"{path.name}.checkpoints")
+
+
 class OutputDir:
     """Claims an output folder up front (lock, checks, temporary folder) and publishes it
     atomically on :meth:`commit`; :meth:`abort` removes the temporary folder."""
@@ -485,8 +491,6 @@ class OutputDir:
 
     @property
     def checkpoint_root(self) -> str:
-        from .export import checkpoint_root_for
-
         return checkpoint_root_for(str(self.path))
 
     def commit(self) -> str:

@@ -129,7 +129,7 @@ def sample_until(
     (:class:`~ap_erase_fast.backbones.Cond`; B trajectories at once). Each step is one UNet call
     on the batch [uncond; cond] of size 2B.
     """
-    from .backbones import Cond
+    from .conditioning import Cond
 
     x = x_T
     b = x.shape[0]

@@ -19,79 +19,12 @@ docs/models.md explains how to add a backbone (a flow-matching transformer, say)
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
-
-@dataclass(frozen=True)
-class Cond:
-    """The conditioning of a batch of B prompts: tensors that all start with the batch dim."""
-
-    parts: tuple[torch.Tensor, ...]
-
-    def __post_init__(self):
-        if not self.parts or len({p.shape[0] for p in self.parts}) != 1:
-            raise ValueError("a Cond needs at least one tensor, all with the same batch size")
-
-    # -- batch ------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return self.parts[0].shape[0]
-
-    def __getitem__(self, index) -> "Cond":
-        if isinstance(index, int):
-            index = slice(index, index + 1)
-        return Cond(tuple(p[index] for p in self.parts))
-
-    @staticmethod
-    def cat(conds: Sequence["Cond"]) -> "Cond":
-        return Cond(tuple(torch.cat(ps) for ps in zip(*(c.parts for c in conds))))
-
-    def expand(self, n: int) -> "Cond":
-        """A batch of ``n`` copies of this one-prompt Cond (views, no copy)."""
-        if len(self) == n:
-            return self
-        if len(self) != 1:
-            raise ValueError(f"can only expand a batch of 1, not {len(self)}")
-        return Cond(tuple(p.expand(n, *p.shape[1:]) for p in self.parts))
-
-    def chunk(self, n: int) -> list["Cond"]:
-        b = len(self) // n
-        return [self[i * b:(i + 1) * b] for i in range(n)]
-
-    # -- tensors ----------------------------------------------------------------------------
-    def detach(self) -> "Cond":
-        return Cond(tuple(p.detach() for p in self.parts))
-
-    def to(self, *args, **kwargs) -> "Cond":
-        return Cond(tuple(p.to(*args, **kwargs) for p in self.parts))
-
-    @property
-    def requires_grad(self) -> bool:
-        return any(p.requires_grad for p in self.parts)
-
-    @property
-    def device(self) -> torch.device:
-        return self.parts[0].device
-
-    def shapes(self) -> tuple[tuple[int, ...], ...]:
-        """Per-prompt shapes of the parts (without the batch dim)."""
-        return tuple(tuple(p.shape[1:]) for p in self.parts)
-
-    def flat(self) -> torch.Tensor:
-        """[B, F]: every part flattened and concatenated, one row per prompt."""
-        return torch.cat([p.reshape(len(self), -1) for p in self.parts], dim=1)
-
-    @staticmethod
-    def unflat(rows: torch.Tensor, shapes: tuple[tuple[int, ...], ...]) -> "Cond":
-        """The inverse of :meth:`flat` for per-prompt ``shapes`` (differentiable)."""
-        sizes = [math.prod(s) for s in shapes]
-        if rows.shape[-1] != sum(sizes):
-            raise ValueError(f"rows of width {rows.shape[-1]} do not hold parts {shapes}")
-        return Cond(tuple(chunk.reshape(rows.shape[0], *s)
-                          for chunk, s in zip(rows.split(sizes, dim=1), shapes)))
+from ..conditioning import Cond
+from ..sampling import output_to_eps
 
 
 # (latents [B, C, h, w], timesteps [B] long, Cond of B prompts) -> model output [B, C, h, w]
@@ -127,8 +60,6 @@ class Backbone:
     def eps(self, output: torch.Tensor, x: torch.Tensor, alpha_cumprod) -> torch.Tensor:
         """The model output turned into ε (``alpha_cumprod``: ᾱ of x's noise level, a float
         or a [B] tensor)."""
-        from ..sampling import output_to_eps
-
         if not isinstance(alpha_cumprod, float):
             alpha_cumprod = alpha_cumprod.to(x.device, torch.float32).view(-1, *[1] * (x.dim() - 1))
         return output_to_eps(output, x, alpha_cumprod, self.tables.prediction_type)

@@ -77,7 +77,7 @@ def _versions(detectors) -> dict:
     import torch
     import transformers
 
-    from .. import __version__
+    from .._version import __version__
 
     v = {"ap_erase_fast": __version__, "python": platform.python_version(), "torch": torch.__version__,
          "diffusers": diffusers.__version__, "transformers": transformers.__version__, "numpy": numpy.__version__}

@@ -12,7 +12,7 @@ from .errors import ModelLoadError
 _EXPORTS = {
     "SDComponents": "loading",
     "load_components": "loading",
-    "ddim_scheduler": "loading",
+    "ddim_scheduler": "parts",
     "select_trainable": "trainable",
     "count_trainable": "trainable",
     "parameter_is_trained": "trainable",

@@ -244,7 +244,7 @@ def _has_ema(state: dict) -> bool:
 def _load_sdxl(state: dict, unet_sd: dict, path: str, weights: str):
     """SDXL from an SGM-layout file: shipped ``sdxl`` (or ``tiny-sdxl``) configs, both text
     encoders, both tokenizers (the second pads with "!")."""
-    from .loading import check_sdxl_widths, ddim_scheduler
+    from .parts import check_sdxl_widths, ddim_scheduler
     from .tokenizer import build_clip_tokenizer
 
     variant, unet = _convert_unet(unet_sd, shipped.SDXL_VARIANTS, path)
@@ -271,7 +271,7 @@ def load_single_file(path: str, *, weights: str = "non-ema", prediction_type: st
     """``(parts, source)`` from a CompVis (SD1.x/SD2.x) or SGM (SDXL) checkpoint: ``parts`` is a
     dict of :class:`~ap_erase_fast.models.SDComponents` fields (modules, tokenizers, scheduler;
     for SDXL also ``family`` and ``extra``)."""
-    from .loading import ddim_scheduler
+    from .parts import ddim_scheduler
     from .tokenizer import build_clip_tokenizer
 
     state, extras = read_checkpoint(path)

@@ -138,7 +138,7 @@ def build_tiny_sdxl_modules() -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from .loading import ddim_scheduler
+    from .parts import ddim_scheduler
     from .tokenizer import build_clip_tokenizer
 
     variant = TINY_SDXL_MODEL_ID

@@ -3,11 +3,22 @@ from __future__ import annotations
 
 import csv
 import os
+from typing import Callable
 
 from ap_erase_fast.errors import UserError
 
 BUILTIN_VOCABULARY = "vocab_en.txt"
-BUILTIN_NAMES = ("en", "shapes", "shapes2")
+# The toy worlds' lists: names reserved here, words supplied by the worlds themselves
+# (ap_erase_fast.shapes.world and .world2 call register_vocabulary on import), so that the model
+# layer never imports the worlds.
+WORLD_VOCABULARIES = {"shapes": "ap_erase_fast.shapes.world", "shapes2": "ap_erase_fast.shapes.world2"}
+BUILTIN_NAMES = ("en", *WORLD_VOCABULARIES)
+_REGISTERED: dict[str, Callable[[], list[str]]] = {}
+
+
+def register_vocabulary(name: str, words: Callable[[], list[str]]) -> None:
+    """Make ``load_vocabulary(name)`` return ``words()`` (a toy world registers its list)."""
+    _REGISTERED[name] = words
 
 
 def builtin_vocabulary_path() -> str:
@@ -47,21 +58,19 @@ def load_vocabulary(path: str | None = None) -> list[str]:
     ``ap_erase_fast/data/vocab_en.txt``); ``"shapes"`` → the ShapesWorld list (every training
     caption plus distractor words, :func:`ap_erase_fast.shapes.world.shapes_vocabulary`);
     ``"shapes2"`` → the ShapesWorld 2 list (645 training captions, no evaluation prompt,
-    :func:`ap_erase_fast.shapes.world2.shapes2_vocabulary`).
+    :func:`ap_erase_fast.shapes.world2.shapes2_vocabulary`); these two are registered by their
+    world modules (:func:`register_vocabulary`) when imported.
     ``.csv`` → the ``word`` column (header required). Anything else is read as text: one entry
     per line, surrounding whitespace stripped, blank lines and lines starting with ``#`` ignored.
     Entries are kept as written (no lower-casing): R selection keeps the entries whose
     lower-cased characters are all in ``a-z</>``, as the authors' filter does, and prompts use the
     entries as spelled (:func:`ap_erase_fast.concepts.is_candidate`).
     """
-    if path == "shapes":
-        from ap_erase_fast.shapes.world import shapes_vocabulary
-
-        return shapes_vocabulary()
-    if path == "shapes2":
-        from ap_erase_fast.shapes.world2 import shapes2_vocabulary
-
-        return shapes2_vocabulary()
+    if path in _REGISTERED:
+        return _REGISTERED[path]()
+    if path in WORLD_VOCABULARIES:
+        raise UserError(f"vocabulary {path!r} is registered by {WORLD_VOCABULARIES[path]}; "
+                        f"import that module first")
     if path == "en":
         path = None
     source = builtin_vocabulary_path() if path is None else os.path.expanduser(os.fspath(path))

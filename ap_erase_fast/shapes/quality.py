@@ -913,7 +913,7 @@ def _save_grid(grid_images: dict, path: Path, per_prompt: int = 2) -> None:
 
 
 def _environment(command: str) -> dict:
-    from ..bench import _environment as bench_env
+    from ..runtime import environment as bench_env
 
     env = bench_env("cpu")
     env["torch threads"] = str(torch.get_num_threads())
@@ -1100,7 +1100,7 @@ def main(argv: list[str] | None = None) -> int:
         shard = (i, n)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ..bench import new_results_dir
+    from ..runtime import new_results_dir
 
     out = Path(args.out) if args.out else new_results_dir("quality")
     out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..models.vocab import load_vocabulary, register_vocabulary
+
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 COLOUR_RGB = {
@@ -146,8 +148,6 @@ def all_captions() -> list[str]:
 def distractor_words(count: int = 150) -> list[str]:
     """``count`` common English words that name no shape or colour of the world (every 15th of
     the built-in vocabulary, in its order): prompts the model never saw in training."""
-    from ..models.vocab import load_vocabulary
-
     taken = set(SHAPES) | set(COLOURS) | {"shape", "photo", "picture", "gray", "grey", "background"}
     words = [w for w in load_vocabulary(None) if w not in taken]
     return words[::15][:count]
@@ -157,6 +157,9 @@ def shapes_vocabulary() -> list[str]:
     """The ShapesWorld preservation vocabulary: every non-empty training caption (210) plus
     150 distractor words."""
     return [c for c in all_captions() if c] + distractor_words()
+
+
+register_vocabulary("shapes", shapes_vocabulary)
 
 
 def labels_of(shape_idx, colour_idx):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..models.vocab import register_vocabulary
 from .world import _polygon_mask
 
 SHAPES = ("circle", "ring", "ellipse", "crescent", "square", "rectangle", "diamond", "triangle", "arrow",
@@ -262,6 +263,9 @@ def shapes2_vocabulary() -> list[str]:
     out += [describe(s, size=z) for z in SIZES for s in SHAPES]
     out += [describe(s, background=b) for b in BACKGROUNDS for s in SHAPES]
     return out
+
+
+register_vocabulary("shapes2", shapes2_vocabulary)
 
 
 def eval_prompts():
