@@ -242,9 +242,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "bench":
         if args.what == "quality":
             quiet_libraries()
-            from .shapes.quality import main as bench_main
+            from .quality.cli import main as bench_main
         elif args.what == "ablations":
-            from .shapes.ablations import main as bench_main
+            from .quality.ablations import main as bench_main
         else:
             from .bench import main as bench_main
 

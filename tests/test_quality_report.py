@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from ap_erase_fast.shapes import quality
+from ap_erase_fast.quality import cli as bench_quality
+from ap_erase_fast.quality import metrics, report, runs, worlds
+from ap_erase_fast.quality import statistics as stats
 
 
 def _curves(rng, methods, targets, seeds, steps=(10, 20, 40)):
@@ -45,8 +47,8 @@ def test_sign_test_matches_enumeration():
             losses = n - wins
             # every sequence of n fair coin flips whose split is at least as uneven
             extreme = sum(abs(2 * sum(seq) - n) >= abs(wins - losses) for seq in itertools.product((0, 1), repeat=n))
-            assert quality.sign_test(wins, losses) == pytest.approx(min(1.0, extreme / 2 ** n))
-    assert quality.sign_test(10, 0) == pytest.approx(2 / 1024)
+            assert stats.sign_test(wins, losses) == pytest.approx(min(1.0, extreme / 2 ** n))
+    assert stats.sign_test(10, 0) == pytest.approx(2 / 1024)
 
 
 def test_paired_difference_on_the_same_curves():
@@ -61,7 +63,7 @@ def test_paired_difference_on_the_same_curves():
         if r["method"] == "preserve_random" and r["target"] == "ring" and r["seed"] == 1:
             r["esr"] = min(r["esr"], 0.9)
     for level in (0.8, 0.95):
-        got = quality.paired_difference(rows, "ap_faithful", "preserve_random", targets, seeds, level, "psr_near")
+        got = stats.paired_difference(rows, "ap_faithful", "preserve_random", targets, seeds, level, "psr_near")
         diffs = []
         for t, s in itertools.product(targets, seeds):
             a = _reference_at(rows, "ap_faithful", t, s, level, "psr_near")
@@ -72,48 +74,48 @@ def test_paired_difference_on_the_same_curves():
         assert got["mean"] == pytest.approx(np.mean(diffs))
         assert got["se"] == pytest.approx(np.std(diffs, ddof=1) / np.sqrt(len(diffs)))
         assert (got["wins"], got["losses"], got["ties"]) == (sum(d > 0 for d in diffs), sum(d < 0 for d in diffs), 0)
-        assert got["p"] == pytest.approx(quality.sign_test(got["wins"], got["losses"]))
+        assert got["p"] == pytest.approx(stats.sign_test(got["wins"], got["losses"]))
     # a method against itself: all ties, no difference
-    same = quality.paired_difference(rows, "ap_faithful", "ap_faithful", targets, seeds, 0.8, "psr_near")
+    same = stats.paired_difference(rows, "ap_faithful", "ap_faithful", targets, seeds, 0.8, "psr_near")
     assert (same["mean"], same["wins"], same["losses"], same["ties"], same["p"]) == (0.0, 0, 0, 9, 1.0)
-    lines = quality.paired_section(rows, ["base", "preserve_random", "ap_faithful"], targets, seeds, ("psr_near",))
+    lines = report.paired_section(rows, ["base", "preserve_random", "ap_faithful"], targets, seeds, ("psr_near",))
     row = next(x for x in lines if x.startswith("| ap_faithful − preserve_random |"))
-    d = quality.paired_difference(rows, "ap_faithful", "preserve_random", targets, seeds, 0.8, "psr_near")
+    d = stats.paired_difference(rows, "ap_faithful", "preserve_random", targets, seeds, 0.8, "psr_near")
     assert f"{100 * d['mean']:+.1f} ± {100 * d['se']:.1f} ({d['wins']}/{d['losses']}/0" in row
 
 
 def test_search_over_training_follows_pi_and_the_draws():
     sets = {"circle": {"near": ["ring", "ellipse"]}}
     rows = [{"method": "ap_faithful", "target": "circle", "seed": s, "lr": 1e-3, "steps": st,
-             "pi_measure": quality.PI_MEASURE, "pi_mass": {"ring": 0.1 * st / 10, "ellipse": 0.05, "star": 0.5},
+             "pi_measure": metrics.PI_MEASURE, "pi_mass": {"ring": 0.1 * st / 10, "ellipse": 0.05, "star": 0.5},
              "r_share": {"ring": 0.1, "ellipse": 0.1, "star": 0.8},
              "picks": {"a ring": st, "a red ellipse": 1, "a star": 3 * st}} for s in (0, 1) for st in (10, 20)]
     rows += [{"method": "ap_faithful", "target": "circle", "seed": 0, "lr": 1e-2, "steps": 10,  # another lr
               "pi_mass": {"ring": 1.0}, "r_share": {"ring": 0.1}, "picks": {"a ring": 100}}]
-    lines = quality.search_over_training(rows, ["base", "ap_faithful"], sets, 1e-3)
+    lines = report.search_over_training(rows, ["base", "ap_faithful"], sets, 1e-3)
     row = next(x for x in lines if x.startswith("| ap_faithful |"))
     # after 10 steps: π mass 0.1 + 0.05, draws (10 + 1) / 41; after 20: 0.25, 21 / 81; R share 0.2
     assert row == f"| ap_faithful | 15.0 / {100 * 11 / 41:.1f} | 25.0 / {100 * 21 / 81:.1f} | 20.0 |"
     # rows recorded before π's draw distribution was: no mass (softmax(π/τ) is not what is drawn)
     for r in rows:
         r.pop("pi_measure", None)
-    row = next(x for x in quality.search_over_training(rows, ["ap_faithful"], sets, 1e-3) if x.startswith("| ap_"))
+    row = next(x for x in report.search_over_training(rows, ["ap_faithful"], sets, 1e-3) if x.startswith("| ap_"))
     assert row == f"| ap_faithful | – / {100 * 11 / 41:.1f} | – / {100 * 21 / 81:.1f} | 20.0 |"
 
 
 def _fake_run_one(calls):
     def run_one(world, target, method, seed, args, lr, near=None):
-        calls.append((target, method, seed, dict(quality._ablation(vars(args))) if method.startswith("ap_")
+        calls.append((target, method, seed, dict(runs._ablation(vars(args))) if method.startswith("ap_")
                       else {}, args.search_lr, args.preserve_weight))
         row = {"model": args.model, "target": target, "method": method, "seed": seed, "lr": lr,
                "steps": args.steps, "batch_size": args.batch_size, "loss_space": args.loss_space,
                "search_lr": args.search_lr, "preserve_weight": args.preserve_weight, "images": args.images,
                "eval_steps": args.eval_steps, "train_method": args.train_method, "lora_rank": args.lora_rank,
-               "ablation": quality._ablation(vars(args)) if method.startswith("ap_") else {}}
-        acc = {s: 1.0 for s in quality.world_of(args.model).SHAPES}
+               "ablation": runs._ablation(vars(args)) if method.startswith("ap_") else {}}
+        acc = {s: 1.0 for s in worlds.world_of(args.model).SHAPES}
         extra = {"acc": acc, "became": {s: 0 for s in acc}, "esr": 0.0 if method == "base" else 1.0, "psr": 1.0,
                  "drift_erased": 0.0, "drift_kept": 0.0, "wall_s": 0.0}
-        budgets = [args.steps] if quality.METHODS[method] is None else [*quality.budgets_below(args), args.steps]
+        budgets = [args.steps] if runs.METHODS[method] is None else [*runs.budgets_below(args), args.steps]
         return [({**row, **extra, "steps": b}, torch.zeros(15, 3, 4, 4)) for b in budgets]
     return run_one
 
@@ -123,39 +125,39 @@ def test_controls_from_reruns_only_what_an_ablation_changes(tmp_path, monkeypatc
     re-runs only the AP runs; π's lr changes only AP, λ everything but ESD. Mutations checked:
     search_lr kept in the controls' identity (the controls re-run), the copy left out."""
     calls = []
-    monkeypatch.setattr(quality, "run_one", _fake_run_one(calls))
-    monkeypatch.setattr(quality, "World", lambda model: object())
+    monkeypatch.setattr(bench_quality, "run_one", _fake_run_one(calls))
+    monkeypatch.setattr(bench_quality, "World", lambda model: object())
     common = ["--model", "shapes2", "--targets", "circle", "--seeds", "0", "--steps", "4", "--budgets", "2",
               "--images", "1", "--out", str(tmp_path)]
     methods = ["--methods", "base,esd,preserve_random,ap_faithful"]
-    assert quality.main([*common, *methods, "--tag", "main"]) == 0
+    assert bench_quality.main([*common, *methods, "--tag", "main"]) == 0
     assert [c[1] for c in calls] == ["base", "esd", "preserve_random", "ap_faithful"]
     calls.clear()
-    assert quality.main([*common, *methods, "--tag", "tau1", "--tau", "1", "--controls-from", "main"]) == 0
+    assert bench_quality.main([*common, *methods, "--tag", "tau1", "--tau", "1", "--controls-from", "main"]) == 0
     assert [(c[1], c[3]) for c in calls] == [("ap_faithful", {"tau": 1.0})]
     rows = [json.loads(x) for x in (tmp_path / "quality_tau1.jsonl").read_text().splitlines()]
     assert sorted((r["method"], r["steps"]) for r in rows) == sorted(
         [("base", 4)] + [(m, s) for m in ("esd", "preserve_random", "ap_faithful") for s in (2, 4)])
     assert "| preserve_random |" in (tmp_path / "quality_tau1.md").read_text()
     calls.clear()
-    assert quality.main([*common, *methods, "--tag", "slr", "--search-lr", "0.3", "--controls-from", "main"]) == 0
+    assert bench_quality.main([*common, *methods, "--tag", "slr", "--search-lr", "0.3", "--controls-from", "main"]) == 0
     assert [c[1] for c in calls] == ["ap_faithful"]
     calls.clear()
-    assert quality.main([*common, *methods, "--tag", "lam", "--preserve-weight", "0.5",
+    assert bench_quality.main([*common, *methods, "--tag", "lam", "--preserve-weight", "0.5",
                          "--controls-from", "main"]) == 0
     assert [c[1] for c in calls] == ["preserve_random", "ap_faithful"]
     # in shards, then collected: the collecting run re-runs nothing (not even for the sample grid)
     calls.clear()
     tau3 = [*common, *methods, "--tag", "tau3", "--tau", "3", "--controls-from", "main"]
-    assert quality.main([*tau3, "--shard", "0/2"]) == 0 and quality.main([*tau3, "--shard", "1/2"]) == 0
+    assert bench_quality.main([*tau3, "--shard", "0/2"]) == 0 and bench_quality.main([*tau3, "--shard", "1/2"]) == 0
     assert [c[1] for c in calls] == ["ap_faithful"]
-    assert quality.main(tau3) == 0 and len(calls) == 1
+    assert bench_quality.main(tau3) == 0 and len(calls) == 1
     assert len((tmp_path / "quality_tau3.jsonl").read_text().splitlines()) == 7
     # a tag with nothing to borrow is one clear error
     from ap_erase_fast.errors import UserError
 
     with pytest.raises(UserError, match="no finished runs"):
-        quality.main([*common, *methods, "--tag", "x", "--controls-from", "nothing"])
+        bench_quality.main([*common, *methods, "--tag", "x", "--controls-from", "nothing"])
 
 
 def test_shards_of_a_resumed_table_split_what_is_left(tmp_path, monkeypatch):
@@ -163,21 +165,21 @@ def test_shards_of_a_resumed_table_split_what_is_left(tmp_path, monkeypatch):
     the 1st and 3rd of four runs done, each of two shards runs one of the other two (striding over
     all four gave one shard both). Mutation checked: striding over every job."""
     calls = []
-    monkeypatch.setattr(quality, "run_one", _fake_run_one(calls))
-    monkeypatch.setattr(quality, "World", lambda model: object())
+    monkeypatch.setattr(bench_quality, "run_one", _fake_run_one(calls))
+    monkeypatch.setattr(bench_quality, "World", lambda model: object())
     common = ["--model", "shapes2", "--targets", "circle", "--seeds", "0", "--steps", "4", "--images", "1",
               "--out", str(tmp_path)]
-    assert quality.main([*common, "--methods", "base,preserve_random"]) == 0
+    assert bench_quality.main([*common, "--methods", "base,preserve_random"]) == 0
     calls.clear()
     every = [*common, "--methods", "base,esd,preserve_random,ap_faithful"]
     # shards start together: the second does not see what the first has finished meanwhile
     first = tmp_path / "quality_shapes2_cpu.shard0of2.jsonl"
-    assert quality.main([*every, "--shard", "0/2"]) == 0 and len(calls) == 1
+    assert bench_quality.main([*every, "--shard", "0/2"]) == 0 and len(calls) == 1
     first.rename(tmp_path / "aside")
-    assert quality.main([*every, "--shard", "1/2"]) == 0 and len(calls) == 2
+    assert bench_quality.main([*every, "--shard", "1/2"]) == 0 and len(calls) == 2
     (tmp_path / "aside").rename(first)
     assert sorted(c[1] for c in calls) == ["ap_faithful", "esd"]
-    assert quality.main(every) == 0 and len(calls) == 2  # the collecting run has nothing left
+    assert bench_quality.main(every) == 0 and len(calls) == 2  # the collecting run has nothing left
     assert len((tmp_path / "quality_shapes2_cpu.jsonl").read_text().splitlines()) == 4
 
 
@@ -197,11 +199,11 @@ def test_search_finds_near_reads_pi_and_the_draws():
            "pi_top": top}
     rows = [old, {**base, "method": "preserve_random", "picks": {"a ring": 1, "a star": 3},
                   "pi_top": {"a ring": 0.02}}]
-    lines = quality.search_finds_near(rows, ["base", "preserve_random", "ap_faithful"], sets)
+    lines = report.search_finds_near(rows, ["base", "preserve_random", "ap_faithful"], sets)
     assert f"| ap_faithful | 50.0 | – | 40.0 | – | {2 * math.log(0.08 / 0.03):.2f} | 30.0 |" in lines
     assert "| preserve_random | 25.0 | – | – | – | – | 30.0 |" in lines
-    new = {**old, "pi_measure": quality.PI_MEASURE, "pi_logits": [1.5, 1.0, 0.9, 0.2, 0.1, 0.0, -1.0]}
-    lines = quality.search_finds_near([new], ["ap_faithful"], sets)
+    new = {**old, "pi_measure": metrics.PI_MEASURE, "pi_logits": [1.5, 1.0, 0.9, 0.2, 0.1, 0.0, -1.0]}
+    lines = report.search_finds_near([new], ["ap_faithful"], sets)
     assert "| ap_faithful | 50.0 | 50.0 | 40.0 | 4.0 | 1.40 | 30.0 |" in lines
 
 
@@ -238,7 +240,7 @@ def test_matched_erasure_follows_the_step_budgets_of_each_learning_rate():
     rows = [row(3e-3, 40, 1.0, 0.3), row(1e-3, 40, 0.9, 0.4), row(3e-3, 10, 0.6, 0.8),
             row(1e-3, 10, 0.2, 0.9),
             {"method": "base", "target": "circle", "seed": 0, "lr": 1e-3, "steps": 40, "esr": 0.0, "psr": 1.0}]
-    at = {lv: quality.matched_by_curve(rows, "ap_faithful", ["circle"], [0], lv)[("circle", 0)] for lv in (0.8, 0.5)}
+    at = {lv: stats.matched_by_curve(rows, "ap_faithful", ["circle"], [0], lv)[("circle", 0)] for lv in (0.8, 0.5)}
     assert at[0.8] == pytest.approx(0.8 - 0.4 * 0.2 / 0.3)
     assert at[0.5] == pytest.approx(0.9 - 0.1 * 0.3 / 0.4)
 
@@ -247,9 +249,9 @@ def test_holm_and_the_confirmation_section():
     """Holm-Bonferroni by hand: p (0.01, 0.04, 0.03) → (0.03, 0.06, 0.06); capped at 1. The
     confirmation says yes only where the adjusted p is below 0.05 and the difference positive.
     Mutations checked: Bonferroni's m·p for every rank; no monotone step."""
-    assert quality.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-    assert quality.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
-    assert quality.holm([0.02, 0.01]) == pytest.approx([0.02, 0.02])
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    assert stats.holm([0.02, 0.01]) == pytest.approx([0.02, 0.02])
     rows = []
     for i, t in enumerate(["circle", "ring", "star", "heart", "cross", "plus", "arrow", "square"]):
         for s in (3, 4):
@@ -259,12 +261,12 @@ def test_holm_and_the_confirmation_section():
                 for st, e in ((10, 0.5), (40, 1.0)):
                     rows.append({"method": m, "target": t, "seed": s, "lr": 1e-3, "steps": st, "esr": e,
                                  "psr_near": near})
-    lines = quality.confirmation_section(rows, "ap_score", "preserve_random",
+    lines = report.confirmation_section(rows, "ap_score", "preserve_random",
                                          sorted({r["target"] for r in rows}), [3, 4])
     body = [x for x in lines if x.startswith("| 80 %") or x.startswith("| 95 %")]
     # 16 wins of 16: p = 2 / 2^16 at each level, Holm ×2 for the smaller (equal) one
     assert all(x.endswith("| yes |") and "(16/0/0" in x for x in body), body
-    flipped = quality.confirmation_section(rows, "preserve_random", "ap_score",
+    flipped = report.confirmation_section(rows, "preserve_random", "ap_score",
                                            sorted({r["target"] for r in rows}), [3, 4])
     assert all(x.endswith("| no |") for x in flipped if x.startswith("| 8") or x.startswith("| 9"))
 
@@ -306,7 +308,7 @@ def test_ablation_table_reads_each_setting_against_its_own_controls(tmp_path):
     Mutations checked: pairing against the main table's controls, method and control swapped, λ
     left out of the setting's name."""
     from ap_erase_fast.cli import main as cli
-    from ap_erase_fast.shapes import ablations
+    from ap_erase_fast.quality import ablations
 
     main_rows = _setting("ap_faithful", 0.6, ablation={})
     tau = _setting("ap_faithful", 0.8, ablation={"tau": 0.5})
@@ -328,7 +330,7 @@ def test_ablation_table_reads_each_setting_against_its_own_controls(tmp_path):
     # π: mass and peak only from rows that recorded the draw distribution (these did not), top 5
     # naming ring, ellipse or heart, π₁ − π₅ = τ·ln(0.1 / 0.02) at the setting's τ 0.5, R share
     assert t[7:13] == ["–", "–", "40.0", "–", "0.80", "30.0"]  # (these rows drew nothing)
-    measured = _setting("ap_faithful", 0.8, ablation={"tau": 0.5}, pi_measure=quality.PI_MEASURE,
+    measured = _setting("ap_faithful", 0.8, ablation={"tau": 0.5}, pi_measure=metrics.PI_MEASURE,
                         pi_logits=[2.0, 1.0, 0.5, 0.4, 0.3, 0.0])
     row = ablations.setting_row("m", measured, "ap_faithful", 40, 1e-3, "shapes2", ["circle"], [0, 1, 2])
     assert row[8:13] == ["40.0", "40.0", "5.0", "1.70", "30.0"]

@@ -278,7 +278,7 @@ def test_psr_at_matched_erasure_interpolates_and_never_extrapolates():
     counts, also when a stronger setting erases less. Mutations checked: interpolating in PSR
     instead of ESR, extrapolating past the last point, sorting the points by ESR, the rows not
     ordered by learning rate, the base point left out."""
-    from ap_erase_fast.shapes.quality import matched_erasure, psr_at_esr
+    from ap_erase_fast.quality.statistics import matched_erasure, psr_at_esr
 
     curve = [(0.5, 0.9), (0.9, 0.6), (1.0, 0.4)]
     assert psr_at_esr(curve, 0.8) == pytest.approx(0.9 + (0.6 - 0.9) * (0.8 - 0.5) / (0.9 - 0.5))

@@ -216,7 +216,9 @@ def test_near_sets_are_what_esd_damages_most_and_split_psr():
     over seeds; PSR-near / PSR-far average the accuracy over the near set / the other kept
     concepts. Mutations checked: damage measured on the sweep lr's esd rows, the target counted
     in the far set, sorting by accuracy instead of damage."""
-    from ap_erase_fast.shapes.quality import add_near_far, matched_erasure, near_sets, oracle_set
+    from ap_erase_fast.quality.metrics import add_near_far, near_sets
+    from ap_erase_fast.quality.statistics import matched_erasure
+    from ap_erase_fast.quality.worlds import oracle_set
 
     names = list(w.SHAPES)
 
@@ -273,7 +275,7 @@ def test_bench_quality_oracle_needs_base_and_esd(tmp_path):
     assert main([*shard, "--shard", "2/3"]) == 2
     assert not list(tmp_path.iterdir())
     # the runs it needs, finished by other shards: then the same shard starts
-    from ap_erase_fast.shapes import quality
+    from ap_erase_fast.quality import cli as quality
 
     args = quality.build_parser().parse_args(shard[2:])
     rows = [{"target": "circle", "method": m, "seed": 0, "lr": args.lr, **{k: v for k, v in vars(args).items()
@@ -405,7 +407,8 @@ def test_bench_quality_shapes2_near_far_and_oracle(tmp_path):
 
 def test_ablations_are_part_of_the_ap_runs_identity_only():
     """An ablation re-runs the AP methods and reuses the controls (base, esd, the preserving ones)."""
-    from ap_erase_fast.shapes.quality import _key, build_parser
+    from ap_erase_fast.quality.cli import build_parser
+    from ap_erase_fast.quality.runs import _key
 
     plain = vars(build_parser().parse_args(["--model", "shapes2"]))
     tau = vars(build_parser().parse_args(["--model", "shapes2", "--tau", "1.5"]))

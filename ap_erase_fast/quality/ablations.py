@@ -9,6 +9,9 @@ where π went. The first rows are the main table's AP methods with the default s
 same targets and seeds, so that every setting reads against them.
 
     ap-erase bench ablations --out benchmarks/results --main-tag shapes2_cpu
+
+A study built on the instrument's layers (:mod:`.metrics`, :mod:`.statistics`, :mod:`.report`):
+it runs nothing, it reads the finished tables.
 """
 from __future__ import annotations
 
@@ -17,9 +20,12 @@ import json
 import sys
 from pathlib import Path
 
-from . import quality
+from .cli import _names
+from .metrics import add_near_far, near_sets, search_stats
+from .report import _environment, _mean, _paired_cell, _pct
+from .statistics import MATCHED_ESR, paired_difference
 
-# the settings an ablation may change besides the search flags (quality.ABLATIONS), by row key
+# the settings an ablation may change besides the search flags (runs.ABLATIONS), by row key
 KNOBS = {"search_lr": "π lr", "preserve_weight": "λ"}
 
 
@@ -39,20 +45,20 @@ def setting_row(name: str, rows: list[dict], method: str, steps: int, lr: float,
                 targets: list[str], seeds: list[int]) -> list[str]:
     """The table's cells for ``method`` among ``rows`` (one setting's runs, controls included)."""
     rows = [dict(r) for r in rows if r["target"] in targets and r["seed"] in seeds]
-    sets = quality.near_sets(rows, targets, lr, model, steps=steps)
-    quality.add_near_far(rows, sets)
+    sets = near_sets(rows, targets, lr, model, steps=steps)
+    add_near_far(rows, sets)
     cells = [name, method]
     for control in ("preserve_random", "oracle"):
-        for level in quality.MATCHED_ESR:
-            d = quality.paired_difference(rows, method, control, targets, seeds, level, "psr_near")
-            cells.append(quality._paired_cell(d))
+        for level in MATCHED_ESR:
+            d = paired_difference(rows, method, control, targets, seeds, level, "psr_near")
+            cells.append(_paired_cell(d))
     final = {m: [r["psr_near"] for r in rows if r["method"] == m and r["lr"] == lr and r["steps"] == steps
                  and "psr_near" in r] for m in (method, "preserve_random")}
-    cells.append(" / ".join(quality._pct(final[m]) for m in final))
-    st = quality.search_stats([r for r in rows if r["method"] == method and r["lr"] == lr and r["steps"] == steps],
+    cells.append(" / ".join(_pct(final[m]) for m in final))
+    st = search_stats([r for r in rows if r["method"] == method and r["lr"] == lr and r["steps"] == steps],
                               sets) or {"draws": [], "mass": [], "top": [], "peak": [], "share": [], "gap": []}
-    cells += [quality._pct(st["draws"]), quality._pct(st["mass"]), quality._pct(st["top"]), quality._mean(st["peak"], 1),
-              quality._mean(st["gap"], 2), quality._pct(st["share"])]
+    cells += [_pct(st["draws"]), _pct(st["mass"]), _pct(st["top"]), _mean(st["peak"], 1),
+              _mean(st["gap"], 2), _pct(st["share"])]
     return cells
 
 
@@ -69,7 +75,7 @@ def summary_lines(main_rows: list[dict], settings: list[tuple[str, list[dict]]],
     main_ap = [r for r in main_rows if r["method"].startswith("ap_")]
     defaults = {k: main_ap[0][k] for k in KNOBS if main_ap and k in main_ap[0]}
     head = ["setting", "AP method"]
-    head += [f"− {c} PSR-near @ ESR {100 * lv:.0f} %" for c in ("random", "oracle") for lv in quality.MATCHED_ESR]
+    head += [f"− {c} PSR-near @ ESR {100 * lv:.0f} %" for c in ("random", "oracle") for lv in MATCHED_ESR]
     head += [f"PSR-near after {steps} steps: AP / random", "draws naming a near concept", "π mass on the near set", "π's top 5 naming a near concept",
              "π's peak ÷ uniform", "π₁ − π₅", "near set's share of R"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if not main_file.exists():
         raise UserError(f"{main_file} does not exist: run the main table first (benchmarks/quality_shapes2.sh)")
     if args.names:
-        names = quality._names(args.names)
+        names = _names(args.names)
     else:
         stem = f"quality_{args.prefix}"
         names = sorted(p.name[len(stem):-len(".jsonl")] for p in out.glob(f"{stem}*.jsonl") if ".shard" not in p.name)
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"(quality_{args.prefix}<name>.jsonl; run benchmarks/quality_shapes2_ablations.sh)")
     settings = [(n, _read(f)) for n, f in files.items()]
     lines = summary_lines(_read(main_file), settings, args.model)
-    env = quality._environment("ap-erase bench ablations " + " ".join(argv))
+    env = _environment("ap-erase bench ablations " + " ".join(argv))
     report = out / args.report
     text = ["# Ablations of AP's search on ShapesWorld 2", ""]
     text += [f"* {k}: `{v}`" if k == "command" else f"* {k}: {v}" for k, v in env.items() if k != "torch threads"]
