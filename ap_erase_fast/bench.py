@@ -187,13 +187,13 @@ def _run_one(args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss_reset = device.type == "cpu" and _reset_peak_rss()
-    calls0 = sum(eraser.calls.values())
+    calls0 = sum(eraser.models.calls.values())
     t0 = time.perf_counter()
     for _ in range(args.steps):
         eraser.run_outer_step()
     sync()
     elapsed = time.perf_counter() - t0
-    evals = sum(eraser.calls.values()) - calls0
+    evals = sum(eraser.models.calls.values()) - calls0
     process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # set-up included
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
@@ -253,7 +253,7 @@ def memory_accounting(eraser) -> dict:
 
     frozen = (list(eraser.frozen.parameters()) if hasattr(eraser, "frozen")
               else list(getattr(eraser, "frozen_tensors", {}).values()))
-    states = [v for st in eraser.optimizer.state.values() for v in st.values()
+    states = [v for st in eraser.theta.optimizer.state.values() for v in st.values()
               if isinstance(v, torch.Tensor)]
     return {"params_gib": _gib(eraser.unet.parameters()), "theta_copy_gib": _gib(frozen),
             "grads_gib": _gib(p.grad for _, p in eraser.trained if p.grad is not None),

@@ -144,18 +144,18 @@ def _save_into(er, root: Path, tmp: Path, final: Path) -> None:
     fault_point("checkpoint-write")
     if er.dist.is_main:
         save_file(er.trained_state(), str(tmp / "trained.safetensors"))
-        save_file({f"pi.{k}": p.detach().cpu().contiguous() for k, p in enumerate(er.pi)},
+        save_file({f"pi.{k}": p.detach().cpu().contiguous() for k, p in enumerate(er.search.pi)},
                   str(tmp / "pi.safetensors"))
-        state = {"pi_optimizer": er.pi_optimizer.state_dict(),
-                 "scaler": er.scaler.state_dict(), "pi_scaler": er.pi_scaler.state_dict(),
+        state = {"pi_optimizer": er.search.optimizer.state_dict(),
+                 "scaler": er.theta.scaler.state_dict(), "pi_scaler": er.search.scaler.state_dict(),
                  "score_baseline": er.search.baseline.clone(),
                  "skipped_steps": dict(er.skipped_steps)}
         if er.ds_engine is None:
-            state["optimizer"] = er.optimizer.state_dict()
+            state["optimizer"] = er.theta.optimizer.state_dict()
         torch.save(state, tmp / "state.pt")
         meta = {"format": FORMAT, "iteration": er.iteration,
                 "step": er.iteration // er.cfg.pgd_steps, "config": er.cfg.to_dict(),
-                "calls": dict(er.calls), "timings": er.timings, "world_size": er.dist.world,
+                "calls": dict(er.models.calls), "timings": er.timings, "world_size": er.dist.world,
                 "deepspeed_config": getattr(er, "ds_config", None),
                 "library_version": __version__}
         (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2))
@@ -367,8 +367,8 @@ def _read_checkpoint(er, ckpt: Path) -> dict:
         if any(trained[n].shape != params[n].shape for n in trained):
             raise _Damage("trained.safetensors holds tensors of other shapes than this run's")
     pis = _read(ckpt, "pi.safetensors", lambda p: load_file(str(p)), safetensors)
-    if (set(pis) != {f"pi.{k}" for k in range(len(er.pi))}
-            or any(pis[f"pi.{k}"].shape != p.shape for k, p in enumerate(er.pi))):
+    if (set(pis) != {f"pi.{k}" for k in range(len(er.search.pi))}
+            or any(pis[f"pi.{k}"].shape != p.shape for k, p in enumerate(er.search.pi))):
         raise _Damage("pi.safetensors does not hold this run's search logits")
     rng_name = f"rng-rank{er.dist.rank}.safetensors"
     rng = _read(ckpt, rng_name, lambda p: load_file(str(p)), safetensors)
@@ -409,24 +409,25 @@ def _restore(er, ckpt: Path, data: dict) -> None:
 
         copy_trained()
         part("state.pt", "its optimizer state does not fit this run",
-             lambda: er.optimizer.load_state_dict(state["optimizer"]))
+             lambda: er.theta.optimizer.load_state_dict(state["optimizer"]))
     with torch.no_grad():
-        for k, p in enumerate(er.pi):
+        for k, p in enumerate(er.search.pi):
             p.copy_(data["pis"][f"pi.{k}"])
     part("state.pt", "its search optimizer state does not fit this run",
-         lambda: er.pi_optimizer.load_state_dict(state["pi_optimizer"]))
+         lambda: er.search.optimizer.load_state_dict(state["pi_optimizer"]))
     if "score_baseline" in state:  # the score estimator's running means (older ones lack them)
         part("state.pt", "its score baseline does not fit this run",
              lambda: er.search.baseline.copy_(state["score_baseline"]))
-    for key in ("scaler", "pi_scaler"):
+    for key, scaler in (("scaler", er.theta.scaler), ("pi_scaler", er.search.scaler)):
         if state.get(key):
             part("state.pt", "its loss scaler state does not fit this run",
-                 lambda key=key: getattr(er, key).load_state_dict(state[key]))
+                 lambda key=key, scaler=scaler: scaler.load_state_dict(state[key]))
     er.skipped_steps = Counter(state.get("skipped_steps", {}))
     part(f"rng-rank{er.dist.rank}.safetensors", "its generator states do not fit this run",
          lambda: er.plan.load_state(data["rng"]))
     er.iteration = data["iteration"]
-    er.calls = data["calls"]
+    er.models.calls.clear()
+    er.models.calls.update(data["calls"])
     er.timings.update({k: v for k, v in data["timings"].items() if k == "train_s"})
     er.log = data["log"]
     er.last_checkpoint = str(ckpt)

@@ -258,74 +258,10 @@ class Eraser:
         self.ds_config = ds
         return optimizer
 
-    # -- the parts, for callers and tests ----------------------------------------------------
-    @property
-    def pi(self):
-        return self.search.pi
-
-    @property
-    def pi_optimizer(self):
-        return self.search.optimizer
-
-    @property
-    def pi_scaler(self):
-        return self.search.scaler
-
-    @property
-    def optimizer(self):
-        return self.theta.optimizer
-
-    @property
-    def scaler(self):
-        return self.theta.scaler
-
-    @property
-    def sets(self):
-        return self.search.sets
-
-    @property
-    def r_tables(self):
-        return self.search.tables
-
-    @property
-    def emb_null(self):
-        return self.models.null
-
-    @property
-    def emb_concepts(self):
-        return self.models.concepts
-
-    @property
-    def text_encoder(self):
-        return self.components.text_encoder
-
-    @property
-    def calls(self) -> Counter:
-        return self.models.calls
-
-    @calls.setter
-    def calls(self, value) -> None:  # checkpoint resume
-        self.models.calls.clear()
-        self.models.calls.update(value)
-
-    def query(self, which, kind, z, t, cond):
-        return self.models.query(which, kind, z, t, cond)
-
-    def sample(self, x_T, cond, t_enc):
-        return self.models.sample(x_T, cond, t_enc)
-
-    def draw_adversarial(self, concept: int, gumbel: torch.Tensor, with_grad: bool = True):
-        return self.search.draw(concept, gumbel, with_grad)
-
-    def step_pi(self, grads, scaler=None) -> None:
-        self.search.step(grads, scaler)
-
-    def step_optimizer(self, loss: torch.Tensor) -> None:
-        self.theta(loss)
-
     # -- loop iterations ----------------------------------------------------------------------
     def draw(self) -> Draws:
-        return self.plan.draw([len(s.words) for s in self.sets], self.tables, self.latent_shape)
+        return self.plan.draw([len(s.words) for s in self.search.sets], self.tables,
+                              self.latent_shape)
 
     def run_iteration(self) -> dict:
         """One faithful loop iteration (outer when iteration % P == 0, else a search step)."""
@@ -353,7 +289,7 @@ class Eraser:
         records = []
         for res in results:
             samples = [{"slot": s.slot, "concept": self.cfg.erase[s.concept], "t_ddpm": s.t_ddpm,
-                        "adv_index": i, "adv_word": self.sets[s.concept].words[i]}
+                        "adv_index": i, "adv_word": self.search.sets[s.concept].words[i]}
                        for s, i in zip(d.samples, res.adv_indices)]
             terms = [res.loss, res.loss_preserve] + ([res.loss_erase] if res.loss_erase is not None
                                                       else [])
@@ -443,7 +379,8 @@ class Eraser:
         pi_summary = {}
         from .search import draw_distribution
 
-        for s, p in zip(self.sets, self.pi):  # what each candidate weighs in the drawn c_a
+        # what each candidate weighs in the drawn c_a
+        for s, p in zip(self.search.sets, self.search.pi):
             probs = draw_distribution(p.cpu(), cfg.gumbel_mode, cfg.tau, cfg.gumbel_topk).float()
             top = torch.argsort(probs, descending=True, stable=True)[:10]
             pi_summary[s.concept] = [{"word": s.words[j], "prob": round(float(probs[j]), 6)}
@@ -463,14 +400,14 @@ class Eraser:
             "world_size": self.dist.world, "batch_size_per_process": cfg.batch_size,
             "global_batch": self.dist.world * cfg.batch_size,
             "latent_shape": list(self.latent_shape),
-            "preservation_sets": describe_sets(self.sets),
+            "preservation_sets": describe_sets(self.search.sets),
             "vocab_embedding_cache_hit": self.cache_hit,
             "final_pi_top": pi_summary,
             "trained_parameters": {"count": sum(p.numel() for _, p in self.trained),
                                    "tensors": len(self.trained)},
             "iterations": self.iteration, "outer_steps": self.iteration // cfg.pgd_steps,
             # sample-evaluations of this process (rank 0 under DeepSpeed)
-            "unet_calls_per_outer_step": {k: v / outer_steps for k, v in sorted(self.calls.items())},
+            "unet_calls_per_outer_step": {k: v / outer_steps for k, v in sorted(self.models.calls.items())},
             "compute_dtype": str(getattr(self, "compute_dtype", None) or torch.float32).replace("torch.", ""),
             "timings": {**{k: round(v, 3) for k, v in self.timings.items()},
                         "outer_steps_per_s": round(outer_steps / self.timings["train_s"], 4)
@@ -480,12 +417,13 @@ class Eraser:
             from .models import module_content_hash
 
             mine = (module_content_hash(self.trained_state()),
-                    module_content_hash({f"pi.{k}": p.detach().cpu() for k, p in enumerate(self.pi)}))
+                    module_content_hash({f"pi.{k}": p.detach().cpu() for k, p in enumerate(self.search.pi)}))
             hashes = self.dist.gather(mine)
             info["ranks_agree"] = {"trained": len({h[0] for h in hashes}) == 1,
                                    "pi": len({h[1] for h in hashes}) == 1}
-        if self.scaler.is_enabled():
-            info["loss_scale"] = {"theta": self.scaler.get_scale(), "pi": self.pi_scaler.get_scale(),
+        if self.theta.scaler.is_enabled():
+            info["loss_scale"] = {"theta": self.theta.scaler.get_scale(),
+                                  "pi": self.search.scaler.get_scale(),
                                   "skipped_steps": dict(self.skipped_steps)}
         info["backbone"] = self.backbone.info()
         if comp.random_weights:

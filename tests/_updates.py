@@ -8,11 +8,11 @@ from ap_erase_fast.engine import Eraser
 def run_updates(cfg, components=None):
     er = Eraser(cfg, components=components).setup()
     theta0 = {n: p.detach().float().cpu().clone() for n, p in er.trained}
-    pi0 = [p.detach().cpu().clone() for p in er.pi]
+    pi0 = [p.detach().cpu().clone() for p in er.search.pi]
     er.train()
     state = er.trained_state()
     d_theta = {n: state[n].float() - theta0[n] for n in theta0}
-    d_pi = [p.detach().cpu() - q for p, q in zip(er.pi, pi0)]
+    d_pi = [p.detach().cpu() - q for p, q in zip(er.search.pi, pi0)]
     return d_theta, d_pi, er
 
 

@@ -48,7 +48,7 @@ def _spy_null_queries(er):
 
     def spy(which, kind, z, t, text):
         if which == "frozen":
-            null = er.emb_null.flat()[0]
+            null = er.models.null.flat()[0]
             rows = text.flat()
             for i in range(z.shape[0]):
                 if torch.equal(rows[i], null):
@@ -90,11 +90,11 @@ def test_first_step_theta_equals_theta_prime_and_the_erasure_identity(tiny_cfg, 
     # the erasure identity, with ε_θ recomputed outside the step at the step's own z
     n = len(first["samples"])
     z, t = torch.cat([x for x, _ in seen[:n]]), torch.cat([y for _, y in seen[:n]])
-    cond = Cond.cat([er.emb_concepts[er.cfg.erase.index(s["concept"])] for s in first["samples"]])
-    null = er.emb_null.expand(n)
+    cond = Cond.cat([er.models.concepts[er.cfg.erase.index(s["concept"])] for s in first["samples"]])
+    null = er.models.null.expand(n)
     with torch.no_grad():
-        e_c = er.query("frozen", "check", z, t, cond)
-        e_0 = er.query("frozen", "check", z, t, null)
+        e_c = er.models.query("frozen", "check", z, t, cond)
+        e_0 = er.models.query("frozen", "check", z, t, null)
     a = float(er.components.scheduler.alphas_cumprod[(1000 // 50) * first["t_enc"] + 1])
     expected = ((1 - a) / a * (1 + eta) ** 2 * F.mse_loss(e_c, e_0, reduction="none")
                 .mean(dim=(1, 2, 3))).mean().item()
@@ -104,7 +104,7 @@ def test_first_step_theta_equals_theta_prime_and_the_erasure_identity(tiny_cfg, 
     for rec in records + er.run_outer_step():
         lo = 20 * rec["t_enc"]
         for s in rec["samples"]:
-            assert s["adv_word"] in er.sets[er.cfg.erase.index(s["concept"])].words
+            assert s["adv_word"] in er.search.sets[er.cfg.erase.index(s["concept"])].words
             assert lo <= s["t_ddpm"] <= lo + 19
 
 
@@ -113,12 +113,12 @@ def test_random_search_never_moves_pi(tiny_cfg, combo):
     """--search random: π is bit-identical to its initial value after any number of steps
     (the old reference profile stepped π anyway and fails this)."""
     er = _eraser(tiny_cfg, combo, search="random", pgd_steps=3, train_method="xattn")
-    pi0 = [p.detach().clone() for p in er.pi]
-    for p, s in zip(pi0, er.sets):  # the authors' initialisation: every logit 1/|R|
+    pi0 = [p.detach().clone() for p in er.search.pi]
+    for p, s in zip(pi0, er.search.sets):  # the authors' initialisation: every logit 1/|R|
         assert torch.equal(p, torch.full((len(s.words),), 1.0 / len(s.words)))
     for _ in range(3):
         er.run_outer_step()
-    assert all(torch.equal(p.detach(), q) for p, q in zip(er.pi, pi0))
+    assert all(torch.equal(p.detach(), q) for p, q in zip(er.search.pi, pi0))
     assert any(not torch.equal(p, er.frozen_tensors[n] if hasattr(er, "frozen_tensors") else
                                dict(er.frozen.named_parameters())[n]) for n, p in er.trained)
 
@@ -129,30 +129,30 @@ def _terms(er, d, z, z_r, e_ref=None):
     authors detach θ(z_r, c_a), so π ascends mse(θ′(z_r, c_a(π)), θ(z_r, c_a) held))."""
     cfg = er.cfg
     with torch.no_grad():
-        c_a = Cond.cat([er.draw_adversarial(s.concept, s.gumbel, with_grad=False)[0]
+        c_a = Cond.cat([er.search.draw(s.concept, s.gumbel, with_grad=False)[0]
                         for s in d.samples])
-        emb_e = Cond.cat([er.emb_concepts[s.concept] for s in d.samples])
+        emb_e = Cond.cat([er.models.concepts[s.concept] for s in d.samples])
         t = torch.tensor([s.t_ddpm for s in d.samples], device=er.device)
-        null = er.emb_null.expand(len(d.samples))
+        null = er.models.null.expand(len(d.samples))
         alpha = er.tables.x0_alpha(d.t_enc)
-        e0 = er.query("frozen", "check", z, t, null)
-        en = er.query("frozen", "check", z, t, emb_e)
+        e0 = er.models.query("frozen", "check", z, t, null)
+        en = er.models.query("frozen", "check", z, t, emb_e)
         if e_ref is None:
-            e_ref = er.query("frozen", "check", z_r, t, c_a)
-        le = erasure_loss(er.query("trained", "check", z, t, emb_e), e0, en, z, alpha,
+            e_ref = er.models.query("frozen", "check", z_r, t, c_a)
+        le = erasure_loss(er.models.query("trained", "check", z, t, emb_e), e0, en, z, alpha,
                           cfg.negative_guidance, cfg.loss_space)
-        lp = preservation_loss(er.query("trained", "check", z_r, t, c_a), e_ref, z_r, alpha,
+        lp = preservation_loss(er.models.query("trained", "check", z_r, t, c_a), e_ref, z_r, alpha,
                                cfg.loss_space)
     return le.item(), lp.item(), e_ref
 
 
 def _latents(er, d):
     with torch.no_grad():
-        c_a = Cond.cat([er.draw_adversarial(s.concept, s.gumbel, with_grad=False)[0]
+        c_a = Cond.cat([er.search.draw(s.concept, s.gumbel, with_grad=False)[0]
                         for s in d.samples])
-        emb_e = Cond.cat([er.emb_concepts[s.concept] for s in d.samples])
+        emb_e = Cond.cat([er.models.concepts[s.concept] for s in d.samples])
         x_T = torch.cat([s.x_T for s in d.samples])
-        return er.sample(x_T, emb_e, d.t_enc), er.sample(x_T, c_a, d.t_enc)
+        return er.models.sample(x_T, emb_e, d.t_enc), er.models.sample(x_T, c_a, d.t_enc)
 
 
 @pytest.mark.parametrize("combo", COMBOS, ids=IDS)
@@ -176,14 +176,14 @@ def test_updates_move_the_losses_the_right_way(tiny_cfg, combo):
     # θ′ ≠ θ from here on, so L_pres and its π gradient are not zero; far enough from θ that
     # L_pres stands well above bf16 rounding of the outputs
     er.run_outer_step()
-    for group in er.optimizer.param_groups:  # smaller checked θ′ steps: first order holds
+    for group in er.theta.optimizer.param_groups:  # smaller checked θ′ steps: first order holds
         group["lr"] = 1e-3
     lam = er.cfg.preserve_weight
     for kind in (["shared"] if schedule == "shared" else ["outer", "inner"]):
         d = er.draw()
         z, z_r = _latents(er, d)
         theta_old = {n: p.detach().clone() for n, p in er.trained}
-        pi_old = [p.detach().clone() for p in er.pi]
+        pi_old = [p.detach().clone() for p in er.search.pi]
         le0, lp0, e_ref0 = _terms(er, d, z, z_r)
         if schedule == "shared":
             shared_outer_step(er.ctx, d)
@@ -192,7 +192,7 @@ def test_updates_move_the_losses_the_right_way(tiny_cfg, combo):
                 er.ctx, d, kind == "outer")
         er.iteration += er.cfg.pgd_steps if schedule == "shared" else 1
         theta_new = {n: p.detach().clone() for n, p in er.trained}
-        pi_new = [p.detach().clone() for p in er.pi]
+        pi_new = [p.detach().clone() for p in er.search.pi]
         if kind in ("outer", "shared"):  # new θ′, old π (the draw the θ′ step saw)
             _load(er, theta_new, pi_old)
             le1, lp1, _ = _terms(er, d, z, z_r, e_ref0)
@@ -208,7 +208,7 @@ def _load(er, theta, pi):
     with torch.no_grad():
         for n, p in er.trained:
             p.copy_(theta[n])
-        for p, v in zip(er.pi, pi):
+        for p, v in zip(er.search.pi, pi):
             p.copy_(v)
 
 

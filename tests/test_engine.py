@@ -59,9 +59,9 @@ def test_gradient_routing(tiny_cfg):
 
     eraser.models.query = spy
     theta0 = {n: p.detach().clone() for n, p in eraser.trained}
-    pi0 = eraser.pi[0].detach().clone()
+    pi0 = eraser.search.pi[0].detach().clone()
     eraser.run_iteration()  # outer
-    assert torch.equal(eraser.pi[0].detach(), pi0)  # π untouched by the outer step
+    assert torch.equal(eraser.search.pi[0].detach(), pi0)  # π untouched by the outer step
     assert any(not torch.equal(p, theta0[n]) for n, p in eraser.trained)
     # frozen outputs are constants; θ' outputs carry gradients
     assert [o[:2] for o in outputs] == [("frozen", False)] * 3 + [("grad", True)] * 2
@@ -69,8 +69,8 @@ def test_gradient_routing(tiny_cfg):
     assert [o[2] for o in outputs] == [False, False, False, False, True]
     theta1 = {n: p.detach().clone() for n, p in eraser.trained}
     eraser.run_iteration()  # inner
-    assert eraser.pi[0].grad is not None and eraser.pi[0].grad.abs().sum() > 0
-    assert not torch.equal(eraser.pi[0].detach(), pi0)
+    assert eraser.search.pi[0].grad is not None and eraser.search.pi[0].grad.abs().sum() > 0
+    assert not torch.equal(eraser.search.pi[0].detach(), pi0)
     for n, p in eraser.trained:
         assert torch.equal(p, theta1[n]), n
 

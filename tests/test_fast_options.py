@@ -13,7 +13,7 @@ def test_adamw8bit_keeps_8bit_states(tiny_cfg):
     pytest.importorskip("bitsandbytes")
     eraser = Eraser(tiny_cfg(train_method="noxattn", optimizer="adamw8bit", steps=1)).setup()
     eraser.run_outer_step()
-    states = [s for s in eraser.optimizer.state.values() if "state1" in s]
+    states = [s for s in eraser.theta.optimizer.state.values() if "state1" in s]
     assert states and any(s["state1"].dtype == torch.uint8 for s in states)
     assert all(torch.isfinite(p).all() for _, p in eraser.trained)
     assert all(p.dtype == torch.float32 for _, p in eraser.trained)
@@ -70,7 +70,7 @@ def test_fast_profile_keeps_one_unet_and_frozen_copies_of_trained_tensors(tiny_c
             assert not p.requires_grad and p.dtype == want, name
     assert {"GroupNorm", "LayerNorm", "Linear", "Conv2d"} <= kinds
     eraser.run_outer_step()
-    assert eraser.text_encoder is None  # prompt embeddings were computed once
+    assert eraser.components.text_encoder is None  # prompt embeddings were computed once
 
 
 def test_compiled_sampling_step_gives_the_same_result(tiny_cfg, monkeypatch, tmp_path):
@@ -107,7 +107,7 @@ def low_precision_update_agreement(tiny_cfg, schedule, device="cpu"):
         cfg = tiny_cfg(steps=3, mixed_precision=mp, schedule=schedule, lr=1e-4, search_lr=0.1,
                        seed=3, device=device)
         d_theta, d_pi, eraser = run_updates(cfg, components=load_components("tiny"))
-        assert eraser.scaler.is_enabled() == (mp == "fp16")
+        assert eraser.theta.scaler.is_enabled() == (mp == "fp16")
         runs[mp] = flat(d_theta), flat(d_pi)
     ref_theta, ref_pi = runs.pop("no")
     assert ref_theta.abs().max() > 0 and ref_pi.abs().max() > 0

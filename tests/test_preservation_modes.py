@@ -15,8 +15,8 @@ def test_parse_prompt_list_keeps_the_empty_prompt():
 
 def test_fixed_preservation_set_is_used_as_given(tiny_cfg):
     er = Eraser(tiny_cfg(preserve_set=["", "a dog"], schedule="shared", steps=3)).setup()
-    assert er.sets[0].words == ["", "a dog"] and er.r_tables[0].shape[0] == 2
-    assert torch.equal(er.r_tables[0][0:1], er.emb_null.flat().cpu())
+    assert er.search.sets[0].words == ["", "a dog"] and er.search.tables[0].shape[0] == 2
+    assert torch.equal(er.search.tables[0][0:1], er.models.null.flat().cpu())
     er.train()
     drawn = {s["adv_word"] for rec in er.log for s in rec["samples"]}
     assert drawn <= {"", "a dog"}
@@ -24,21 +24,21 @@ def test_fixed_preservation_set_is_used_as_given(tiny_cfg):
 
 def test_random_search_draws_uniformly_and_never_moves_pi(tiny_cfg):
     er = Eraser(tiny_cfg(search="random", schedule="shared", steps=4, batch_size=2)).setup()
-    pi0 = er.pi[0].detach().clone()
+    pi0 = er.search.pi[0].detach().clone()
     er.train()
-    assert torch.equal(er.pi[0].detach(), pi0)
+    assert torch.equal(er.search.pi[0].detach(), pi0)
     adv = Eraser(tiny_cfg(schedule="shared", steps=4, batch_size=2)).setup()
     adv.train()
-    assert not torch.equal(adv.pi[0].detach(), pi0)  # the adversarial search does move π
+    assert not torch.equal(adv.search.pi[0].detach(), pi0)  # the adversarial search does move π
     # same seed, same Gumbel noise: the first draw (π still uniform) is the same word in both
     assert er.log[0]["samples"] == adv.log[0]["samples"]
     # with π uniform, the hard Gumbel draw is a uniform draw: over many draws every word of R
     # comes up about equally often
     from ap_erase_fast.ops import gumbel_mix
 
-    n = len(er.sets[0].words)
+    n = len(er.search.sets[0].words)
     g = -torch.log(-torch.log(torch.rand(20000, n, generator=torch.Generator().manual_seed(0))))
-    _, idx = gumbel_mix(er.pi[0].detach().expand(20000, n), er.r_tables[0], tau=2.0, hard=True,
+    _, idx = gumbel_mix(er.search.pi[0].detach().expand(20000, n), er.search.tables[0], tau=2.0, hard=True,
                         gumbel=g, backend="torch", return_index=True)
     counts = torch.bincount(idx, minlength=n).float()
     assert counts.min() > 0.6 * 20000 / n and counts.max() < 1.4 * 20000 / n

@@ -376,7 +376,7 @@ def test_definitions_hold_on_tiny_sdxl(tiny_cfg, combo):
     cfg = tiny_cfg(model="tiny-sdxl", profile=profile, schedule=schedule, mixed_precision=mp,
                    train_method="noxattn", negative_guidance=eta, erase=["garbage truck", "church"])
     er = Eraser(cfg, components=_perturbed_sdxl()).setup()
-    assert float(er.emb_null.flat().abs().sum()) == 0.0  # force_zeros_for_empty_prompt
+    assert float(er.models.null.flat().abs().sum()) == 0.0  # force_zeros_for_empty_prompt
     seen = _spy_null_queries(er)
     records = er.run_outer_step()
     first = records[0]
@@ -385,10 +385,10 @@ def test_definitions_hold_on_tiny_sdxl(tiny_cfg, combo):
     assert first["loss_erase"] > 0, first
     assert first["loss_preserve"] <= (0.0 if mp == "no" else 1e-3 * first["loss_erase"]), first
     z, t = seen[0]
-    cond = er.emb_concepts[er.cfg.erase.index(first["samples"][0]["concept"])]
+    cond = er.models.concepts[er.cfg.erase.index(first["samples"][0]["concept"])]
     with torch.no_grad():
-        e_c = er.query("frozen", "check", z, t, cond)
-        e_0 = er.query("frozen", "check", z, t, er.emb_null)
+        e_c = er.models.query("frozen", "check", z, t, cond)
+        e_0 = er.models.query("frozen", "check", z, t, er.models.null)
     steps = er.cfg.ddim_steps
     a = float(er.components.scheduler.alphas_cumprod[(1000 // steps) * first["t_enc"] + 1])
     expected = (1 - a) / a * (1 + eta) ** 2 * F.mse_loss(e_c, e_0).item()
@@ -396,7 +396,7 @@ def test_definitions_hold_on_tiny_sdxl(tiny_cfg, combo):
     for rec in records + er.run_outer_step():
         lo = (1000 // steps) * rec["t_enc"]
         for s in rec["samples"]:
-            assert s["adv_word"] in er.sets[er.cfg.erase.index(s["concept"])].words
+            assert s["adv_word"] in er.search.sets[er.cfg.erase.index(s["concept"])].words
             assert lo <= s["t_ddpm"] < lo + 1000 // steps
 
 

@@ -144,7 +144,7 @@ def test_engine_hands_pi_the_estimate_of_its_measured_errors(tiny_cfg, schedule)
     er.run_outer_step()
     for _ in range(50):  # two different candidates (the same one twice gives the estimate 0)
         d = er.draw()
-        if len({er.draw_adversarial(s.concept, s.gumbel, with_grad=False)[1] for s in d.samples}) == 2:
+        if len({er.search.draw(s.concept, s.gumbel, with_grad=False)[1] for s in d.samples}) == 2:
             break
     _, z_r = _latents(er, d)
     t = torch.tensor([s.t_ddpm for s in d.samples])
@@ -152,10 +152,10 @@ def test_engine_hands_pi_the_estimate_of_its_measured_errors(tiny_cfg, schedule)
     ells, idx = [], []
     with torch.no_grad():
         for i, s in enumerate(d.samples):
-            c_a, k = er.draw_adversarial(s.concept, s.gumbel, with_grad=False)
+            c_a, k = er.search.draw(s.concept, s.gumbel, with_grad=False)
             zi, ti = z_r[i:i + 1], t[i:i + 1]
-            ells.append(preservation_loss(er.query("trained", "grad", zi, ti, c_a),
-                                          er.query("frozen", "frozen", zi, ti, c_a), zi, alpha,
+            ells.append(preservation_loss(er.models.query("trained", "grad", zi, ti, c_a),
+                                          er.models.query("frozen", "frozen", zi, ti, c_a), zi, alpha,
                                           er.cfg.loss_space).float())
             idx.append(k)
     want = er.search.score_gradients([s.concept for s in d.samples], idx, torch.stack(ells))
@@ -178,10 +178,10 @@ def test_theta_update_is_the_pathwise_runs(tiny_cfg):
         er = _eraser(tiny_cfg, ("fast", "faithful", "no"), ddim_steps=10, train_method="xattn",
                      batch_size=2, search_estimator=est, gumbel_mode="hard")
         theta0 = {n: p.detach().clone() for n, p in er.trained}
-        pi0 = [p.detach().clone() for p in er.pi]
+        pi0 = [p.detach().clone() for p in er.search.pi]
         er.run_outer_step()  # iteration 0: θ′; iteration 1: π
         updates[est] = {n: p.detach() - theta0[n] for n, p in er.trained}
-        pis[est] = [p.detach() - q for p, q in zip(er.pi, pi0)]
+        pis[est] = [p.detach() - q for p, q in zip(er.search.pi, pi0)]
     assert all(torch.equal(updates["pathwise"][n], updates["score"][n]) for n in updates["score"])
     assert any(u.abs().max() > 0 for u in updates["score"].values())
     assert any(m.abs().max() > 0 for m in pis["score"])
@@ -244,4 +244,4 @@ def test_shared_schedule_later_search_steps_move_pi(tiny_cfg):
     er.search.step = original
     assert len(calls) == 3 * 3
     assert sum(bool(g.abs().max() > 0) for call in calls[1::3] + calls[2::3] for g in call.values()) >= 2
-    assert int(er.pi_optimizer.state[er.pi[0]]["step"]) == 9
+    assert int(er.search.optimizer.state[er.search.pi[0]]["step"]) == 9

@@ -43,13 +43,13 @@ def _expected_gradient(er, d, z_r, normalised, swap=False):
     alpha = er.tables.x0_alpha(d.t_enc)
     ell_w, signals = [], []
     for i, s in enumerate(d.samples):
-        c_a = er.draw_adversarial(s.concept, s.gumbel, with_grad=True)[0]
+        c_a = er.search.draw(s.concept, s.gumbel, with_grad=True)[0]
         zi, ti = z_r[i:i + 1], t[i:i + 1]
         with torch.no_grad():
-            e_ref = er.query("frozen", "frozen", zi, ti, c_a.detach())
-            e_null = er.query("frozen", "frozen", zi, ti, er.emb_null)
+            e_ref = er.models.query("frozen", "frozen", zi, ti, c_a.detach())
+            e_null = er.models.query("frozen", "frozen", zi, ti, er.models.null)
             signals.append(preservation_loss(e_ref, e_null, zi, alpha, cfg.loss_space).float())
-        ell = preservation_loss(er.query("trained", "grad", zi, ti, c_a), e_ref, zi, alpha,
+        ell = preservation_loss(er.models.query("trained", "grad", zi, ti, c_a), e_ref, zi, alpha,
                                 cfg.loss_space).float()
         ell_w.append(ell)
     weights = 1.0 / torch.stack(signals) if normalised else torch.ones(len(signals))
@@ -57,7 +57,7 @@ def _expected_gradient(er, d, z_r, normalised, swap=False):
         weights = weights.flip(0)
     loss = -sum(e * w for e, w in zip(ell_w, weights)) / len(d.samples)
     concepts = sorted({s.concept for s in d.samples})
-    grads = torch.autograd.grad(loss, [er.pi[c] for c in concepts])
+    grads = torch.autograd.grad(loss, [er.search.pi[c] for c in concepts])
     return dict(zip(concepts, grads)), torch.stack(signals)
 
 
@@ -76,7 +76,7 @@ def test_normalised_score_divides_each_samples_pi_gradient_by_its_signal(tiny_cf
         er.run_outer_step()  # θ′ ≠ θ: the preservation error and its π gradient are not zero
         d = er.draw()
         _, z_r = _latents(er, d)
-        pi_old = [p.detach().clone() for p in er.pi]
+        pi_old = [p.detach().clone() for p in er.search.pi]
         expected, signals = _expected_gradient(er, d, z_r, score == "normalised")
         got = _captured_search_gradient(er, d)
         assert set(got) == set(expected)
@@ -113,10 +113,10 @@ def test_normalised_score_leaves_the_theta_update_alone(tiny_cfg, combo):
         er = _eraser(tiny_cfg, combo, ddim_steps=10, train_method="xattn", batch_size=2,
                      pgd_steps=3, search_score=score)
         theta0 = {n: p.detach().clone() for n, p in er.trained}
-        pi0 = [p.detach().clone() for p in er.pi]
+        pi0 = [p.detach().clone() for p in er.search.pi]
         er.run_outer_step()
         updates[score] = {n: p.detach() - theta0[n] for n, p in er.trained}
-        moved = [p.detach() - q for p, q in zip(er.pi, pi0)]
+        moved = [p.detach() - q for p, q in zip(er.search.pi, pi0)]
         assert any(m.abs().max() > 0 for m in moved)
         updates[score + "_pi"] = moved
     assert all(torch.equal(updates["mse"][n], updates["normalised"][n]) for n in updates["mse"])

@@ -116,7 +116,7 @@ def run_one(world: World, target: str, method: str, seed: int, args, lr: float,
     er = Eraser(cfg, progress=sys.stderr.isatty(), components=comps)
     er.setup()
     if hasattr(w, "assert_held_out"):  # ShapesWorld 2: no evaluation prompt is a member of R
-        w.assert_held_out(prompts, er.sets[0].words)
+        w.assert_held_out(prompts, er.search.sets[0].words)
     out = []
     for budget in [*budgets_below(args), args.steps]:
         er.train(until=budget)
@@ -145,11 +145,11 @@ def _search_state(er, cfg, w, steps: int) -> dict:
     # where the search is: the expected weight of each candidate in the preserved c_a under the
     # draw in use (the hard draw: softmax(π), whatever τ), and π's logits themselves, so that any
     # other measure can be recomputed from the rows
-    prob = draw_distribution(er.pi[0], cfg.gumbel_mode, cfg.tau, cfg.gumbel_topk).float()
-    words = er.sets[0].words
+    prob = draw_distribution(er.search.pi[0], cfg.gumbel_mode, cfg.tau, cfg.gumbel_topk).float()
+    words = er.search.sets[0].words
     top = torch.argsort(prob, descending=True)[:5].tolist()
     out = {"pi_top": {words[i]: round(float(prob[i]), 4) for i in top}, "pi_uniform": round(1.0 / len(prob), 4),
-           "pi_measure": PI_MEASURE, "pi_logits": [round(float(v), 5) for v in er.pi[0].detach().float()],
+           "pi_measure": PI_MEASURE, "pi_logits": [round(float(v), 5) for v in er.search.pi[0].detach().float()],
            "pi_mass": {}, "r_share": {}}
     for name in (*w.SHAPES, *w.COLOURS):
         sel = [i for i, word in enumerate(words) if name in word.split()]
@@ -158,7 +158,7 @@ def _search_state(er, cfg, w, steps: int) -> dict:
             out["r_share"][name] = round(len(sel) / len(words), 4)
     out.update(train_s=round(er.timings["train_s"], 2), r_size=len(words),
                picks=dict(sorted(picks.items(), key=lambda kv: -kv[1])),
-               unet_evals_per_step=round(sum(er.calls.values()) / max(1, steps), 1))
+               unet_evals_per_step=round(sum(er.models.calls.values()) / max(1, steps), 1))
     return out
 
 
