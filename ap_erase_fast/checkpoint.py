@@ -422,7 +422,8 @@ def _restore(er, ckpt: Path, data: dict) -> None:
         if state.get(key):
             part("state.pt", "its loss scaler state does not fit this run",
                  lambda key=key, scaler=scaler: scaler.load_state_dict(state[key]))
-    er.skipped_steps = Counter(state.get("skipped_steps", {}))
+    er.skipped_steps.clear()  # in place: the search and the θ′ update count into this Counter
+    er.skipped_steps.update(state.get("skipped_steps", {}))
     part(f"rng-rank{er.dist.rank}.safetensors", "its generator states do not fit this run",
          lambda: er.plan.load_state(data["rng"]))
     er.iteration = data["iteration"]

@@ -245,3 +245,18 @@ def test_shared_schedule_later_search_steps_move_pi(tiny_cfg):
     assert len(calls) == 3 * 3
     assert sum(bool(g.abs().max() > 0) for call in calls[1::3] + calls[2::3] for g in call.values()) >= 2
     assert int(er.search.optimizer.state[er.search.pi[0]]["step"]) == 9
+
+
+def test_resume_keeps_one_skipped_step_counter(tmp_path, small_vocab):
+    """After a resume the search and the θ′ update still count skipped fp16 steps into the run's
+    own counter (run.json and later checkpoints read it), restored from the checkpoint. Mutation
+    checked: rebinding the counter on resume (the parts keep counting into the old one)."""
+    from ap_erase_fast import EraseConfig, erase
+    from ap_erase_fast.engine import Eraser
+
+    kw = dict(model="tiny", erase=["garbage truck"], steps=2, seed=1, vocab=small_vocab, k_closest=60,
+              num_centers=12, ddim_steps=4, quiet=True, device="cpu", checkpoint_every=1)
+    erase(EraseConfig(**kw, output=str(tmp_path / "run")))
+    er = Eraser(EraseConfig(**kw)).setup()
+    er.load_checkpoint(str(tmp_path / "run.checkpoints" / "step-000001"))
+    assert er.search.skipped is er.skipped_steps and er.theta.skipped is er.skipped_steps
