@@ -4,10 +4,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .config import EraseConfig, check_model_bounds, default_output_dir
-from .engine import EraseResult, Eraser
+from .config import EraseConfig, default_output_dir
+from .engine import Eraser, EraseResult
 from .errors import UserError
 from .export import OutputDir, checkpoint_root_for, write_outputs
+from .model_bounds import check_model_bounds
 
 
 def erase(config: EraseConfig | None = None, write: bool = True, **overrides) -> EraseResult:

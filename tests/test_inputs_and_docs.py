@@ -70,8 +70,9 @@ def test_resolution_far_beyond_the_model_is_refused_with_its_limit(capsys, in_tm
 
 def test_resolution_limit_of_models_read_only_at_load_time(capsys, in_tmp):
     """A model whose config cannot be read up front (a .ckpt) gets the generic limit."""
-    from ap_erase_fast.config import EraseConfig, check_model_bounds
+    from ap_erase_fast.config import EraseConfig
     from ap_erase_fast.errors import UserError
+    from ap_erase_fast.model_bounds import check_model_bounds
 
     ckpt = in_tmp / "model.ckpt"
     ckpt.write_bytes(b"not read")
@@ -83,7 +84,8 @@ def test_resolution_limit_of_models_read_only_at_load_time(capsys, in_tmp):
 def test_model_bounds_leave_configs_they_cannot_read_to_the_loader(in_tmp, capsys):
     """A folder whose UNet config diffusers cannot build, or whose sample size is (h, w): the
     bounds are checked where they can be and never crash or print."""
-    from ap_erase_fast.config import EraseConfig, check_model_bounds, peek_model
+    from ap_erase_fast.config import EraseConfig
+    from ap_erase_fast.model_bounds import check_model_bounds, peek_model
 
     (in_tmp / "odd" / "unet").mkdir(parents=True)
     (in_tmp / "odd" / "unet" / "config.json").write_text(json.dumps(
@@ -104,7 +106,12 @@ def test_eval_resolution_far_beyond_the_model_is_refused(capsys, in_tmp):
 def test_lora_rank_larger_than_every_adapted_layer_is_refused(capsys, in_tmp, small_vocab):
     """The bound is the largest min(in, out) of the layers the train method adapts (64 on the
     tiny model), read from the model's config without loading it."""
-    from ap_erase_fast.config import EraseConfig, check_model_bounds, lora_rank_bound, peek_model
+    from ap_erase_fast.config import EraseConfig
+    from ap_erase_fast.model_bounds import (
+        check_model_bounds,
+        lora_rank_bound,
+        peek_model,
+    )
 
     err = _one_line_error(capsys, ["train", "--lora-rank", "100000", "--erase", "x", "--vocab",
                                    small_vocab, "--output", "out", *FAST], in_tmp)
@@ -122,7 +129,7 @@ def test_lora_rank_bound_matches_the_loaded_model():
     import torch
 
     from ap_erase_fast.backbones import make_backbone
-    from ap_erase_fast.config import lora_rank_bound, peek_model
+    from ap_erase_fast.model_bounds import lora_rank_bound, peek_model
     from ap_erase_fast.models import load_components
 
     comps = load_components("tiny-sdxl")
@@ -202,7 +209,7 @@ def test_resolution_help_states_the_native_sizes_the_models_have():
     """The help (and docs/CONFIG.md, generated from it) said 32 for tiny; it is 16."""
     import re
 
-    from ap_erase_fast.config import peek_model
+    from ap_erase_fast.model_bounds import peek_model
 
     text = " ".join(_help("train").split())
     for model in ("tiny", "tiny-sdxl", "shapes", "shapes2"):

@@ -291,7 +291,7 @@ def _evaluate(cfg, run, erased, model_id, heldout, concepts_info, rows, prompts_
     comps, erased_unet, hash_match, erased_hash = _load_models(cfg, run, model_id, device)
     resolution = int(cfg.resolution or run_cfg.get("resolution") or comps.default_resolution)
     scale = vae_scale_factor(comps.vae) if comps.vae is not None else 8
-    from ..config import MAX_RESOLUTION_FACTOR
+    from ..model_bounds import MAX_RESOLUTION_FACTOR
 
     limit = MAX_RESOLUTION_FACTOR * comps.default_resolution
     if resolution > limit:
