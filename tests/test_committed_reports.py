@@ -32,16 +32,20 @@ def _command(md: Path) -> list[str]:
     return [*head.split(), "--sweep-lrs", "", *tail.split()]
 
 
-@pytest.mark.skipif(not (RESULTS / "quality_shapes2_cpu.jsonl").exists(), reason="no committed table")
-def test_main_table_and_near_sets_regenerate_from_the_committed_runs(tmp_path):
+@pytest.mark.parametrize("tag", ["shapes2_cpu", "shapes2_confirm"])
+def test_main_table_and_near_sets_regenerate_from_the_committed_runs(tmp_path, tag):
     """Mutation checked: the near sets from every ESD budget instead of the main one (9 of 15
     sets change). (A curve ordered by learning rate only: test_quality_report's
     test_matched_erasure_follows_the_step_budgets_of_each_learning_rate.)"""
-    tag = "shapes2_cpu"
+    if not (RESULTS / f"quality_{tag}.jsonl").exists():
+        pytest.skip("no committed table")
     for suffix in (".jsonl", "_grid.png"):
         shutil.copy(RESULTS / f"quality_{tag}{suffix}", tmp_path / f"quality_{tag}{suffix}")
     args = _command(RESULTS / f"quality_{tag}.md")
     args[args.index("--out") + 1] = str(tmp_path)
+    if "--near-sets" in args:  # the confirmation's fixed near sets, wherever the tests run from
+        i = args.index("--near-sets") + 1
+        args[i] = str(RESULTS / Path(args[i]).name)
     assert cli([*[a for a in args if a != "--report-only"], "--report-only"]) == 0
     want = json.loads((RESULTS / f"quality_{tag}_near.json").read_text())
     got = json.loads((tmp_path / f"quality_{tag}_near.json").read_text())
