@@ -463,6 +463,11 @@ def test_run_json_records_the_thread_count(tmp_path, small_vocab):
     from ap_erase_fast import EraseConfig, erase
 
     out = tmp_path / "run"
-    erase(EraseConfig(model="tiny", erase=["garbage truck"], steps=1, vocab=small_vocab, k_closest=60,
-                      num_centers=12, ddim_steps=4, quiet=True, output=str(out)))
-    assert json.loads((out / "run.json").read_text())["torch_threads"] == torch.get_num_threads()
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # a count no default gives here: the record must read it, not assume it
+    try:
+        erase(EraseConfig(model="tiny", erase=["garbage truck"], steps=1, vocab=small_vocab, k_closest=60,
+                          num_centers=12, ddim_steps=4, quiet=True, output=str(out)))
+    finally:
+        torch.set_num_threads(before)
+    assert json.loads((out / "run.json").read_text())["torch_threads"] == 3
