@@ -13,6 +13,7 @@ from collections import Counter
 import torch
 
 from .backbones import Cond
+from .errors import UserError
 
 # decay of the score estimator's running-mean baseline per concept (the weight of the history)
 BASELINE_DECAY = 0.9
@@ -25,8 +26,6 @@ class Search:
         ``tables``: their rows [|R|, F] on the device; ``cond_shapes``: per-prompt shapes of a
         Cond (to unflatten a mixed row)."""
         if cfg.gumbel_mode == "topk" and any(cfg.gumbel_topk > len(s.words) for s in sets):
-            from .errors import UserError
-
             small = min(sets, key=lambda s: len(s.words))
             raise UserError(f"--gumbel-topk {cfg.gumbel_topk} is larger than the preservation set of "
                             f"{small.concept!r} ({len(small.words)} candidates); use --gumbel-topk "
