@@ -61,9 +61,11 @@ class ModelCalls:
             return out
         return self.backbone.eps(out, z, self.tables.alphas_cumprod[t.cpu()].float())
 
-    def sample(self, x_T: torch.Tensor, cond: Cond, t_enc: int) -> torch.Tensor:
-        """Truncated trajectories with θ′ for a batch of conditions (one call per DDIM step)."""
+    def sample(self, x_T: torch.Tensor, cond: Cond, t_enc: int,
+               which: str = "trained") -> torch.Tensor:
+        """Truncated trajectories with θ′ (or θ: ``which="frozen"``) for a batch of conditions
+        (one call per DDIM step)."""
         b = len(cond)
         x = x_T.expand(b, *x_T.shape[1:]) if x_T.shape[0] != b else x_T
-        return sample_until(self.model_fn("trained", "sampling"), x, cond, self.null.expand(b),
+        return sample_until(self.model_fn(which, "sampling"), x, cond, self.null.expand(b),
                             self.tables, t_enc, self.guidance)

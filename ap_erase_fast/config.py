@@ -30,6 +30,7 @@ LOSS_SPACES = ("x0", "eps")
 SEARCHES = ("adversarial", "random")
 SEARCH_SCORES = ("mse", "normalised")
 SEARCH_ESTIMATORS = ("pathwise", "score")
+TRAJECTORIES = ("student", "base", "bank")
 POSITIVE_FLOATS = ("lr", "search_lr", "tau")
 NON_NEGATIVE_FLOATS = ("negative_guidance", "preserve_weight", "weight_decay", "start_guidance")
 CONCEPT_FILE_SUFFIXES = (".txt", ".csv", ".list")
@@ -157,6 +158,29 @@ class EraseConfig:
                            "schedule", default=50)
     start_guidance: float = _opt("Classifier-free guidance scale of the sampled trajectories.",
                                  "schedule", default=3.0)
+    trajectories: str = _opt(
+        "Where the latents z and z_r come from: student (sampled every iteration with the model "
+        "being trained; the authors' algorithm), base (sampled every iteration with the frozen "
+        "original model, as ESD's diffusers rewrite does) or bank (--bank-size trajectories per "
+        "prompt sampled once with the frozen model before training, every intermediate state "
+        "kept, each sample reading one trajectory at its t_enc: no sampling during training). "
+        "base and bank are deviations, ALGORITHM.md §10.", "schedule", default="student",
+        choices=TRAJECTORIES)
+    bank_size: int = _opt(
+        "M: trajectories per prompt in the bank (each erased concept and each member of R; "
+        "all prompts share the same M starting noises).", "schedule", default=4)
+    bank_seed: int | None = _opt(
+        "Seed of the bank's starting noises (default: --seed). A fixed --bank-seed lets runs "
+        "with different seeds share one --bank-file.", "schedule")
+    bank_file: str | None = _opt(
+        "A .safetensors file for the bank: loaded when it exists (refused when it was built for "
+        "another model, R, seed or sampler), else built and saved there for later runs.",
+        "schedule")
+    bank_build_batch: int = _opt(
+        "Trajectories per sampling call while the bank is built.", "schedule", default=16)
+    bank_on_device: bool = _opt(
+        "Keep the bank on the model's device (GPU) instead of in CPU memory.", "schedule",
+        default=False)
     seed: int = _opt("Seed of every random draw; same seed and settings give bit-identical "
                      "results on the same machine with the same number of CPU threads "
                      "(--threads, OMP_NUM_THREADS): CPU kernels split their sums by thread.",
@@ -224,7 +248,7 @@ class EraseConfig:
             raise UserError("nothing to erase: pass --erase \"concept\" (or a comma-separated "
                             "list, or a file with one concept per line)")
         for name in ("steps", "pgd_steps", "k_closest", "num_centers", "ddim_steps",
-                     "gumbel_topk", "batch_size"):
+                     "gumbel_topk", "batch_size", "bank_size", "bank_build_batch"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{_flag(name)} must be at least 1 (got {getattr(self, name)})")
         if self.ddim_steps < 2:
@@ -240,6 +264,15 @@ class EraseConfig:
             raise UserError("--search-estimator score estimates the gradient of a hard draw in the fast "
                             "profile with the mse score: use --gumbel-mode hard, --profile fast and "
                             "--search-score mse with it")
+        if self.trajectories == "bank" and self.gumbel_mode != "hard":
+            raise UserError(f"--trajectories bank holds trajectories of the prompts of R, and "
+                            f"--gumbel-mode {self.gumbel_mode} preserves mixtures of them; use "
+                            f"--gumbel-mode hard or --trajectories base")
+        if self.trajectories != "bank" and (self.bank_file or self.bank_seed is not None):
+            raise UserError("--bank-file and --bank-seed belong to --trajectories bank; add "
+                            "--trajectories bank or drop them")
+        if self.bank_seed is not None and not 0 <= self.bank_seed < 2 ** 63:
+            raise UserError(f"--bank-seed must be between 0 and 2^63 - 1 (got {self.bank_seed})")
         if self.deepspeed and self.profile != "fast":
             raise UserError("--deepspeed runs the fast profile; drop --profile reference")
         if self.lora_rank < 0:
@@ -375,7 +408,7 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
     if value is None:
         return None
     kind = type(default) if default is not None and default is not dataclasses.MISSING else None
-    if name in ("resolution",):
+    if name in ("resolution", "bank_seed"):
         kind = int
     if name in ("lora_alpha",):
         kind = float
@@ -487,7 +520,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kw["type"] = int
         elif isinstance(default, float):
             kw["type"] = float
-        elif f.name == "resolution":
+        elif f.name in ("resolution", "bank_seed"):
             kw["type"] = int
         if f.name == "erase":
             kw["metavar"] = "CONCEPTS"

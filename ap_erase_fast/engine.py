@@ -106,6 +106,7 @@ class Eraser:
         from .models import load_components, set_attention_backend
         from .search import Search
         from .steps import StepContext
+        from .trajectories import make_source
         from .update import ThetaUpdate
 
         t0 = time.perf_counter()
@@ -199,11 +200,19 @@ class Eraser:
         self.theta = ThetaUpdate(optimizer, params, self.device, self.compute_dtype,
                                  self.ds_engine, self.skipped_steps)
         b, rank = cfg.batch_size, self.dist.rank
-        self.plan = RandomnessPlan(cfg.seed, [rank * b + k for k in range(b)])
+        bank = cfg.trajectories == "bank"
+        self.plan = RandomnessPlan(cfg.seed, [rank * b + k for k in range(b)],
+                                   cfg.bank_size if bank else None)
+        t_bank = time.perf_counter()
+        self.trajectories = make_source(cfg, self.models, sets, tables, null.shapes(),
+                                        self.latent_shape, self.dist, self.device,
+                                        comp.content_hash, self.progress)
+        if bank:
+            self.timings["bank_s"] = time.perf_counter() - t_bank
         self.ctx = StepContext(cfg, self.models, self.search, self.theta, self.check_finite,
                                self.plan.draw_gumbel,
                                (lambda p: backbone.encode([p])) if cfg.profile == "reference"
-                               else None)
+                               else None, self.trajectories)
         self.timings["setup_s"] = time.perf_counter() - t0
         return self
 
@@ -406,8 +415,12 @@ class Eraser:
             "trained_parameters": {"count": sum(p.numel() for _, p in self.trained),
                                    "tensors": len(self.trained)},
             "iterations": self.iteration, "outer_steps": self.iteration // cfg.pgd_steps,
-            # sample-evaluations of this process (rank 0 under DeepSpeed)
-            "unet_calls_per_outer_step": {k: v / outer_steps for k, v in sorted(self.models.calls.items())},
+            # sample-evaluations of this process (rank 0 under DeepSpeed); a bank's build is
+            # counted apart, and amortised over the run's outer steps
+            "unet_calls_per_outer_step": {k: v / outer_steps for k, v in sorted(self.models.calls.items())
+                                          if k != "bank_build"},
+            "unet_evals": unet_evals(self.models.calls, outer_steps),
+            "trajectories": self.trajectories.info(),
             "compute_dtype": str(getattr(self, "compute_dtype", None) or torch.float32).replace("torch.", ""),
             "timings": {**{k: round(v, 3) for k, v in self.timings.items()},
                         "outer_steps_per_s": round(outer_steps / self.timings["train_s"], 4)
@@ -429,6 +442,16 @@ class Eraser:
         if comp.random_weights:
             info["notice"] = RANDOM_WEIGHTS_NOTICE.format(model=comp.model_id)
         return info
+
+
+def unet_evals(calls: dict, outer_steps: int) -> dict:
+    """UNet sample-evaluations per outer step: in training, in the bank's build (this process's
+    share), and the two together amortised over the run's outer steps."""
+    build = calls.get("bank_build", 0)
+    train = sum(v for k, v in calls.items() if k != "bank_build")
+    return {"per_outer_step": round(train / outer_steps, 3), "bank_build": build,
+            "amortised_per_outer_step": round((train + build) / outer_steps, 3),
+            "outer_steps": outer_steps}
 
 
 def autocast_cast_parameters(module: torch.nn.Module) -> set[str]:

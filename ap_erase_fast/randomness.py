@@ -23,6 +23,7 @@ class SampleDraw:
     gumbel: torch.Tensor  # [|R|] Gumbel noise for the draw of c_a from π[c_e]
     t_ddpm: int  # DDPM timestep the UNet is queried at
     x_T: torch.Tensor  # [1, C, h, w] starting noise of both trajectories
+    bank_index: int | None = None  # which of the bank's M trajectories (--trajectories bank)
 
 
 @dataclass
@@ -31,8 +32,8 @@ class Draws:
     samples: list[SampleDraw]
 
 
-def _slot_seed(seed: int, slot: int) -> int:
-    digest = hashlib.sha256(f"ap_erase_fast/slot/{seed}/{slot}".encode()).digest()
+def _slot_seed(seed: int, slot: int, stream: str = "slot") -> int:
+    digest = hashlib.sha256(f"ap_erase_fast/{stream}/{seed}/{slot}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -46,10 +47,16 @@ class RandomnessPlan:
     same whether it runs in a batch of one process or on rank j of a data-parallel run.
     """
 
-    def __init__(self, seed: int, slots: list[int]):
+    def __init__(self, seed: int, slots: list[int], bank_size: int | None = None):
+        """``bank_size``: M of ``--trajectories bank``; each slot then also draws which of the
+        bank's M trajectories its sample reads, from a generator of its own (the other draws
+        are the same with or without a bank)."""
         self.step_generator = torch.Generator().manual_seed(int(seed))
         self.slot_generators = {j: torch.Generator().manual_seed(_slot_seed(seed, j))
                                 for j in slots}
+        self.bank_size = bank_size
+        self.bank_generators = ({j: torch.Generator().manual_seed(_slot_seed(seed, j, "bank"))
+                                 for j in slots} if bank_size else {})
 
     def fix_t_enc(self, values) -> None:
         """Take t_enc from ``values`` (in order, one per :meth:`draw`) instead of the step
@@ -69,7 +76,9 @@ class RandomnessPlan:
             gumbel = self.draw_gumbel(j, set_sizes[concept])
             t_ddpm = int(torch.randint(lo, hi, (1,), generator=g))
             x_T = torch.randn(latent_shape, generator=g, dtype=torch.float32)
-            samples.append(SampleDraw(j, concept, gumbel, t_ddpm, x_T))
+            bank_index = (int(torch.randint(self.bank_size, (1,), generator=self.bank_generators[j]))
+                          if self.bank_size else None)
+            samples.append(SampleDraw(j, concept, gumbel, t_ddpm, x_T, bank_index))
         return Draws(t_enc, samples)
 
     def draw_gumbel(self, slot: int, size: int) -> torch.Tensor:
@@ -80,9 +89,12 @@ class RandomnessPlan:
     def state(self) -> dict[str, torch.Tensor]:
         out = {"step": self.step_generator.get_state()}
         out.update({f"slot.{j}": g.get_state() for j, g in self.slot_generators.items()})
+        out.update({f"bank.{j}": g.get_state() for j, g in self.bank_generators.items()})
         return out
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.step_generator.set_state(state["step"])
         for j, g in self.slot_generators.items():
             g.set_state(state[f"slot.{j}"])
+        for j, g in self.bank_generators.items():
+            g.set_state(state[f"bank.{j}"])

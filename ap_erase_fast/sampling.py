@@ -129,6 +129,17 @@ def sample_until(
     (:class:`~ap_erase_fast.backbones.Cond`; B trajectories at once). Each step is one UNet call
     on the batch [uncond; cond] of size 2B.
     """
+    x = x_T
+    for x in trajectory_states(unet_fn, x_T, cond, uncond, tables, guidance, t_enc):
+        pass
+    return x
+
+
+def trajectory_states(unet_fn: UNetFn, x_T: torch.Tensor, cond, uncond, tables: DDIMTables,
+                      guidance: float, t_enc: int = 0):
+    """Yield the latents after each DDIM step of :func:`sample_until`'s loop, in order: the
+    state after DDIM index k (k = S−2, S−3, …, max(t_enc − 1, 0)). Run to t_enc = 0, the S − 1
+    states are z for every t_enc at once (:func:`state_position` maps t_enc to its state)."""
     from .conditioning import Cond
 
     x = x_T
@@ -142,4 +153,12 @@ def sample_until(
         a_t = tables.alpha(k)
         eps = output_to_eps(out, x, a_t, tables.prediction_type)
         x = ddim_step(x, eps, a_t, tables.alpha_prev(k))
-    return x
+        yield x
+
+
+def state_position(tables: DDIMTables, t_enc: int) -> int:
+    """Index, among the S − 1 states a full trajectory yields, of the z that sampling until
+    ``t_enc`` returns: the state after DDIM index max(t_enc − 1, 0)."""
+    if not 0 <= t_enc < tables.ddim_steps:
+        raise ValueError(f"t_enc must be in [0, {tables.ddim_steps}), got {t_enc}")
+    return tables.ddim_steps - 2 - max(t_enc - 1, 0)

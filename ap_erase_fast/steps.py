@@ -34,6 +34,7 @@ class StepContext:
     check_finite: Callable[[torch.Tensor], None]
     draw_gumbel: Callable[[int, int], torch.Tensor]  # (slot, |R|) → fresh Gumbel noise
     encode: Callable[[str], Cond] | None = None  # the reference profile re-encodes prompts
+    trajectories: "object" = None  # trajectories.SampledTrajectories or TrajectoryBank
 
 
 @dataclass
@@ -61,6 +62,18 @@ class _Batch:
         self.x_T = torch.cat([s.x_T for s in d.samples]).to(device)
         self.t = torch.tensor([s.t_ddpm for s in d.samples], dtype=torch.long, device=device)
         self.concepts = sorted({s.concept for s in d.samples})
+        # what a trajectory bank reads: each sample's trajectory m and the prompts of c_e, c_a
+        src = ctx.trajectories
+        self.members = [s.bank_index for s in d.samples]
+        self.prompts_e = self.prompts_a = None
+        if hasattr(src, "member_prompts"):
+            self.prompts_e = [src.concept_prompts[s.concept] for s in d.samples]
+            self.prompts_a = [src.member_prompts[s.concept][i] for s, i in zip(d.samples, self.adv)]
+
+    def adversarial_latents(self, ctx: "StepContext") -> torch.Tensor:
+        """z_r of every sample: the trajectory of its c_a, until t_enc."""
+        return ctx.trajectories.sample(self.x_T, self.c_a.detach(), self.t_enc, self.prompts_a,
+                                       self.members)
 
 
 def _erase_term(cfg, e_erased, e_null, e_concept, z, alpha):
@@ -78,7 +91,8 @@ def reference_iteration(ctx: StepContext, d, outer: bool) -> StepResult:
     re-encoded; one backward that fills gradients for all of θ' (and π)."""
     cfg, models, search = ctx.cfg, ctx.models, ctx.search
     tables = models.tables
-    sampler = models.model_fn("trained", "sampling")
+    src = ctx.trajectories
+    sampler = models.model_fn("frozen" if cfg.trajectories == "base" else "trained", "sampling")
     device = models.backbone.device
     l_erase, l_pres, adv = [], [], []
     for s in d.samples:
@@ -88,9 +102,14 @@ def reference_iteration(ctx: StepContext, d, outer: bool) -> StepResult:
         x_T = s.x_T.to(device)
         t = torch.tensor([s.t_ddpm], device=device)
         with torch.no_grad():
-            z = sample_until(sampler, x_T, emb_e, emb_null, tables, d.t_enc, cfg.start_guidance)
-            z_r = sample_until(sampler, x_T, c_a.detach(), emb_null, tables, d.t_enc,
-                               cfg.start_guidance)
+            if cfg.trajectories == "bank":  # read, not sampled
+                z = src.sample(x_T, emb_e, d.t_enc, [src.concept_prompts[s.concept]], [s.bank_index])
+                z_r = src.sample(x_T, c_a, d.t_enc, [src.member_prompts[s.concept][adv_index]],
+                                 [s.bank_index])
+            else:
+                z = sample_until(sampler, x_T, emb_e, emb_null, tables, d.t_enc, cfg.start_guidance)
+                z_r = sample_until(sampler, x_T, c_a.detach(), emb_null, tables, d.t_enc,
+                                   cfg.start_guidance)
             e_null = models.query("frozen", "frozen", z, t, emb_null)
             e_concept = models.query("frozen", "frozen", z, t, emb_e)
             e_ref = models.query("frozen", "frozen", z_r, t, c_a.detach())
@@ -137,12 +156,12 @@ def fast_iteration(ctx: StepContext, d, outer: bool) -> StepResult:
     if ctx.cfg.search_estimator == "score":
         with torch.no_grad():
             b = _Batch(ctx, d, pi_grad=False)
-            z_r = ctx.models.sample(b.x_T, b.c_a, b.t_enc)
+            z_r = b.adversarial_latents(ctx)
         loss, l_pres = _score_estimator_step(ctx, b, z_r)
         return StepResult("inner", loss, None, l_pres, b.adv)
     b = _Batch(ctx, d, pi_grad=True)
     with torch.no_grad():
-        z_r = ctx.models.sample(b.x_T, b.c_a.detach(), b.t_enc)
+        z_r = b.adversarial_latents(ctx)
     e_ref = _frozen_on_adversarial(ctx, b, z_r)
     loss, l_pres, grads = _search_gradient(ctx, b, z_r, e_ref)
     ctx.search.step(grads)
@@ -176,8 +195,9 @@ def _joint_terms(ctx: StepContext, b: _Batch):
     n = len(b.samples)
     null = models.null.expand(n)
     with torch.no_grad():
-        z_all = models.sample(torch.cat([b.x_T, b.x_T]), Cond.cat([b.emb_e, b.c_a.detach()]),
-                              b.t_enc)
+        z_all = ctx.trajectories.sample(
+            torch.cat([b.x_T, b.x_T]), Cond.cat([b.emb_e, b.c_a.detach()]), b.t_enc,
+            b.prompts_e + b.prompts_a if b.prompts_e is not None else None, b.members + b.members)
         z, z_r = z_all[:n], z_all[n:]
         e_null, e_concept, e_ref = models.query(
             "frozen", "frozen", torch.cat([z, z, z_r]), torch.cat([b.t, b.t, b.t]),

@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--confirm", default=None, metavar="METHOD:CONTROL",
                     help="add the pre-registered confirmation section: METHOD − CONTROL in PSR-near at "
                          "each matched ESR level, sign tests adjusted by Holm-Bonferroni over the levels")
+    ap.add_argument("--trajectory-table", action="store_true",
+                    help="add the trajectory-source section: each <method>_bank and <method>_base "
+                         "against <method> (student) at matched erasure, with 95 %% intervals and "
+                         "the non-inferiority margins of benchmarks/quality_shapes2_trajectories.sh")
     ap.add_argument("--report-only", action="store_true",
                     help="write the report from the finished runs in --out and run nothing (runs not "
                          "finished are left out; the sample grid PNG already there is kept)")
@@ -213,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out) if args.out else new_results_dir("quality")
     out.mkdir(parents=True, exist_ok=True)
+    args.out_dir = str(out)  # where the runs keep their shared trajectory banks (.banks/)
     raw = out / (f"quality_{args.tag}.jsonl" if shard is None else f"quality_{args.tag}.shard{shard[0]}of{shard[1]}.jsonl")
     grid_dir = out / f".quality_{args.tag}_grid"  # sample images of the grid, for the report
     done = _load_done(out, args.tag)

@@ -40,6 +40,15 @@ METHODS: dict[str, dict | None] = {
     # AP faithful whose π follows the score-function estimate of ∇ E_k[ℓ(k)] over the hard draw
     "ap_score": {"schedule": "faithful", "search_estimator": "score"},
 }
+# The trajectory sources (--trajectories) of ESD, the random control and AP faithful: "<method>"
+# samples with the model being trained (student), "<method>_base" with the frozen base model,
+# "<method>_bank" reads a bank of base-model trajectories (M = BANK_SIZE, built once per
+# (target, seed) and shared by the three methods through a bank file).
+TRAJECTORY_METHODS = ("esd", "preserve_random", "ap_faithful")
+BANK_SIZE = 4
+for _m in TRAJECTORY_METHODS:
+    for _source in ("base", "bank"):
+        METHODS[f"{_m}_{_source}"] = {**METHODS[_m], "trajectories": _source}
 # Search settings an ablation may change for every AP method (None: the EraseConfig default).
 ABLATIONS = {"tau": float, "gumbel_mode": str, "gumbel_topk": int, "pgd_steps": int, "num_centers": int}
 # Settings every erasure shares (the rest are EraseConfig defaults or flags of this command).
@@ -103,6 +112,9 @@ def run_one(world: World, target: str, method: str, seed: int, args, lr: float,
     if METHODS[method] is None:
         return [judge(world.base_unet, {})]
     extra = dict(METHODS[method])
+    if extra.get("trajectories") == "bank":  # one bank per (target, seed), shared by the methods
+        extra.update(bank_size=BANK_SIZE, bank_file=str(
+            Path(getattr(args, "out_dir", None) or args.out or ".") / ".banks" / f"{world.model}-{target}-seed{seed}-m{BANK_SIZE}.safetensors"))
     if method == "oracle":
         extra["preserve_set"] = oracle_set(world.model, target, near)
         row["near"] = list(near)
