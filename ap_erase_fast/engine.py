@@ -298,7 +298,8 @@ class Eraser:
         records = []
         for res in results:
             samples = [{"slot": s.slot, "concept": self.cfg.erase[s.concept], "t_ddpm": s.t_ddpm,
-                        "adv_index": i, "adv_word": self.search.sets[s.concept].words[i]}
+                        "adv_index": i, "adv_word": self.search.sets[s.concept].words[i],
+                        **({"bank_index": s.bank_index} if s.bank_index is not None else {})}
                        for s, i in zip(d.samples, res.adv_indices)]
             terms = [res.loss, res.loss_preserve] + ([res.loss_erase] if res.loss_erase is not None
                                                       else [])

@@ -21,8 +21,15 @@ from .metrics import (
     search_stats,
 )
 from .plots import _plot_near_far, _plot_sweep, _save_grid
-from .runs import COMMON, _ablation, budgets_below
-from .statistics import MATCHED_ESR, _point, holm, matched_erasure, paired_difference
+from .runs import COMMON, TRAJECTORY_METHODS, _ablation, budgets_below
+from .statistics import (MATCHED_ESR, _point, esr_after, holm, matched_erasure, paired_difference,
+                         steps_to_esr, t_interval)
+
+# Non-inferiority margins of the trajectory-source comparison, fixed before its run
+# (benchmarks/quality_shapes2_trajectories.sh): the lower end of the 95 % interval of
+# source − student must be at least these many points.
+PSR_NEAR_MARGIN = -2.0
+ESR_MARGIN = -5.0
 from .worlds import EVAL_GUIDANCE, world_of
 
 
@@ -258,6 +265,8 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
     lines += paired_section(rows, methods, ct, cs, ("psr_near", "psr_far") if split else ("psr",))
     if getattr(args, "confirm", None) and split:
         lines += confirmation_section(rows, *args.confirm.split(":"), ct, cs)
+    if getattr(args, "trajectory_table", False) and split:
+        lines += trajectory_section(rows, methods, ct, cs, args.steps)
     if split:
         lines += search_finds_near(main, methods, sets)
         lines += search_over_training(rows, methods, sets, args.lr)
@@ -326,6 +335,70 @@ def confirmation_section(rows, method: str, control: str, targets, seeds, alpha:
     for lv, d, q in zip(MATCHED_ESR, diffs, adjusted):
         ok = d["n"] > 0 and q < alpha and d["mean"] > 0
         lines.append(f"| {100 * lv:.0f} % | {_paired_cell(d)} | {d['n']} | {q:.2g} | {'yes' if ok else 'no'} |")
+    return lines
+
+
+def _ci_cell(values: list[float]) -> str:
+    ci = t_interval([100 * v for v in values])
+    if ci is None:
+        return "–"
+    return f"{ci[0]:+.1f} [{ci[1]:+.1f}, {ci[2]:+.1f}]"
+
+
+def trajectory_section(rows, methods, targets, seeds, steps: int) -> list[str]:
+    """Where the trajectories come from: each ``<m>_bank`` / ``<m>_base`` against ``<m>``
+    (student) on the same (target, seed) curves, with the pre-registered non-inferiority test
+    (lower end of the 95 % t-interval ≥ the margin) on PSR-near at each matched ESR level and on
+    ESR after the last step; PSR-far, the sign tests and the steps to ESR 95 % are reported."""
+    pairs = [(f"{m}_{src}", m, src) for src in ("bank", "base") for m in TRAJECTORY_METHODS
+             if f"{m}_{src}" in methods and m in methods]
+    if not pairs:
+        return []
+    lines = ["", "## Trajectory source: bank / base − student on the same (target, seed) curves", "",
+             "Points; mean [95 % t-interval] (curves: both reach the level). Non-inferior (fixed before the "
+             f"run): the interval's lower end ≥ {PSR_NEAR_MARGIN:g} points for PSR-near at each ESR level and "
+             f"≥ {ESR_MARGIN:g} points for ESR after {steps} steps; a source is called non-inferior only if "
+             "every comparison of its three methods passes (intersection-union test). PSR-far and the sign "
+             "tests (wins/losses, p, uncorrected) are reported, not tested.", "",
+             "| comparison | " + " | ".join(f"PSR-near @ ESR {100 * lv:.0f} %" for lv in MATCHED_ESR)
+             + " | " + " | ".join(f"PSR-far @ ESR {100 * lv:.0f} %" for lv in MATCHED_ESR)
+             + f" | ESR after {steps} steps | non-inferior |", "|" + "---|" * (2 * len(MATCHED_ESR) + 3)]
+    verdicts: dict[str, list[bool]] = {}
+    coverage: dict[str, set] = {}
+    for name, m, src in pairs:
+        cells, ok = [], []
+        for metric in ("psr_near", "psr_far"):
+            for lv in MATCHED_ESR:
+                d = paired_difference(rows, name, m, targets, seeds, lv, metric)
+                ci = t_interval([100 * v for v in d["diffs"]])
+                if metric == "psr_near":
+                    ok.append(ci is not None and ci[1] >= PSR_NEAR_MARGIN)
+                cells.append(_ci_cell(d["diffs"]) + f" ({d['n']}; {d['wins']}/{d['losses']}, p {d['p']:.2g})"
+                             if d["n"] else "–")
+        esr = [(esr_after(rows, name, t, s_, steps), esr_after(rows, m, t, s_, steps))
+               for t in targets for s_ in seeds]
+        esr = [a - b for a, b in esr if a is not None and b is not None]
+        ci = t_interval([100 * v for v in esr])
+        ok.append(ci is not None and ci[1] >= ESR_MARGIN)
+        cells.append(_ci_cell(esr) + f" ({len(esr)})")
+        verdicts.setdefault(src, []).extend(ok)
+        coverage.setdefault(src, set()).update((r["target"], r["seed"]) for r in rows if r["method"] == name)
+        lines.append(f"| {name} − {m} | " + " | ".join(cells) + f" | {'yes' if all(ok) else 'no'} |")
+    lines += ["", "| method | curves reaching ESR 95 % | steps to ESR 95 %, mean ± std (those that reach it) |",
+              "|---|---|---|"]
+    for name in [m for m in TRAJECTORY_METHODS if m in methods] + [p[0] for p in pairs]:
+        got = [steps_to_esr(rows, name, t, s_, 0.95) for t in targets for s_ in seeds
+               if any(r["method"] == name and r["target"] == t and r["seed"] == s_ for r in rows)]
+        reached = [v for v in got if v is not None]
+        spread = (f"{statistics.fmean(reached):.1f} ± {statistics.stdev(reached) if len(reached) > 1 else 0:.1f}"
+                  if reached else "–")
+        lines.append(f"| {name} | {len(reached)} of {len(got)} | {spread} |")
+    lines.append("")
+    for src, ok in verdicts.items():
+        n_curves = len(coverage[src])
+        lines.append(f"* **{src}**: {'non-inferior' if all(ok) else 'not shown non-inferior'} "
+                     f"({sum(ok)} of {len(ok)} comparisons pass; {n_curves} (target, seed) curves of "
+                     f"{len(targets) * len(seeds)} run).")
     return lines
 
 
