@@ -242,6 +242,7 @@ def _run_one(args) -> dict:
         "bank_build_evals": build_evals if bank else "",
         "bank_gib": round(bank["bytes"] / 2**30, 4) if bank else "",
         "bank_prompts": bank.get("prompts", ""),
+        "bank_build_s_per_trajectory": round(build_s / bank["trajectories"], 5) if bank else "",
         f"outer_steps_per_s_incl_build_{AMORTISED_OVER}": round(
             AMORTISED_OVER / (AMORTISED_OVER * per_step_s + build_s), 4),
         f"evals_per_outer_step_amortised_{AMORTISED_OVER}": round(
@@ -327,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="override the resolution in pixels (default: the model's own)")
     ap.add_argument("--mixed-precision", default=None, choices=("no", "bf16", "fp16"),
                     help="override the fast profile's compute precision (default: auto)")
+    ap.add_argument("--bank-size", type=int, default=None,
+                    help="override M, the trajectories per prompt of the bank rows (default 4)")
+    ap.add_argument("--num-centers", type=int, default=None,
+                    help="override |R| (the preservation set's size; default 100): the bank's build "
+                         "time grows with M·(|R| + 1), see bank_build_s_per_trajectory")
     ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -356,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     env = _environment(args.device)
     for name in names:
         overrides = dict(CONFIGS[name])
-        for key in ("ddim_steps", "resolution", "mixed_precision"):
+        for key in ("ddim_steps", "resolution", "mixed_precision", "bank_size", "num_centers"):
             if getattr(args, key) is not None and not (key == "mixed_precision"
                                                        and overrides.get("profile") == "reference"):
                 overrides[key] = getattr(args, key)
@@ -396,7 +402,8 @@ def _check_args(args) -> str | None:
     runs or is written)."""
     import math
 
-    for name, low in (("steps", 1), ("threads", 1), ("ddim_steps", 2), ("resolution", 1)):
+    for name, low in (("steps", 1), ("threads", 1), ("ddim_steps", 2), ("resolution", 1),
+                      ("bank_size", 1), ("num_centers", 1)):
         value = getattr(args, name)
         if value is not None and value < low:
             return f"--{name.replace('_', '-')} must be at least {low} (got {value})"
@@ -430,7 +437,7 @@ def add_speedups(rows: list[dict]) -> None:
 COLUMNS = ["config", "status", "trajectories", "outer_steps_per_s", "speedup_vs_first",
            f"outer_steps_per_s_incl_build_{AMORTISED_OVER}", f"speedup_incl_build_{AMORTISED_OVER}",
            f"evals_per_outer_step_amortised_{AMORTISED_OVER}", "bank_build_s", "bank_build_evals",
-           "bank_gib", "bank_prompts",
+           "bank_gib", "bank_prompts", "bank_build_s_per_trajectory",
            "outer_steps_per_s_at_mean_length", "speedup_at_mean_length", "evals_per_outer_step", "expected_evals_per_step", "evals_per_s",
            "peak_gib", "peak_kind", "process_peak_gib", "params_gib", "theta_copy_gib", "grads_gib",
            "optimizer_state_gib", "mixed_precision", "trained_params", "torch_threads",

@@ -65,6 +65,11 @@ else
 fi
 CAP_CONFIGS=fast/faithful/xattn,fast/faithful/noxattn+adamw8bit+ckpt,fast/faithful/noxattn+lora8
 SDXL_CONFIGS=fast/faithful/xattn+lora8+ckpt,fast/faithful/noxattn+lora8+adamw8bit+ckpt
+# the trajectory bank (M = 1 here: the build time is linear in M·(|R| + 1), the table gives it per
+# trajectory): SD1.4 xattn at |R| = 100 against the student row of the step matrix; SDXL LoRA under
+# the 22 GiB cap at |R| = 8 (its full build, minutes on a GPU, does not fit the 8-minute check)
+BANK_CONFIGS=fast/faithful/xattn,fast/faithful/xattn+bank,fast/shared/xattn+bank
+SDXL_BANK_CONFIGS=fast/faithful/xattn+lora8+bank
 
 declare -a LINES=()
 FAILED=0
@@ -149,6 +154,11 @@ step cap-22gib 100 "$PY" -m ap_erase_fast.bench --preset "$PRESET" --steps 1 --m
   --tag cap22 --timeout 90 --configs "$CAP_CONFIGS" --out "$RES"
 step sdxl-lora-cap-22gib 150 "$PY" -m ap_erase_fast.bench --preset "$SDXL_PRESET" --steps 1 \
   --memory-cap-gib 22 --tag cap22 --timeout 140 --configs "$SDXL_CONFIGS" --out "$RES"
+step trajectory-bank 120 "$PY" -m ap_erase_fast.bench --preset "$PRESET" "${STEP_ARGS[@]}" \
+  --bank-size 1 --tag bank --timeout 110 --configs "$BANK_CONFIGS" --out "$RES"
+step sdxl-lora-bank-cap-22gib 100 "$PY" -m ap_erase_fast.bench --preset "$SDXL_PRESET" --steps 1 \
+  --bank-size 1 --num-centers 8 --memory-cap-gib 22 --tag bank_cap22 --timeout 90 \
+  --configs "$SDXL_BANK_CONFIGS" --out "$RES"
 
 {
   echo "# gpu_check: $(date -u '+%Y-%m-%d %H:%M UTC'), device $DEVICE$([ "$DRY" = 1 ] && echo ' (CPU dry run)')"

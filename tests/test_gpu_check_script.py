@@ -8,7 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["environment", "native-build", "kernel-tests", "engine", "compile-cuda-graphs",
-         "xformers", "gumbel-mix-bench", "step-matrix", "cap-22gib", "sdxl-lora-cap-22gib"]
+         "xformers", "gumbel-mix-bench", "step-matrix", "cap-22gib", "sdxl-lora-cap-22gib",
+         "trajectory-bank", "sdxl-lora-bank-cap-22gib"]
 
 
 def test_gpu_check_cpu_dry_run(tmp_path):
@@ -22,6 +23,8 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert {k for k, v in lines.items() if v == "SKIP"} <= {"compile-cuda-graphs", "xformers"}
     summary = (tmp_path / "gpu_check.md").read_text()
     assert "fast_vs_reference" in summary and "step_tiny_cpu.md" in summary
+    for row in ("fast/faithful/xattn+bank", "fast/shared/xattn+bank", "fast/faithful/xattn+lora8+bank"):
+        assert f"| {row} | ok | bank |" in summary, row  # the bank rows ran, in both presets
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) <= 8, files  # what the GPU machine can send back
 
