@@ -15,8 +15,8 @@ largest cost lever of the method:
 Bank size: M × P × (S − 1) latents of C × h × w fp32 values, P = number of distinct prompts
 (E erased concepts + the distinct members of their R's), S = DDIM steps. Building it costs
 M × P × (S − 1) batch-2 (guided) UNet evaluations, i.e. 2·M·P·(S − 1) sample-evaluations.
-For SD1.4 at 512 px (4 × 64 × 64 latents: 64 KiB), M = 4, P = 101, S = 50: 1.24 GiB;
-SDXL at 1024 px (4 × 128 × 128: 256 KiB): 4.9 GiB.
+For SD1.4 at 512 px (4 × 64 × 64 latents: 64 KiB), M = 4, P = 101, S = 50: 1.21 GiB;
+SDXL at 1024 px (4 × 128 × 128: 256 KiB): 4.83 GiB.
 """
 from __future__ import annotations
 

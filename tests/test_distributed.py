@@ -142,3 +142,35 @@ def test_score_estimator_two_ranks_equal_one_process_batch_two(tmp_path, small_v
         assert torch.equal(da.abs() > 1e-6, moved), (step, da, db)
         assert torch.equal(da[moved].sign(), db[moved].sign()), (step, da, db)
         assert ((da[moved] - db[moved]).abs() <= 0.3 * db[moved].abs()).all(), (step, da, db)
+
+
+def test_bank_ranks_share_the_build_and_equal_one_process(tmp_path, small_vocab):
+    """--trajectories bank on 2 ranks: each rank builds every other chunk of the bank (rank 0's
+    count is its chunks' share), the gathered bank is the one a single process builds, and the
+    run equals one process with the ranks' samples as a batch. Mutation checked: every rank
+    building every chunk gives rank 0 the whole build count and the test fails."""
+    flags = ["--erase", "garbage truck", "--vocab", small_vocab, "--k-closest", "60",
+             "--num-centers", "12", "--ddim-steps", "10", "--seed", "5", "--steps", "2",
+             "--trajectories", "bank", "--bank-size", "2", "--bank-build-batch", "4", "--quiet"]
+    out, bank = tmp_path / "ddp", tmp_path / "ddp-bank.safetensors"
+    launch(tmp_path, {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1}},
+           *flags, "--output", str(out), "--bank-file", str(bank))
+    info = json.loads((out / "run.json").read_text())
+    total = info["trajectories"]["unet_evals"]
+    assert total == 2 * 2 * 13 * 9  # M·P trajectories of S − 1 guided steps (P = 1 + |R| = 13)
+    # 26 trajectories in 7 chunks of at most 4: rank 0 builds chunks 0, 2, 4, 6 (14 trajectories)
+    assert info["unet_evals"]["bank_build"] == 14 * 2 * 9
+    assert info["ranks_agree"] == {"trained": True, "pi": True}
+    single_bank = tmp_path / "single-bank.safetensors"
+    single = erase(EraseConfig(erase=["garbage truck"], vocab=small_vocab, steps=2, k_closest=60,
+                               num_centers=12, ddim_steps=10, seed=5, batch_size=2, quiet=True,
+                               trajectories="bank", bank_size=2, bank_build_batch=4,
+                               bank_file=str(single_bank)), write=False)
+    a, b = load_file(str(bank))["states"], load_file(str(single_bank))["states"]
+    assert torch.allclose(a, b, rtol=0, atol=1e-5)
+    ddp_log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["samples"] for r in ddp_log] == [r["samples"] for r in single.log]
+    trained = load_file(str(out / "trained.safetensors"))
+    for name, value in single.trained.items():
+        err = (trained[name] - value).abs().max() / value.abs().max()
+        assert err < 1e-5, (name, float(err))
