@@ -357,3 +357,58 @@ def test_near_sets_and_confirm_options_refuse_bad_input(tmp_path, capsys):
     assert cli([*common, "--confirm", "ap_score:oracle"]) == 2
     assert "--confirm" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_t_interval_and_steps_to_esr():
+    """The t quantile against tabulated values, the interval's width, and the step at which a
+    curve reaches an ESR level (interpolated from the base model at step 0)."""
+    for df, exact in ((4, 2.7764), (10, 2.2281), (44, 2.0154), (100, 1.9840)):
+        assert stats.t_quantile(0.975, df) == pytest.approx(exact, abs=2e-3)
+    m, lo, hi = stats.t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert m == 3.0 and hi - m == pytest.approx(2.7764 * np.std([1, 2, 3, 4, 5], ddof=1) / 5 ** 0.5, rel=1e-3)
+    assert lo == pytest.approx(2 * m - hi)
+    rows = [{"method": "base", "target": "a", "seed": 0, "steps": 40, "esr": 0.0},
+            {"method": "m", "target": "a", "seed": 0, "steps": 10, "esr": 0.5},
+            {"method": "m", "target": "a", "seed": 0, "steps": 20, "esr": 1.0}]
+    assert stats.steps_to_esr(rows, "m", "a", 0, 0.95) == pytest.approx(19.0)
+    assert stats.steps_to_esr(rows, "m", "a", 0, 0.25) == pytest.approx(5.0)
+    assert stats.steps_to_esr(rows[:2], "m", "a", 0, 0.95) is None
+    assert stats.esr_after(rows, "m", "a", 0, 20) == 1.0 and stats.esr_after(rows, "m", "a", 0, 30) is None
+
+
+def test_trajectory_section_applies_the_fixed_margins():
+    """A bank that equals the student passes; a bank 1.5 points worse in PSR-near on average,
+    with an interval reaching below the -2 margin, or 10 points worse in final ESR (beyond -5)
+    is not non-inferior.
+    Mutation checked: the margin's sign flipped, or the interval's upper end tested, passes the
+    worse bank and the test fails."""
+    rng = np.random.default_rng(3)
+    targets, seeds = ["a", "b", "c", "d", "e"], [0, 1, 2]
+    rows = _curves(rng, ["esd"], targets, seeds)
+    for r in rows:
+        r["psr_far"] = r["psr_near"]
+
+    def with_bank(near_shift=0.0, esr_shift=0.0, sd=0.002):
+        bank = []
+        for r in rows:
+            if r["method"] == "esd":
+                b = dict(r, method="esd_bank", psr_near=r["psr_near"] + near_shift + float(rng.normal(0, sd)))
+                if r["steps"] == 40:
+                    b["esr"] = r["esr"] + esr_shift
+                bank.append(b)
+        return rows + bank
+
+    same = report.trajectory_section(with_bank(), ["base", "esd", "esd_bank"], targets, seeds, 40)
+    assert any(line.startswith("| esd_bank − esd |") and line.endswith("| yes |") for line in same)
+    assert "* **bank**: non-inferior (3 of 3 comparisons pass; 15 (target, seed) curves of 15 run)." in same
+    worse = report.trajectory_section(with_bank(near_shift=-0.015, sd=0.02), ["base", "esd", "esd_bank"],
+                                      targets, seeds, 40)
+    cell = [line for line in worse if line.startswith("| esd_bank − esd |")][0].split(" | ")[1]
+    mean, lo, hi = (float(x) for x in cell.replace("[", "").replace(",", "").replace("]", "").split()[:3])
+    assert lo < -2 < hi and mean < 0  # the margin inside the interval: not shown non-inferior
+    assert any(line.startswith("| esd_bank − esd |") and line.endswith("| no |") for line in worse)
+    assert any(line.startswith("* **bank**: not shown non-inferior") for line in worse)
+    erases_less = report.trajectory_section(with_bank(esr_shift=-0.1), ["base", "esd", "esd_bank"],
+                                            targets, seeds, 40)
+    assert any(line.startswith("* **bank**: not shown non-inferior") for line in erases_less)
+    assert any("| -10.0 [-10.0, -10.0] (15) | no |" in line for line in erases_less)

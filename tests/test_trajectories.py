@@ -217,3 +217,38 @@ def test_bank_options_are_checked(tiny_cfg):
         tiny_cfg(trajectories="bank", bank_size=0).validate()
     with pytest.raises(UserError, match="unknown --trajectories"):
         tiny_cfg(trajectories="cache").validate()
+
+
+def test_sdxl_lora_bank_holds_the_frozen_trajectories_and_trains(tiny_cfg):
+    """SDXL (pooled text embeddings and time ids in the conditioning) with LoRA (θ = adapters
+    off): the bank's states are the frozen model's trajectories bit for bit, and a bank run
+    trains the adapters."""
+    er = _setup(tiny_cfg, model="tiny-sdxl", lora_rank=4, trajectories="bank", bank_size=1,
+                bank_build_batch=1, steps=2)
+    bank, models = er.trajectories, er.models
+    for prompt, cond in ((bank.concept_prompts[0], models.concepts[0]),):
+        for t_enc in (0, 3, S - 1):
+            want = models.sample(bank.x_T[:1], cond, t_enc, which="frozen")
+            assert torch.equal(bank.sample(None, None, t_enc, [prompt], [0]), want)
+    b0 = {n: p.detach().clone() for n, p in er.trained}
+    er.models.calls.clear()  # the checks above sampled; the run itself samples nothing
+    er.train()
+    assert any(not torch.equal(p, b0[n]) for n, p in er.trained)
+    assert er.run_info()["unet_calls_per_outer_step"] == {"frozen": 4.0, "grad": 3.0}
+
+
+def test_cli_train_with_a_bank_file(tmp_path, small_vocab):
+    from ap_erase_fast.cli import main
+
+    bank = tmp_path / "bank.safetensors"
+    args = ["train", "--erase", "garbage truck", "--vocab", small_vocab, "--k-closest", "60",
+            "--num-centers", "12", "--ddim-steps", "10", "--steps", "2", "--quiet",
+            "--trajectories", "bank", "--bank-size", "2", "--bank-file", str(bank)]
+    assert main([*args, "--output", str(tmp_path / "a")]) == 0
+    assert main([*args, "--output", str(tmp_path / "b")]) == 0
+    a = json.loads((tmp_path / "a" / "run.json").read_text())
+    b = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert not a["trajectories"]["loaded"] and b["trajectories"]["loaded"]
+    assert a["unet_evals"]["per_outer_step"] == b["unet_evals"]["per_outer_step"] == 7
+    assert main([*args, "--seed", "3", "--output", str(tmp_path / "c")]) == 2  # another noise seed
+    assert not (tmp_path / "c").exists()  # refused before anything was written
