@@ -89,8 +89,9 @@ class TrajectoryBank:
     name = "bank"
 
     def __init__(self, states: torch.Tensor, x_T: torch.Tensor, key: dict, concept_prompts,
-                 member_prompts, device: torch.device, info: dict):
+                 member_prompts, tables, device: torch.device, info: dict):
         self.states = states  # [M, P, S − 1, C, h, w] fp32
+        self.tables = tables  # the DDIM tables: which state sampling until t_enc ends in
         self.x_T = x_T  # [M, C, h, w]
         self.key = key
         self.concept_prompts = concept_prompts
@@ -102,7 +103,7 @@ class TrajectoryBank:
     def sample(self, x_T, cond, t_enc: int, prompts: list[int], members: list[int]):
         """z of B samples: trajectory ``members[i]`` of prompt ``prompts[i]`` at ``t_enc`` (the
         state sampling until t_enc ends in; ``x_T`` and ``cond`` are not read)."""
-        pos = state_position(self._tables, t_enc)
+        pos = state_position(self.tables, t_enc)
         m = torch.tensor(members, dtype=torch.long, device=self.states.device)
         p = torch.tensor(prompts, dtype=torch.long, device=self.states.device)
         return self.states[m, p, pos].to(self.device, non_blocking=True)
@@ -153,9 +154,7 @@ class TrajectoryBank:
                 _save(path, states, x_T, key, info)
             dist.barrier()
         info["build_s"] = round(time.perf_counter() - t0, 3)
-        bank = cls(states.to(store), x_T, key, concept_prompts, member_prompts, device, info)
-        bank._tables = tables_
-        return bank
+        return cls(states.to(store), x_T, key, concept_prompts, member_prompts, tables_, device, info)
 
 
 def _numel(shape) -> int:
