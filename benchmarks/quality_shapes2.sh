@@ -29,7 +29,8 @@ case "${1:-}" in
   *) echo "usage: bash benchmarks/quality_shapes2.sh [--quick]" >&2; exit 2 ;;
 esac
 
-SHAPES=circle,ring,ellipse,crescent,square,rectangle,diamond,triangle,arrow,star,cross,plus,pentagon,hexagon,heart
+# shellcheck source=benchmarks/_quality_shards.sh
+source benchmarks/_quality_shards.sh  # SHAPES and shards()
 FIRST=base,esd,preserve_random,ap_faithful,ap_shared
 METHODS=$FIRST,preserve_null,ap_normalised,ap_score
 LR=${LR:-1e-3}
@@ -53,18 +54,6 @@ AP=("${PYTHON:-python}" -m ap_erase_fast bench quality --model shapes2 --targets
     --images "$IMAGES" --eval-steps "$EVAL_STEPS" --out "$OUT" --tag "$TAG")
 mkdir -p "$OUT"
 
-shards() {  # $1: methods; runs SHARDS processes and fails if any failed
-  local pids=() i
-  for ((i = 0; i < SHARDS; i++)); do
-    "${AP[@]}" --methods "$1" --threads 1 --shard "$i/$SHARDS" >>"$OUT/.quality_${TAG}.shard$i.log" 2>&1 &
-    pids+=($!)
-  done
-  local rc=0
-  for i in "${!pids[@]}"; do
-    wait "${pids[$i]}" || { echo "shard $i/$SHARDS failed: see $OUT/.quality_${TAG}.shard$i.log" >&2; rc=1; }
-  done
-  return $rc
-}
 
 start=$(date +%s)
 echo "phase 1/4: $FIRST over $SHARDS shards (logs: $OUT/.quality_${TAG}.shard*.log)"

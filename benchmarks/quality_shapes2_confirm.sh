@@ -24,7 +24,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SHAPES=circle,ring,ellipse,crescent,square,rectangle,diamond,triangle,arrow,star,cross,plus,pentagon,hexagon,heart
+# shellcheck source=benchmarks/_quality_shards.sh
+source benchmarks/_quality_shards.sh  # SHAPES and shards()
 SEEDS=${SEEDS:-3,4,5}
 SHARDS=${SHARDS:-$(nproc)}
 OUT=${OUT:-benchmarks/results}
@@ -35,19 +36,10 @@ METHODS=base,preserve_random,ap_score
 
 AP=("${PYTHON:-python}" -m ap_erase_fast bench quality --model shapes2 --targets "$SHAPES" --seeds "$SEEDS"
     --steps 40 --budgets 5,10,20,30 --lr 1e-3 --sweep-targets "$SHAPES" --sweep-seeds "$SEEDS"
-    --images 8 --eval-steps 10 --out "$OUT" --tag "$TAG" --methods "$METHODS" --near-sets "$NEAR"
+    --images 8 --eval-steps 10 --out "$OUT" --tag "$TAG" --near-sets "$NEAR"
     --confirm ap_score:preserve_random)
 mkdir -p "$OUT"
 start=$(date +%s)
-pids=()
-for ((i = 0; i < SHARDS; i++)); do
-  "${AP[@]}" --threads 1 --shard "$i/$SHARDS" >>"$OUT/.quality_${TAG}.shard$i.log" 2>&1 &
-  pids+=($!)
-done
-rc=0
-for i in "${!pids[@]}"; do
-  wait "${pids[$i]}" || { echo "shard $i/$SHARDS failed: see $OUT/.quality_${TAG}.shard$i.log" >&2; rc=1; }
-done
-[ "$rc" = 0 ] || exit 1
-"${AP[@]}"
+shards "$METHODS"
+"${AP[@]}" --methods "$METHODS"
 echo "done in $(( $(date +%s) - start )) s: $OUT/quality_${TAG}.md"

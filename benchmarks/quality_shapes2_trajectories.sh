@@ -31,7 +31,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SHAPES=circle,ring,ellipse,crescent,square,rectangle,diamond,triangle,arrow,star,cross,plus,pentagon,hexagon,heart
+# shellcheck source=benchmarks/_quality_shards.sh
+source benchmarks/_quality_shards.sh  # SHAPES and shards()
 SEEDS=${SEEDS:-0,1,2}
 SHARDS=${SHARDS:-$(nproc)}
 OUT=${OUT:-benchmarks/results}
@@ -48,18 +49,6 @@ AP=("${PYTHON:-python}" -m ap_erase_fast bench quality --model shapes2 --targets
     --controls-from shapes2_cpu --trajectory-table)
 mkdir -p "$OUT"
 
-shards() {  # $1: methods; runs SHARDS processes and fails if any failed
-  local pids=() i
-  for ((i = 0; i < SHARDS; i++)); do
-    "${AP[@]}" --methods "$1" --threads 1 --shard "$i/$SHARDS" >>"$OUT/.quality_${TAG}.shard$i.log" 2>&1 &
-    pids+=($!)
-  done
-  local rc=0
-  for i in "${!pids[@]}"; do
-    wait "${pids[$i]}" || { echo "shard $i/$SHARDS failed: see $OUT/.quality_${TAG}.shard$i.log" >&2; rc=1; }
-  done
-  return $rc
-}
 
 start=$(date +%s)
 echo "phase 1/3: student (borrowed) and bank over $SHARDS shards"
