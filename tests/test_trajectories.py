@@ -215,6 +215,8 @@ def test_bank_options_are_checked(tiny_cfg):
         tiny_cfg(bank_file="x.safetensors").validate()
     with pytest.raises(UserError, match="--bank-size must be at least 1"):
         tiny_cfg(trajectories="bank", bank_size=0).validate()
+    with pytest.raises(UserError, match="--bank-seed must be between 0 and"):
+        tiny_cfg(trajectories="bank", bank_seed=-1).validate()
     with pytest.raises(UserError, match="unknown --trajectories"):
         tiny_cfg(trajectories="cache").validate()
 
