@@ -1,5 +1,5 @@
 """The committed ShapesWorld 2 reports regenerate from their committed runs: the main table (its
-near sets included) and the ablations table, written again by today's code into a temporary
+near sets included), the confirmation, the trajectory-source table and the ablations table, written again by today's code into a temporary
 folder, match the committed files line for line, apart from the lines that describe the machine
 and the moment (date, commit, versions, the command). A change to the report arithmetic (the
 order of a matched-ESR curve, which ESD budget defines the near sets, a statistic) shows up here
@@ -32,7 +32,7 @@ def _command(md: Path) -> list[str]:
     return [*head.split(), "--sweep-lrs", "", *tail.split()]
 
 
-@pytest.mark.parametrize("tag", ["shapes2_cpu", "shapes2_confirm"])
+@pytest.mark.parametrize("tag", ["shapes2_cpu", "shapes2_confirm", "shapes2_traj"])
 def test_main_table_and_near_sets_regenerate_from_the_committed_runs(tmp_path, tag):
     """Mutation checked: the near sets from every ESD budget instead of the main one (9 of 15
     sets change). (A curve ordered by learning rate only: test_quality_report's
@@ -43,6 +43,9 @@ def test_main_table_and_near_sets_regenerate_from_the_committed_runs(tmp_path, t
         shutil.copy(RESULTS / f"quality_{tag}{suffix}", tmp_path / f"quality_{tag}{suffix}")
     args = _command(RESULTS / f"quality_{tag}.md")
     args[args.index("--out") + 1] = str(tmp_path)
+    if "--controls-from" in args:  # the runs it borrowed are read from their own table
+        for other in args[args.index("--controls-from") + 1].split(","):
+            shutil.copy(RESULTS / f"quality_{other}.jsonl", tmp_path / f"quality_{other}.jsonl")
     if "--near-sets" in args:  # the confirmation's fixed near sets, wherever the tests run from
         i = args.index("--near-sets") + 1
         args[i] = str(RESULTS / Path(args[i]).name)
