@@ -83,6 +83,12 @@ class EraseConfig:
         "η: strength of the negative-guidance target ε(\"\") − η·(ε(c_e) − ε(\"\")).", "erase",
         default=1.0)
     preserve_weight: float = _opt("λ: weight of the preservation term.", "erase", default=1.0)
+    preserve_draws: int = _opt(
+        "K: candidates c_a drawn from π per sample for the preservation term of θ′'s update, "
+        "which averages their K errors (the authors: 1). Each further draw costs a trajectory "
+        "of its own under --trajectories student/base and only two UNet evaluations (plus a "
+        "backward) with a bank. The search steps keep one draw. A deviation, ALGORITHM.md §10.",
+        "erase", default=1)
     loss_space: str = _opt(
         "Where the losses are measured: x0 (the authors' choice; weights noisy timesteps up) or "
         "eps (plain ε-space MSE, as ESD).", "erase", default="x0", choices=LOSS_SPACES)
@@ -248,7 +254,7 @@ class EraseConfig:
             raise UserError("nothing to erase: pass --erase \"concept\" (or a comma-separated "
                             "list, or a file with one concept per line)")
         for name in ("steps", "pgd_steps", "k_closest", "num_centers", "ddim_steps",
-                     "gumbel_topk", "batch_size", "bank_size", "bank_build_batch"):
+                     "gumbel_topk", "batch_size", "bank_size", "bank_build_batch", "preserve_draws"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{_flag(name)} must be at least 1 (got {getattr(self, name)})")
         if self.ddim_steps < 2:

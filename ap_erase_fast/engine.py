@@ -202,7 +202,7 @@ class Eraser:
         b, rank = cfg.batch_size, self.dist.rank
         bank = cfg.trajectories == "bank"
         self.plan = RandomnessPlan(cfg.seed, [rank * b + k for k in range(b)],
-                                   cfg.bank_size if bank else None)
+                                   cfg.bank_size if bank else None, cfg.preserve_draws - 1)
         t_bank = time.perf_counter()
         self.trajectories = make_source(cfg, self.models, sets, tables, null.shapes(),
                                         self.latent_shape, self.dist, self.device,
@@ -293,14 +293,24 @@ class Eraser:
             return records
         return [self.run_iteration() for _ in range(self.cfg.pgd_steps)]
 
+    def _sample_record(self, s, adv_index: int, extra: list[int] | None) -> dict:
+        """What a log record says of one sample: its draws, and the bank trajectories read."""
+        rec = {"slot": s.slot, "concept": self.cfg.erase[s.concept], "t_ddpm": s.t_ddpm,
+               "adv_index": adv_index, "adv_word": self.search.sets[s.concept].words[adv_index]}
+        if s.bank_index is not None:
+            rec["bank_index"] = s.bank_index
+        if extra:  # --preserve-draws K > 1 (outer updates)
+            rec["extra_adv_index"] = extra
+            if s.bank_index is not None:
+                rec["extra_bank_index"] = [m for _, m in s.extra[:len(extra)]]
+        return rec
+
     def _log(self, d: Draws, results) -> list[dict]:
         """Log records (all ranks' samples, losses averaged over ranks) of one draw's updates."""
         records = []
         for res in results:
-            samples = [{"slot": s.slot, "concept": self.cfg.erase[s.concept], "t_ddpm": s.t_ddpm,
-                        "adv_index": i, "adv_word": self.search.sets[s.concept].words[i],
-                        **({"bank_index": s.bank_index} if s.bank_index is not None else {})}
-                       for s, i in zip(d.samples, res.adv_indices)]
+            extra = res.extra_indices or [None] * len(d.samples)
+            samples = [self._sample_record(s, i, e) for s, i, e in zip(d.samples, res.adv_indices, extra)]
             terms = [res.loss, res.loss_preserve] + ([res.loss_erase] if res.loss_erase is not None
                                                       else [])
             values = self.dist.mean_(torch.stack([t.detach().float().cpu() for t in terms]))

@@ -7,7 +7,7 @@ schedule or process layout computes, it consumes these draws and nothing else.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,9 @@ class SampleDraw:
     t_ddpm: int  # DDPM timestep the UNet is queried at
     x_T: torch.Tensor  # [1, C, h, w] starting noise of both trajectories
     bank_index: int | None = None  # which of the bank's M trajectories (--trajectories bank)
+    # --preserve-draws K > 1: the K − 1 further draws of c_a for θ′'s preservation term, each
+    # (Gumbel noise [|R|], bank trajectory index or None)
+    extra: list[tuple[torch.Tensor, int | None]] = field(default_factory=list)
 
 
 @dataclass
@@ -47,16 +50,22 @@ class RandomnessPlan:
     same whether it runs in a batch of one process or on rank j of a data-parallel run.
     """
 
-    def __init__(self, seed: int, slots: list[int], bank_size: int | None = None):
+    def __init__(self, seed: int, slots: list[int], bank_size: int | None = None,
+                 extra_draws: int = 0):
         """``bank_size``: M of ``--trajectories bank``; each slot then also draws which of the
         bank's M trajectories its sample reads, from a generator of its own (the other draws
-        are the same with or without a bank)."""
+        are the same with or without a bank). ``extra_draws``: K − 1 of ``--preserve-draws K``;
+        each slot then draws K − 1 further (Gumbel noise, bank index) pairs from a third
+        generator of its own, so that every other draw is the same whatever K is."""
         self.step_generator = torch.Generator().manual_seed(int(seed))
         self.slot_generators = {j: torch.Generator().manual_seed(_slot_seed(seed, j))
                                 for j in slots}
         self.bank_size = bank_size
         self.bank_generators = ({j: torch.Generator().manual_seed(_slot_seed(seed, j, "bank"))
                                  for j in slots} if bank_size else {})
+        self.extra_draws = int(extra_draws)
+        self.draw_generators = ({j: torch.Generator().manual_seed(_slot_seed(seed, j, "draws"))
+                                 for j in slots} if extra_draws else {})
 
     def fix_t_enc(self, values) -> None:
         """Take t_enc from ``values`` (in order, one per :meth:`draw`) instead of the step
@@ -78,18 +87,25 @@ class RandomnessPlan:
             x_T = torch.randn(latent_shape, generator=g, dtype=torch.float32)
             bank_index = (int(torch.randint(self.bank_size, (1,), generator=self.bank_generators[j]))
                           if self.bank_size else None)
-            samples.append(SampleDraw(j, concept, gumbel, t_ddpm, x_T, bank_index))
+            extra = [self._extra_draw(j, set_sizes[concept]) for _ in range(self.extra_draws)]
+            samples.append(SampleDraw(j, concept, gumbel, t_ddpm, x_T, bank_index, extra))
         return Draws(t_enc, samples)
 
-    def draw_gumbel(self, slot: int, size: int) -> torch.Tensor:
+    def draw_gumbel(self, slot: int, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """g = −log(−log(u + 1e−10) + 1e−10), u ~ U(0, 1)^size, from the slot's generator."""
-        u = torch.rand(size, generator=self.slot_generators[slot], dtype=torch.float32)
+        u = torch.rand(size, generator=generator or self.slot_generators[slot], dtype=torch.float32)
         return -torch.log(-torch.log(u + 1e-10) + 1e-10)
+
+    def _extra_draw(self, slot: int, size: int) -> tuple[torch.Tensor, int | None]:
+        g = self.draw_generators[slot]
+        gumbel = self.draw_gumbel(slot, size, g)
+        return gumbel, (int(torch.randint(self.bank_size, (1,), generator=g)) if self.bank_size else None)
 
     def state(self) -> dict[str, torch.Tensor]:
         out = {"step": self.step_generator.get_state()}
         out.update({f"slot.{j}": g.get_state() for j, g in self.slot_generators.items()})
         out.update({f"bank.{j}": g.get_state() for j, g in self.bank_generators.items()})
+        out.update({f"draws.{j}": g.get_state() for j, g in self.draw_generators.items()})
         return out
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -98,3 +114,5 @@ class RandomnessPlan:
             g.set_state(state[f"slot.{j}"])
         for j, g in self.bank_generators.items():
             g.set_state(state[f"bank.{j}"])
+        for j, g in self.draw_generators.items():
+            g.set_state(state[f"draws.{j}"])

@@ -169,6 +169,7 @@ BAD_VALUES = {
     "merge": ["=1"],
     "negative_guidance": [NAN, INF, "-1", "x"],
     "preserve_weight": [NAN, "-inf", "-0.5"],
+    "preserve_draws": ["0", "-2", "x"],
     "loss_space": ["l1"],
     "vocab": ["{tmp}/missing.txt", "{tmp}/empty.txt"],
     "k_closest": ["0", "-3", "1.5", "x"],

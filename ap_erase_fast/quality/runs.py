@@ -49,6 +49,11 @@ BANK_SIZE = 4
 for _m in TRAJECTORY_METHODS:
     for _source in ("base", "bank"):
         METHODS[f"{_m}_{_source}"] = {**METHODS[_m], "trajectories": _source}
+# Spending the bank's savings (--preserve-draws): "<method>_bank_draws<K>" averages θ′'s
+# preservation term over K candidates per sample, on the same bank as "<method>_bank".
+PRESERVE_DRAWS = 8
+for _m in ("preserve_random", "ap_faithful"):
+    METHODS[f"{_m}_bank_draws{PRESERVE_DRAWS}"] = {**METHODS[f"{_m}_bank"], "preserve_draws": PRESERVE_DRAWS}
 # Search settings an ablation may change for every AP method (None: the EraseConfig default).
 ABLATIONS = {"tau": float, "gumbel_mode": str, "gumbel_topk": int, "pgd_steps": int, "num_centers": int}
 # Settings every erasure shares (the rest are EraseConfig defaults or flags of this command).
