@@ -73,6 +73,9 @@ CONFIGS: dict[str, dict] = {
     "fast/shared/xattn+bank": dict(profile="fast", schedule="shared", train_method="xattn",
                                    trajectories="bank"),
     "fast/faithful/noxattn+bank": dict(profile="fast", train_method="noxattn", trajectories="bank"),
+    # spending the bank's savings: θ′'s preservation term averaged over 8 draws per sample
+    "fast/faithful/xattn+bank+draws8": dict(profile="fast", train_method="xattn", trajectories="bank",
+                                            preserve_draws=8),
     "fast/faithful/xattn+lora8+bank": dict(profile="fast", train_method="xattn", lora_rank=8,
                                            trajectories="bank"),
 }
@@ -112,17 +115,21 @@ def t_enc_sequence(steps: int, ddim_steps: int) -> list[int]:
 
 
 def expected_evals_per_step(profile: str, schedule: str, pgd_steps: int, ddim_steps: int,
-                            trajectories: str = "student") -> float:
+                            trajectories: str = "student", preserve_draws: int = 1) -> float:
     """UNet sample-evaluations per outer step at the mean trajectory length (cost model; a bank
-    samples nothing during training: its build is counted apart)."""
+    samples nothing during training: its build is counted apart). The outer update samples z
+    and K z_r (2 evaluations per DDIM step each) and queries θ at (z, ""), (z, c_e) and the K
+    (z_r, c_a), θ′ at (z, c_e) and the K (z_r, c_a)."""
     m = ((ddim_steps - 1) + sum(ddim_steps - t for t in range(1, ddim_steps))) / ddim_steps
     if trajectories == "bank":
         m = 0.0
+    k = preserve_draws
+    outer = 2 * m * (1 + k) + (2 + k) + (1 + k)
     if profile == "reference":
-        return pgd_steps * (2 * 2 * m + 3 + 2)
+        return outer + (pgd_steps - 1) * (2 * 2 * m + 3 + 2)
     if schedule == "shared":
-        return (4 * m + 3 + 2) + (pgd_steps - 2) * 2
-    return (4 * m + 3 + 2) + (pgd_steps - 1) * (2 * m + 1 + 1)
+        return outer + (pgd_steps - 2) * 2
+    return outer + (pgd_steps - 1) * (2 * m + 1 + 1)
 
 
 def sd14_components(device):
@@ -231,7 +238,7 @@ def _run_one(args) -> dict:
         peak = process_peak
         peak_kind = "peak RSS of the process"
     expected = expected_evals_per_step(cfg.profile, cfg.schedule, cfg.pgd_steps, cfg.ddim_steps,
-                                       cfg.trajectories)
+                                       cfg.trajectories, cfg.preserve_draws)
     bank = eraser.trajectories.info() if cfg.trajectories == "bank" else {}
     build_s = eraser.timings.get("bank_s", 0.0)
     build_evals = bank.get("unet_evals", 0)
