@@ -4,7 +4,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .config import EraseConfig, default_output_dir
+from .config import EraseConfig
+from .outdir import default_output_dir
 from .engine import Eraser, EraseResult
 from .errors import UserError
 from .export import OutputDir, checkpoint_root_for, write_outputs

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import config_from_args, default_output_dir
+    from .config import config_from_args
+    from .outdir import default_output_dir
 
     cfg = config_from_args(args)
     cfg.output = cfg.output or default_output_dir(cfg)

@@ -350,10 +350,6 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def field_names() -> list[str]:
-    return [f.name for f in fields(EraseConfig)]
-
-
 def looks_like_path(text: str) -> bool:
     """Whether a concept argument is meant as a file: it ends in .txt, .csv or .list, or it
     holds a path separator and starts like a path (/, ./, ../, ~) or names an existing folder
@@ -598,41 +594,7 @@ def config_from_args(args: argparse.Namespace) -> EraseConfig:
     cfg.validate()
     check_model_bounds(cfg)
     if cfg.output:
+        from .outdir import check_output_folder
+
         check_output_folder(cfg.output)
     return cfg
-
-
-def check_output_folder(path: str, marker: str = "run.json", flag: str = "--output") -> None:
-    """Refuse, before anything is loaded, a non-empty output folder that this library did not
-    write: neither a run nor --overwrite may replace it, so the advice names what works. A
-    folder this library wrote, or one with siblings of a run (its lock, an interrupted commit),
-    is left to :class:`~ap_erase_fast.outdir.OutputDir`, which knows those cases."""
-    import glob
-
-    from .outdir import _is_dangerous, written_by_library
-
-    folder = Path(os.path.abspath(os.path.expanduser(str(path))))
-    if _is_dangerous(folder):
-        return  # ".", "~", "/": OutputDir refuses them with their own reason
-    try:
-        if not folder.is_dir() or not any(folder.iterdir()):
-            return
-    except OSError:
-        return  # unreadable: OutputDir reports it
-    if written_by_library(folder, marker) or glob.glob(
-            os.path.join(glob.escape(str(folder.parent)), f".{glob.escape(folder.name)}.*")):
-        return
-    raise UserError(f"output folder {folder} is not empty and ap_erase_fast did not write it "
-                    f"(no {marker} of its own); --overwrite replaces only a folder ap_erase_fast "
-                    f"wrote, so choose another {flag}, or empty or remove that folder yourself")
-
-
-def default_output_dir(cfg: EraseConfig) -> str:
-    import re
-    import time
-
-    slug = "-".join(re.sub(r"[^a-z0-9]+", "_", c.lower()).strip("_") for c in cfg.erase)[:60]
-    model = Path(cfg.model).stem if cfg.model != "tiny" else "tiny"
-    model = re.sub(r"[^A-Za-z0-9_.-]+", "_", model)[:40]
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return os.path.join("outputs", f"{slug or 'erase'}-{model}-seed{cfg.seed}-{stamp}")

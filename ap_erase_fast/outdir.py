@@ -550,3 +550,35 @@ class OutputDir:
             self.tmp = None
         self.lock.release()
         self._remove_made_parents()
+
+
+def check_output_folder(path: str, marker: str = "run.json", flag: str = "--output") -> None:
+    """Refuse, before anything is loaded, a non-empty output folder that this library did not
+    write: neither a run nor --overwrite may replace it, so the advice names what works. A
+    folder this library wrote, or one with siblings of a run (its lock, an interrupted commit),
+    is left to :class:`~ap_erase_fast.outdir.OutputDir`, which knows those cases."""
+    import glob
+
+    folder = Path(os.path.abspath(os.path.expanduser(str(path))))
+    if _is_dangerous(folder):
+        return  # ".", "~", "/": OutputDir refuses them with their own reason
+    try:
+        if not folder.is_dir() or not any(folder.iterdir()):
+            return
+    except OSError:
+        return  # unreadable: OutputDir reports it
+    if written_by_library(folder, marker) or glob.glob(
+            os.path.join(glob.escape(str(folder.parent)), f".{glob.escape(folder.name)}.*")):
+        return
+    raise UserError(f"output folder {folder} is not empty and ap_erase_fast did not write it "
+                    f"(no {marker} of its own); --overwrite replaces only a folder ap_erase_fast "
+                    f"wrote, so choose another {flag}, or empty or remove that folder yourself")
+
+
+def default_output_dir(cfg) -> str:
+    """outputs/<erased concepts>-<model>-seed<seed>-<time> for a config without --output."""
+    slug = "-".join(re.sub(r"[^a-z0-9]+", "_", c.lower()).strip("_") for c in cfg.erase)[:60]
+    model = Path(cfg.model).stem if cfg.model != "tiny" else "tiny"
+    model = re.sub(r"[^A-Za-z0-9_.-]+", "_", model)[:40]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return os.path.join("outputs", f"{slug or 'erase'}-{model}-seed{cfg.seed}-{stamp}")

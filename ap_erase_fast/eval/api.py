@@ -186,7 +186,7 @@ def evaluate(config: EvalConfig | None = None, **overrides) -> dict:
         prompts_info = {"path": None, "source": f"default: each erased concept and the first 6 "
                         f"held-out concepts as prompts, seeds 0..{cfg.images_per_prompt - 1}",
                         "rows": len(rows)}
-    from ..config import check_output_folder
+    from ..outdir import check_output_folder
 
     check_output_folder(_resolve_output(cfg), marker="report.json")
     device = _device(cfg.device)
