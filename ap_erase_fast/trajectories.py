@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -143,18 +144,42 @@ class TrajectoryBank:
                 "loaded": False}
         t0 = time.perf_counter()
         path = Path(cfg.bank_file) if cfg.bank_file else None
-        if path is not None and path.exists():
-            states, x_T = _load(path, key)
-            info.update(loaded=True, unet_evals_this_run=0)
-        else:
-            x_T = _bank_noise(seed, cfg.bank_size, latent_shape)
-            states = _build(models, conds, x_T, tables_, cfg.bank_build_batch, dist, progress)
-            info["unet_evals_this_run"] = info["unet_evals"]
-            if path is not None and dist.is_main:
-                _save(path, states, x_T, key, info)
-            dist.barrier()
+        # one process builds a named bank, others that want the same file wait and read it
+        lock = _wait_for_lock(path) if path is not None and dist.world == 1 else None
+        try:
+            if path is not None and path.exists():
+                states, x_T = _load(path, key)
+                info.update(loaded=True, unet_evals_this_run=0)
+            else:
+                x_T = _bank_noise(seed, cfg.bank_size, latent_shape)
+                states = _build(models, conds, x_T, tables_, cfg.bank_build_batch, dist, progress)
+                info["unet_evals_this_run"] = info["unet_evals"]
+                if path is not None and dist.is_main:
+                    _save(path, states, x_T, key, info)
+                dist.barrier()
+        finally:
+            if lock is not None:
+                lock.release()
         info["build_s"] = round(time.perf_counter() - t0, 3)
         return cls(states.to(store), x_T, key, concept_prompts, member_prompts, tables_, device, info)
+
+
+def _wait_for_lock(path: Path):
+    """The lock on a bank file (``.<name>.lock`` beside it), waiting while another process
+    holds it: that process is building the same file, which this one then reads (or, if it was
+    built for something else, refuses) instead of building it again."""
+    from .outdir import FolderInUse, FolderLock
+
+    lock, said = FolderLock(path), False
+    while True:
+        try:
+            return lock.acquire()
+        except FolderInUse:
+            if not said:
+                print(f"trajectory bank {path}: another process is building it; waiting to read it",
+                      file=sys.stderr, flush=True)
+                said = True
+            time.sleep(0.5)
 
 
 def _numel(shape) -> int:

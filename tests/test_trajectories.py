@@ -208,6 +208,38 @@ def test_saved_bank_is_reused_and_a_mismatched_one_refused(tiny_cfg, tmp_path):
         erase(tiny_cfg(**kw), write=False)
 
 
+def test_a_bank_file_being_built_is_waited_for_and_read(tiny_cfg, tmp_path):
+    """A second process that names a bank file another one is building (its lock is held)
+    waits, then reads the finished file instead of building the bank again; the lock is gone
+    after both."""
+    import shutil
+    import threading
+    import time
+
+    from ap_erase_fast.outdir import FolderLock, lock_file_for
+
+    kw = dict(steps=1, trajectories="bank", bank_size=2)
+    built = tmp_path / "built.safetensors"
+    first = erase(tiny_cfg(**kw, bank_file=str(built)), write=False)
+    path = tmp_path / "shared" / "bank.safetensors"
+    path.parent.mkdir()
+    other = FolderLock(path).acquire()  # "another process" is building the bank
+    out = {}
+    waiter = threading.Thread(target=lambda: out.update(run=erase(tiny_cfg(**kw, bank_file=str(path)),
+                                                                   write=False)))
+    waiter.start()
+    time.sleep(1.5)
+    assert waiter.is_alive() and not path.exists()  # waiting, not building
+    shutil.copyfile(built, path)
+    other.release()
+    waiter.join(60)
+    assert not waiter.is_alive()
+    info = out["run"].run_info
+    assert info["trajectories"]["loaded"] and info["unet_evals"]["bank_build"] == 0
+    assert out["run"].log == first.log
+    assert not lock_file_for(path).exists()
+
+
 def test_bank_options_are_checked(tiny_cfg):
     with pytest.raises(UserError, match="--gumbel-mode hard or --trajectories base"):
         tiny_cfg(trajectories="bank", gumbel_mode="soft").validate()
