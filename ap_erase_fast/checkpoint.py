@@ -44,6 +44,7 @@ MANIFEST = "manifest.json"
 STEP_RE = re.compile(r"^step-(\d{6,})$")
 # The files every resume reads; besides them rng-rank<r>.safetensors of every rank, and engine/
 # (the DeepSpeed engine's own state) under DeepSpeed.
+BANK_FILE = "bank.safetensors"  # a --bank-refresh run's bank, as it stood at the step
 RESUME_FILES = ("checkpoint.json", "trained.safetensors", "state.pt", "pi.safetensors",
                 "log.jsonl")
 
@@ -159,6 +160,8 @@ def _save_into(er, root: Path, tmp: Path, final: Path) -> None:
                 "deepspeed_config": getattr(er, "ds_config", None),
                 "library_version": __version__}
         (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2))
+        if er.cfg.bank_refresh:  # a refreshed bank holds θ′'s trajectories: not rebuilt from a seed
+            save_file({"states": er.trajectories.states.cpu().contiguous()}, str(tmp / BANK_FILE))
         with open(tmp / "log.jsonl", "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in er.log)
     er.dist.barrier()
@@ -374,13 +377,18 @@ def _read_checkpoint(er, ckpt: Path) -> dict:
     rng = _read(ckpt, rng_name, lambda p: load_file(str(p)), safetensors)
     if set(rng) != set(er.plan.state()):
         raise _Damage(f"{rng_name} does not hold this run's generator states")
+    bank = None
+    if er.cfg.bank_refresh:
+        bank = _read(ckpt, BANK_FILE, lambda p: load_file(str(p)), safetensors)
+        if set(bank) != {"states"} or bank["states"].shape != er.trajectories.states.shape:
+            raise _Damage(f"{BANK_FILE} does not hold this run's trajectory bank")
     log = _read(ckpt, "log.jsonl", _read_log, "valid JSON lines")
     iters = [r.get("iter") if isinstance(r, dict) else None for r in log]
     if not all(isinstance(i, int) for i in iters) or any(
             a >= b for a, b in zip(iters, iters[1:])) or (iters and iters[-1] >= iteration):
         raise _Damage(f"log.jsonl does not end at the checkpoint's iteration {iteration}")
     return {"iteration": iteration, "calls": calls, "timings": timings, "state": state,
-            "trained": trained, "pis": pis, "rng": rng, "log": log}
+            "trained": trained, "pis": pis, "rng": rng, "log": log, "bank": bank}
 
 
 def _restore(er, ckpt: Path, data: dict) -> None:
@@ -427,6 +435,10 @@ def _restore(er, ckpt: Path, data: dict) -> None:
     part(f"rng-rank{er.dist.rank}.safetensors", "its generator states do not fit this run",
          lambda: er.plan.load_state(data["rng"]))
     er.iteration = data["iteration"]
+    if data.get("bank") is not None:  # the refreshes done before the checkpoint's step
+        er.trajectories.restore(data["bank"]["states"],
+                                max(0, er.iteration // er.cfg.pgd_steps - 1) // er.cfg.bank_refresh,
+                                er.cfg.bank_refresh_share)
     er.models.calls.clear()
     er.models.calls.update(data["calls"])
     er.timings.update({k: v for k, v in data["timings"].items() if k == "train_s"})

@@ -11,11 +11,11 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .concept_args import parse_concepts, parse_prompt_list
 from .errors import UserError
 from .model_bounds import check_model_bounds
 
@@ -33,7 +33,6 @@ SEARCH_ESTIMATORS = ("pathwise", "score")
 TRAJECTORIES = ("student", "base", "bank")
 POSITIVE_FLOATS = ("lr", "search_lr", "tau")
 NON_NEGATIVE_FLOATS = ("negative_guidance", "preserve_weight", "weight_decay", "start_guidance")
-CONCEPT_FILE_SUFFIXES = (".txt", ".csv", ".list")
 
 
 def _opt(help: str, group: str, **kw: Any) -> Any:
@@ -184,6 +183,14 @@ class EraseConfig:
         "schedule")
     bank_build_batch: int = _opt(
         "Trajectories per sampling call while the bank is built.", "schedule", default=16)
+    bank_refresh: int = _opt(
+        "Every N outer steps (0: never) re-sample a share of the bank's trajectories with θ′, "
+        "the model being trained, from the same starting noises, so that the bank follows the "
+        "erasure as the authors' trajectories do (a bank's states are then saved in checkpoints).",
+        "schedule", default=0)
+    bank_refresh_share: float = _opt(
+        "Share of the bank's M·P trajectories each refresh re-samples, in a fixed cyclic order "
+        "(every trajectory once per ⌈1 / share⌉ refreshes).", "schedule", default=0.25)
     bank_on_device: bool = _opt(
         "Keep the bank on the model's device (GPU) instead of in CPU memory.", "schedule",
         default=False)
@@ -277,6 +284,12 @@ class EraseConfig:
         if self.trajectories != "bank" and (self.bank_file or self.bank_seed is not None):
             raise UserError("--bank-file and --bank-seed belong to --trajectories bank; add "
                             "--trajectories bank or drop them")
+        if self.bank_refresh and self.trajectories != "bank":
+            raise UserError("--bank-refresh re-samples a bank: add --trajectories bank or drop it")
+        if self.bank_refresh < 0 or not 0 < self.bank_refresh_share <= 1:
+            raise UserError(f"--bank-refresh must be 0 (never) or a number of outer steps, and "
+                            f"--bank-refresh-share in (0, 1] (got {self.bank_refresh}, "
+                            f"{self.bank_refresh_share})")
         if self.bank_seed is not None and not 0 <= self.bank_seed < 2 ** 63:
             raise UserError(f"--bank-seed must be between 0 and 2^63 - 1 (got {self.bank_seed})")
         if self.deepspeed and self.profile != "fast":
@@ -348,56 +361,6 @@ class EraseConfig:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
-
-
-def looks_like_path(text: str) -> bool:
-    """Whether a concept argument is meant as a file: it ends in .txt, .csv or .list, or it
-    holds a path separator and starts like a path (/, ./, ../, ~) or names an existing folder
-    ("AC/DC" stays a concept)."""
-    s = text.strip()
-    if s.lower().endswith(CONCEPT_FILE_SUFFIXES):
-        return True
-    seps = [sep for sep in (os.sep, os.altsep) if sep]
-    if not any(sep in s for sep in seps):
-        return False
-    if s.startswith(("/", "./", "../", "~")):
-        return True
-    head = os.path.dirname(os.path.expanduser(s))
-    return bool(head) and os.path.isdir(head)
-
-
-def parse_concepts(value: str | list[str], flag: str = "--erase") -> list[str]:
-    """``"a, b"`` → ``["a", "b"]``; an existing file → one concept per non-empty line. An
-    argument that looks like a file path (:func:`looks_like_path`) but is no file is an error,
-    not a concept."""
-    items = value if isinstance(value, list) else [value]
-    out: list[str] = []
-    for item in items:
-        item = str(item)
-        path = os.path.expanduser(item.strip())
-        if item.strip() and os.path.isfile(path):
-            try:
-                lines = Path(path).read_text(encoding="utf-8").splitlines()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise UserError(f"{flag} {item}: cannot read the file ({exc})") from None
-            out += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-            continue
-        for part in [item] + item.split(","):
-            if part.strip() and looks_like_path(part):
-                what = "is a folder, not a file" if os.path.isdir(
-                    os.path.expanduser(part.strip())) else "no such file"
-                raise UserError(f"{flag} {part.strip()}: {what} (it looks like a file of "
-                                f"concepts, one per line); fix the path")
-        out += [part.strip() for part in item.split(",") if part.strip()]
-    return out
-
-
-def parse_prompt_list(value: str | list[str], flag: str = "--preserve-set") -> list[str]:
-    """Like :func:`parse_concepts`, but ``""`` (two double quotes) is kept as the empty prompt
-    and list items from Python or a config file are taken as they are."""
-    if isinstance(value, (list, tuple)):
-        return [str(v).strip() for v in value]
-    return ["" if item in ('""', "''") else item for item in parse_concepts(str(value), flag)]
 
 
 def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:

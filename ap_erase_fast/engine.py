@@ -285,6 +285,7 @@ class Eraser:
         """One outer step: P faithful iterations, or the shared schedule's joint update."""
         from .steps import shared_outer_step
 
+        self._refresh_bank()
         if self.cfg.schedule == "shared":
             d = self.draw()
             records = self._log(d, shared_outer_step(self.ctx, d))
@@ -292,6 +293,16 @@ class Eraser:
             self.iteration += self.cfg.pgd_steps - len(records)
             return records
         return [self.run_iteration() for _ in range(self.cfg.pgd_steps)]
+
+    def _refresh_bank(self) -> None:
+        """``--bank-refresh N``: before outer steps N, 2N, ... re-sample a share of the bank with
+        θ′ (its time is counted apart, in ``bank_refresh_s``)."""
+        n, step = self.cfg.bank_refresh, self.iteration // self.cfg.pgd_steps
+        if n and step and step % n == 0:
+            t0 = time.perf_counter()
+            self.trajectories.refresh(self.models, self.cfg.bank_refresh_share,
+                                      self.cfg.bank_build_batch, self.dist)
+            self.timings["bank_refresh_s"] = self.timings.get("bank_refresh_s", 0.0) + time.perf_counter() - t0
 
     def _sample_record(self, s, adv_index: int, extra: list[int] | None) -> dict:
         """What a log record says of one sample: its draws, and the bank trajectories read."""

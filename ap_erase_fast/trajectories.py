@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -90,7 +91,7 @@ class TrajectoryBank:
     name = "bank"
 
     def __init__(self, states: torch.Tensor, x_T: torch.Tensor, key: dict, concept_prompts,
-                 member_prompts, tables, device: torch.device, info: dict):
+                 member_prompts, tables, device: torch.device, info: dict, conds: Cond | None = None):
         self.states = states  # [M, P, S − 1, C, h, w] fp32
         self.tables = tables  # the DDIM tables: which state sampling until t_enc ends in
         self.x_T = x_T  # [M, C, h, w]
@@ -99,6 +100,36 @@ class TrajectoryBank:
         self.member_prompts = member_prompts
         self.device = device
         self._info = info
+        self.conds = conds  # every prompt's conditioning (what a refresh samples)
+        self.refreshes = 0
+
+    # -- refreshing ---------------------------------------------------------------------------
+    def restore(self, states: torch.Tensor, refreshes: int, share: float) -> None:
+        """The bank as a checkpoint saved it, after ``refreshes`` refreshes."""
+        self.states.copy_(states)
+        self.refreshes = refreshes
+        self._info.update(refreshes=refreshes,
+                          refreshed_trajectories=sum(len(self.refresh_pairs(share, r)) for r in range(refreshes)))
+
+    def refresh_pairs(self, share: float, refreshes: int) -> list[tuple[int, int]]:
+        """The (m, prompt) trajectories refresh number ``refreshes`` (0, 1, ...) re-samples:
+        the next ⌈share · M · P⌉ of the m-major order, cyclically."""
+        m_count, p_count = self.states.shape[:2]
+        n = m_count * p_count
+        count = min(n, math.ceil(share * n))
+        return [divmod((refreshes * count + i) % n, p_count) for i in range(count)]
+
+    def refresh(self, models, share: float, batch: int, dist) -> None:
+        """Re-sample the next share of the trajectories with θ′ from their own noises x_T^(m)
+        (``--bank-refresh``); the other states stay as they are."""
+        pairs = self.refresh_pairs(share, self.refreshes)
+        states = _sample_pairs(models, self.conds, self.x_T, self.tables, pairs, batch, dist,
+                               False, which="trained", kind="bank_refresh")
+        for row, (m, p) in enumerate(pairs):
+            self.states[m, p] = states[row].to(self.states.device)
+        self.refreshes += 1
+        self._info["refreshes"] = self.refreshes
+        self._info["refreshed_trajectories"] = self._info.get("refreshed_trajectories", 0) + len(pairs)
 
     # -- reading ------------------------------------------------------------------------------
     def sample(self, x_T, cond, t_enc: int, prompts: list[int], members: list[int]):
@@ -161,7 +192,11 @@ class TrajectoryBank:
             if lock is not None:
                 lock.release()
         info["build_s"] = round(time.perf_counter() - t0, 3)
-        return cls(states.to(store), x_T, key, concept_prompts, member_prompts, tables_, device, info)
+        if cfg.bank_refresh:
+            info.update(refresh_every=cfg.bank_refresh, refresh_share=cfg.bank_refresh_share,
+                        refreshes=0, refreshed_trajectories=0)
+        return cls(states.to(store), x_T, key, concept_prompts, member_prompts, tables_, device, info,
+                   conds)
 
 
 def _wait_for_lock(path: Path):
@@ -198,14 +233,22 @@ def _bank_noise(seed: int, size: int, latent_shape) -> torch.Tensor:
 
 def _build(models, conds: Cond, x_T: torch.Tensor, tables, batch: int, dist, progress: bool):
     """Every (m, prompt) trajectory with θ, in fixed chunks of ``batch`` trajectories (m-major),
-    chunk i on rank i mod world; all ranks end with every state."""
+    chunk i on rank i mod world; all ranks end with every state. [M, P, S − 1, C, h, w]."""
+    pairs = [(m, p) for m in range(x_T.shape[0]) for p in range(len(conds))]
+    flat = _sample_pairs(models, conds, x_T, tables, pairs, batch, dist, progress)
+    return flat.view(x_T.shape[0], len(conds), *flat.shape[1:])
+
+
+def _sample_pairs(models, conds: Cond, x_T: torch.Tensor, tables, pairs, batch: int, dist,
+                  progress: bool, which: str = "frozen", kind: str = "bank_build") -> torch.Tensor:
+    """The states [len(pairs), S − 1, C, h, w] of the trajectories (m, prompt) of ``pairs``,
+    sampled with θ (``which="frozen"``) or θ′ in chunks of ``batch`` (chunk i on rank i mod
+    world; every rank ends with all of them), counting the evaluations under ``kind``."""
     from tqdm.auto import tqdm
 
-    m_count, p_count = x_T.shape[0], len(conds)
-    pairs = [(m, p) for m in range(m_count) for p in range(p_count)]
     chunks = [pairs[i:i + batch] for i in range(0, len(pairs), batch)]
     mine = [i for i in range(len(chunks)) if i % dist.world == dist.rank]
-    fn = models.model_fn("frozen", "bank_build")
+    fn = models.model_fn(which, kind)
     device = models.backbone.device
     null = models.null
     built = {}
@@ -224,11 +267,7 @@ def _build(models, conds: Cond, x_T: torch.Tensor, tables, batch: int, dist, pro
     if dist.world > 1:
         for part in dist.gather(built):
             built.update(part)
-    out = torch.empty((m_count, p_count, *built[0].shape[1:]), dtype=torch.float32)
-    for i, chunk in enumerate(chunks):
-        for row, (m, p) in enumerate(chunk):
-            out[m, p] = built[i][row]
-    return out
+    return torch.cat([built[i] for i in range(len(chunks))])
 
 
 def _save(path: Path, states, x_T, key: dict, info: dict) -> None:

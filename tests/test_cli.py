@@ -197,6 +197,8 @@ BAD_VALUES = {
     "bank_seed": ["-1", "1.5", "=3"],
     "bank_file": ["{tmp}/file"],
     "bank_build_batch": ["0", "x"],
+    "bank_refresh": ["-1", "1.5"],
+    "bank_refresh_share": ["0", "1.5", NAN],
     "bank_on_device": ["=1"],
     "lr": [NAN, INF, "-1", "0", "1e"],
     "optimizer": ["sgd"],

@@ -286,3 +286,75 @@ def test_cli_train_with_a_bank_file(tmp_path, small_vocab):
     assert a["unet_evals"]["per_outer_step"] == b["unet_evals"]["per_outer_step"] == 7
     assert main([*args, "--seed", "3", "--output", str(tmp_path / "c")]) == 2  # another noise seed
     assert not (tmp_path / "c").exists()  # refused before anything was written
+
+
+def test_bank_refresh_resamples_a_share_with_the_trained_model(tiny_cfg):
+    """--bank-refresh 2 --bank-refresh-share 0.25: before outer steps 2 and 4 the next quarter
+    of the bank's trajectories (cyclic, m-major) is re-sampled with θ′ from its own noise, bit
+    for bit what θ′ samples from x_T^(m) (one trajectory per call); the rest is left as built;
+    the evaluations are counted (2·(S − 1) per trajectory) in the run's per-step cost."""
+    from ap_erase_fast.trajectories import state_position
+
+    er = _setup(tiny_cfg, trajectories="bank", bank_size=2, bank_refresh=2, bank_refresh_share=0.25,
+                bank_build_batch=1, lr=1e-2, steps=5)
+    bank = er.trajectories
+    built = bank.states.clone()
+    m_count, p_count = built.shape[:2]
+    count = -(-m_count * p_count // 4)
+    order = [divmod(i, p_count) for i in range(m_count * p_count)]
+    er.train(until=2)
+    assert torch.equal(bank.states, built) and bank.refreshes == 0  # nothing before step 2
+    er._refresh_bank()  # what step 2 starts with: the first quarter, with θ′ after 2 updates
+    first = order[:count]
+    assert bank.refreshes == 1
+    changed = {(m, p) for m in range(m_count) for p in range(p_count)
+               if not torch.equal(bank.states[m, p], built[m, p])}
+    assert changed == set(first)
+    for m, p in first[:3] + first[-1:]:
+        for t_enc in (0, 4, S - 1):
+            want = er.models.sample(bank.x_T[m:m + 1], bank.conds[p:p + 1], t_enc, which="trained")
+            assert torch.equal(bank.states[m, p, state_position(bank.tables, t_enc)], want[0]), (m, p, t_enc)
+    calls_before = er.models.calls["bank_refresh"]
+    er.iteration = 3 * er.cfg.pgd_steps
+    er._refresh_bank()  # not a refresh step
+    er.iteration = 4 * er.cfg.pgd_steps
+    er._refresh_bank()  # step 4: the second quarter
+    assert bank.refreshes == 2
+    assert er.models.calls["bank_refresh"] - calls_before == count * 2 * (S - 1)
+    assert not any(torch.equal(bank.states[m, p], built[m, p]) for m, p in order[count:2 * count])
+    info = er.run_info()
+    assert info["trajectories"]["refreshes"] == 2 and info["trajectories"]["refreshed_trajectories"] == 2 * count
+
+
+def test_bank_refresh_resume_is_bit_identical(tiny_cfg, tmp_path):
+    """Resumed before the first refresh and after it: the same log, θ′ and bank (checkpoints
+    keep a refreshed bank's states) as the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    kw = dict(steps=5, trajectories="bank", bank_size=2, bank_refresh=2, bank_refresh_share=0.5, lr=1e-2,
+              checkpoint_every=2)
+    full = erase(tiny_cfg(**kw, output=str(tmp_path / "full")))
+    last = load_file(str(tmp_path / "full.checkpoints" / "step-000005" / "bank.safetensors"))["states"]
+    for step in ("step-000002", "step-000004"):  # before the refresh of step 2 / after it
+        resumed = erase(tiny_cfg(**kw, output=str(tmp_path / step),
+                                 resume=str(tmp_path / "full.checkpoints" / step)))
+        assert full.log == resumed.log
+        for name in full.trained:
+            assert torch.equal(full.trained[name], resumed.trained[name]), name
+        bank = load_file(str(tmp_path / f"{step}.checkpoints" / "step-000005" / "bank.safetensors"))
+        assert torch.equal(bank["states"], last), step
+    info = json.loads((tmp_path / "full" / "run.json").read_text())
+    count = -(-2 * info["trajectories"]["prompts"] // 2)
+    assert info["trajectories"]["refreshes"] == 2  # before steps 2 and 4
+    assert info["unet_calls_per_outer_step"]["bank_refresh"] == pytest.approx(2 * count * 2 * (S - 1) / 5)
+    again = json.loads((tmp_path / "step-000004" / "run.json").read_text())["trajectories"]
+    assert [again[k] for k in ("refreshes", "refreshed_trajectories")] == [2, 2 * count]
+
+
+def test_bank_refresh_options_are_checked(tiny_cfg):
+    with pytest.raises(UserError, match="--bank-refresh re-samples a bank"):
+        tiny_cfg(bank_refresh=2).validate()
+    for bad in (dict(bank_refresh=-1), dict(bank_refresh=2, bank_refresh_share=0.0),
+                dict(bank_refresh=2, bank_refresh_share=1.5)):
+        with pytest.raises(UserError, match="--bank-refresh must be 0"):
+            tiny_cfg(trajectories="bank", **bad).validate()
