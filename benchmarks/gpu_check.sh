@@ -55,7 +55,9 @@ if [ "$DRY" = 1 ]; then
   GUMBEL_ARGS=(--n 100 1000 --g 1 --dtypes float32 --reps 1)
   STEP_CONFIGS=reference/faithful/xattn,fast/faithful/xattn,fast/shared/noxattn
   STEP_ARGS=(--steps 1 --threads 1)
+  FEW=(--ddim-steps 10)  # the code paths, not the numbers: short trajectories, a small bank
 else
+  FEW=()
   DEVICE=cuda PRESET=sd14 SDXL_PRESET=sdxl
   unset TRITON_INTERPRET
   KERNEL_TESTS=(tests/ops -m "not gpu_build")  # the compile-only checks are CI's
@@ -69,6 +71,7 @@ SDXL_CONFIGS=fast/faithful/xattn+lora8+ckpt,fast/faithful/noxattn+lora8+adamw8bi
 # trajectory): SD1.4 xattn at |R| = 100 against the student row of the step matrix; SDXL LoRA under
 # the 22 GiB cap at |R| = 8 (its full build, minutes on a GPU, does not fit the 8-minute check)
 BANK_CONFIGS=fast/faithful/xattn,fast/faithful/xattn+bank,fast/shared/xattn+bank
+[ "$DRY" = 1 ] && BANK_CONFIGS=${BANK_CONFIGS#fast/faithful/xattn,}  # the step matrix has the student row
 SDXL_BANK_CONFIGS=fast/faithful/xattn+lora8+bank
 
 declare -a LINES=()
@@ -148,15 +151,15 @@ else
 fi
 step gumbel-mix-bench 60 "$PY" benchmarks/bench_gumbel_mix.py --device "$DEVICE" \
   "${GUMBEL_ARGS[@]}" --out "$RES/gumbel_mix_$DEVICE"
-step step-matrix 200 "$PY" -m ap_erase_fast.bench --preset "$PRESET" "${STEP_ARGS[@]}" \
+step step-matrix 200 "$PY" -m ap_erase_fast.bench --preset "$PRESET" "${STEP_ARGS[@]}" "${FEW[@]}" \
   --timeout 150 --configs "$STEP_CONFIGS" --out "$RES"
-step cap-22gib 100 "$PY" -m ap_erase_fast.bench --preset "$PRESET" --steps 1 --memory-cap-gib 22 \
+step cap-22gib 100 "$PY" -m ap_erase_fast.bench --preset "$PRESET" --steps 1 --memory-cap-gib 22 "${FEW[@]}" \
   --tag cap22 --timeout 90 --configs "$CAP_CONFIGS" --out "$RES"
-step sdxl-lora-cap-22gib 150 "$PY" -m ap_erase_fast.bench --preset "$SDXL_PRESET" --steps 1 \
+step sdxl-lora-cap-22gib 150 "$PY" -m ap_erase_fast.bench --preset "$SDXL_PRESET" --steps 1 "${FEW[@]}" \
   --memory-cap-gib 22 --tag cap22 --timeout 140 --configs "$SDXL_CONFIGS" --out "$RES"
-step trajectory-bank 120 "$PY" -m ap_erase_fast.bench --preset "$PRESET" "${STEP_ARGS[@]}" \
+step trajectory-bank 120 "$PY" -m ap_erase_fast.bench --preset "$PRESET" "${STEP_ARGS[@]}" "${FEW[@]}" \
   --bank-size 1 --tag bank --timeout 110 --configs "$BANK_CONFIGS" --out "$RES"
-step sdxl-lora-bank-cap-22gib 100 "$PY" -m ap_erase_fast.bench --preset "$SDXL_PRESET" --steps 1 \
+step sdxl-lora-bank-cap-22gib 100 "$PY" -m ap_erase_fast.bench --preset "$SDXL_PRESET" --steps 1 "${FEW[@]}" \
   --bank-size 1 --num-centers 8 --memory-cap-gib 22 --tag bank_cap22 --timeout 90 \
   --configs "$SDXL_BANK_CONFIGS" --out "$RES"
 
