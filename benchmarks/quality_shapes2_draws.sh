@@ -28,21 +28,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # shellcheck source=benchmarks/_quality_shards.sh
-source benchmarks/_quality_shards.sh  # SHAPES and shards()
-SEEDS=${SEEDS:-0,1,2}
-SHARDS=${SHARDS:-$(nproc)}
-OUT=${OUT:-benchmarks/results}
+source benchmarks/_quality_shards.sh  # SHAPES, shards() and trajectory_table()
 TAG=${TAG:-shapes2_draws}
-NEAR=${NEAR:-benchmarks/results/quality_shapes2_cpu_near.json}
+trajectory_table shapes2_cpu,shapes2_traj  # SEEDS, SHARDS, OUT, NEAR and the command AP
 METHODS=base,preserve_random,ap_faithful,preserve_random_bank,ap_faithful_bank
 METHODS+=,preserve_random_bank_draws8,ap_faithful_bank_draws8
-[ -f "$NEAR" ] || { echo "the pre-registered near sets are missing: $NEAR" >&2; exit 2; }
-
-AP=("${PYTHON:-python}" -m ap_erase_fast bench quality --model shapes2 --targets "$SHAPES" --seeds "$SEEDS"
-    --steps 40 --budgets 5,10,20,30 --lr 1e-3 --sweep-targets "$SHAPES" --sweep-seeds "$SEEDS"
-    --images 8 --eval-steps 10 --out "$OUT" --tag "$TAG" --near-sets "$NEAR"
-    --controls-from shapes2_cpu,shapes2_traj --trajectory-table)
-mkdir -p "$OUT"
 
 start=$(date +%s)
 echo "phase 1/2: K = 8 draws over $SHARDS shards (the other methods are borrowed)"

@@ -24,3 +24,19 @@ def relative_l2(a, b):
     y = torch.cat([t.flatten().float() for t in ys])
     assert float(y.norm()) > 0, "the reference run changed nothing"
     return float((x - y).norm() / y.norm())
+
+
+def assert_resume_bit_identical(make_cfg, tmp_path, at: int = 2, **kw):
+    """Run ``make_cfg(**kw)`` uninterrupted, then again with a checkpoint every ``at`` steps and
+    resumed from step ``at``: the same log and trained tensors bit for bit. Returns (full,
+    resumed) and leaves the uninterrupted run's folder at ``tmp_path / "full"``."""
+    from ap_erase_fast import erase
+
+    full = erase(make_cfg(**kw, output=str(tmp_path / "full")))
+    erase(make_cfg(**kw, output=str(tmp_path / "part"), checkpoint_every=at))
+    resumed = erase(make_cfg(**kw, output=str(tmp_path / "res"),
+                             resume=str(tmp_path / "part.checkpoints" / f"step-{at:06d}")))
+    assert full.log == resumed.log
+    for name in full.trained:
+        assert torch.equal(full.trained[name], resumed.trained[name]), name
+    return full, resumed

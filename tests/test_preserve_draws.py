@@ -10,7 +10,7 @@ import torch
 from ap_erase_fast import erase
 from ap_erase_fast.errors import UserError
 
-from _updates import relative_l2, run_updates
+from _updates import assert_resume_bit_identical, relative_l2, run_updates
 
 
 def _firsts(log):
@@ -98,14 +98,7 @@ def test_shared_schedule_steps_pi_from_every_draw(tiny_cfg, estimator):
 
 
 def test_resume_is_bit_identical(tiny_cfg, tmp_path):
-    kw = dict(steps=4, trajectories="bank", bank_size=2, preserve_draws=2)
-    full = erase(tiny_cfg(**kw, output=str(tmp_path / "full")))
-    erase(tiny_cfg(**kw, output=str(tmp_path / "part"), checkpoint_every=2))
-    resumed = erase(tiny_cfg(**kw, output=str(tmp_path / "res"),
-                             resume=str(tmp_path / "part.checkpoints" / "step-000002")))
-    assert full.log == resumed.log
-    for name in full.trained:
-        assert torch.equal(full.trained[name], resumed.trained[name]), name
+    assert_resume_bit_identical(tiny_cfg, tmp_path, steps=4, trajectories="bank", bank_size=2, preserve_draws=2)
     info = json.loads((tmp_path / "full" / "run.json").read_text())
     assert info["config"]["preserve_draws"] == 2
 

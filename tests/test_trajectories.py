@@ -164,14 +164,10 @@ def test_reference_profile_reads_the_same_bank(tiny_cfg):
 
 
 def test_bank_resume_is_bit_identical(tiny_cfg, tmp_path):
-    kw = dict(steps=4, trajectories="bank", bank_size=2, batch_size=2)
-    full = erase(tiny_cfg(**kw, output=str(tmp_path / "full")))
-    erase(tiny_cfg(**kw, output=str(tmp_path / "part"), checkpoint_every=2))
-    resumed = erase(tiny_cfg(**kw, output=str(tmp_path / "res"),
-                             resume=str(tmp_path / "part.checkpoints" / "step-000002")))
-    assert full.log == resumed.log
-    for name in full.trained:
-        assert torch.equal(full.trained[name], resumed.trained[name]), name
+    from _updates import assert_resume_bit_identical
+
+    full, _ = assert_resume_bit_identical(tiny_cfg, tmp_path, steps=4, trajectories="bank", bank_size=2,
+                                          batch_size=2)
     assert len({s["bank_index"] for r in full.log for s in r["samples"]}) == 2  # both trajectories read
     info = json.loads((tmp_path / "full" / "run.json").read_text())
     assert info["trajectories"]["source"] == "bank" and info["config"]["trajectories"] == "bank"
