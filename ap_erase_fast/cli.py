@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from . import interrupts
 from ._version import __version__
 from .errors import UserError
 from .runtime import OneLineParser as _Parser
@@ -173,14 +174,6 @@ def _lost_a_peer(exc: BaseException) -> bool:
                                         "NCCL", "gloo", "ProcessGroup")))
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so that every clean-up runs."""
-
-
-def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -189,12 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     _ERROR_LOG["path"] = None
     _RUN["output"] = None
-    import signal
-    import threading
-
-    if (threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    restore_signals = interrupts.install()
     try:
         return _run(parser, args)
     except UserError as exc:
@@ -204,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(f"error: {msg}", file=sys.stderr)
         return exc.exit_code
-    except Terminated:
+    except interrupts.Terminated:
         print(_stopped("terminated", " (temporary files removed)"), file=sys.stderr)
         return 143
     except KeyboardInterrupt:
@@ -224,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     finally:
-        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        restore_signals()
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

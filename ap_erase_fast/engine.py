@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from . import interrupts
 from ._version import __version__
 from .concepts import (check_concept_has_tokens, describe_sets, fixed_preservation_set,
                        select_preservation_set, vocabulary_embeddings)
@@ -360,6 +361,7 @@ class Eraser:
         t0 = time.perf_counter()
         try:
             while self.iteration < total_iters:
+                interrupts.check()  # a Ctrl-C / SIGTERM that a __del__ swallowed
                 records = self.run_outer_step()
                 step = self.iteration // cfg.pgd_steps
                 bar.set_postfix(loss=f"{records[0]['loss']:.4g}", adv=records[-1]["samples"][0]["adv_word"],
@@ -372,6 +374,7 @@ class Eraser:
                     self.timings["train_s"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     self.save_checkpoint(checkpoint_root)
+            interrupts.check()
         finally:
             self.timings["train_s"] += time.perf_counter() - t0
             bar.close()
