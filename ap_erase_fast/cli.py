@@ -51,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.cli import add_arguments as add_eval_arguments
 
     add_eval_arguments(ev)
+    at = sub.add_parser(
+        "attack", help="attack the erased model of a trained run: does the erasure hold?",
+        description="Attack a run's erased model (a white-box adversarial prompt, concept "
+                    "inversion, rephrasings on ShapesWorld 2) and judge whether the concept "
+                    "comes back.",
+        formatter_class=_HelpFormatter)
+    from .attack.cli import add_arguments as add_attack_arguments
+
+    add_attack_arguments(at)
     bench = sub.add_parser(
         "bench", help="benchmarks: 'ap-erase bench step --help', 'ap-erase bench quality --help'",
         description="Benchmarks. Results go to a new folder under the current one unless --out "
@@ -227,6 +236,13 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from .eval.cli import run as run_eval
 
         return run_eval(args)
+    if args.command == "attack":
+        if args.output or args.run:
+            _error_log_beside(args.output or os.path.join(args.run, "attack"))
+        quiet_libraries(quiet=args.quiet)
+        from .attack.cli import run as run_attack
+
+        return run_attack(args)
     if args.command == "bench":
         if args.what == "quality":
             quiet_libraries()

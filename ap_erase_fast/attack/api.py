@@ -1,0 +1,327 @@
+"""``attack()``: does an erasure hold under attack? Attacks the erased model of a train run.
+
+    from ap_erase_fast.attack import attack, AttackConfig
+    report = attack(AttackConfig(run="outputs/circle", attack_steps=40, prefix_tokens=5))
+
+Writes ``attack.json`` (and ``grid.png``: base / erased / attacked images, a seed per column)
+into the output folder (default ``RUN/attack/``) through a temporary sibling folder renamed at
+the end, and returns the report dict. See docs/attack.md.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from ..errors import UserError
+
+REPORT_FORMAT = "ap_erase_fast.attack/v1"
+ATTACKS = ("prompt", "rephrase", "inversion")
+TARGET_SEED = 1_000_000  # target images use seeds TARGET_SEED + i, judged images 0..N-1
+
+
+@dataclass
+class AttackConfig:
+    run: str | None = None  # output folder of an 'ap-erase train' run
+    output: str | None = None  # default RUN/attack
+    overwrite: bool = False
+    concept: str | None = None  # which erased concept (default: the run's first)
+    prompt: str | None = None  # the attacked prompt (default: the concept's plain prompt)
+    attacks: list[str] | None = None  # default: prompt, inversion, and rephrase on shapes2
+    single_file_weights: str | None = None
+    allow_model_mismatch: bool = False
+    device: str = "auto"
+    seed: int = 0
+    # the prompt attack (and the inversion's budget)
+    prefix_tokens: int = 5
+    attack_steps: int = 200
+    attack_lr: float = 0.1
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    vocab: str = "auto"  # candidate tokens: auto, world, tokenizer
+    target_images: int = 16  # base-model images of the concept the loss is measured on
+    probes: int = 4  # (timestep, noise) pairs per target image
+    attack_batch: int = 16  # probes per step
+    inversion_lr: float = 0.02
+    # judging
+    images: int = 32  # judged seeds 0..N-1 per prompt
+    rephrasings: int = 14
+    rephrase_images: int = 8
+    steps: int | None = None  # sampler steps (default: the model's, see eval profiles)
+    guidance: float | None = None
+    batch_size: int | None = None
+    resolution: int | None = None
+    grid_size: int = 8
+    quiet: bool = False
+
+
+def check_config(cfg: AttackConfig) -> None:
+    """Every setting that can be checked before anything is loaded (``UserError`` otherwise)."""
+    if not cfg.run:
+        raise UserError("pass --run DIR, the output folder of an 'ap-erase train' run")
+    unknown = [a for a in cfg.attacks or [] if a not in ATTACKS]
+    if unknown:
+        raise UserError(f"unknown attack {', '.join(map(repr, unknown))}; choose from {', '.join(ATTACKS)}")
+    if cfg.attacks is not None and not cfg.attacks:
+        raise UserError(f"--attacks names no attack; choose from {', '.join(ATTACKS)}")
+    for name in ("prefix_tokens", "attack_steps", "target_images", "probes", "attack_batch", "images",
+                 "rephrasings", "rephrase_images"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be a whole number, at least 1 (got {value!r})")
+    for name in ("steps", "batch_size", "resolution"):
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {value!r})")
+    for name in ("attack_lr", "tau_start", "tau_end", "inversion_lr"):
+        value = getattr(cfg, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number above 0 (got {value!r})")
+    if cfg.guidance is not None and not (math.isfinite(cfg.guidance) and cfg.guidance >= 0):
+        raise UserError(f"--guidance must be a finite number, 0 or more (got {cfg.guidance})")
+    if not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise UserError(f"--seed must be a whole number, 0 or more (got {cfg.seed!r})")
+    if cfg.prompt is not None and not cfg.prompt.strip():
+        raise UserError("--prompt is empty; give the prompt to attack, or leave --prompt out")
+    if cfg.grid_size < 0:
+        raise UserError(f"--grid-size must be 0 or more (got {cfg.grid_size})")
+
+
+def _run_and_concept(cfg: AttackConfig):
+    from ..eval.inputs import load_run
+
+    run = load_run(cfg.run)
+    if not run.model:
+        raise UserError(f"{Path(run.path) / 'run.json'} records no base model (config.model or "
+                        f"model.id); the attack needs the model the run was trained from")
+    erased = run.erased
+    concept = cfg.concept or erased[0]
+    if concept.strip().lower() not in {c.strip().lower() for c in erased}:
+        raise UserError(f"--concept {concept!r} is not erased by this run (it erased "
+                        f"{', '.join(map(repr, erased))})")
+    return run, run.model, concept
+
+
+def attack(config: AttackConfig | None = None, **overrides) -> dict:
+    """Run the attacks described by ``config`` (fields may also be given as keywords)."""
+    cfg = config or AttackConfig()
+    if overrides:
+        cfg = AttackConfig(**{**asdict(cfg), **overrides})
+    if isinstance(cfg.attacks, str):
+        cfg.attacks = [a.strip() for a in cfg.attacks.split(",") if a.strip()]
+    check_config(cfg)
+    t_start = time.perf_counter()
+    run, model_id, concept = _run_and_concept(cfg)
+    from ..eval.profiles import profile_for
+    from .prompts import SHAPE_MODELS, shape_label
+
+    profile = profile_for(model_id)
+    cfg = replace(cfg, steps=cfg.steps or profile.steps,
+                  guidance=profile.guidance if cfg.guidance is None else cfg.guidance,
+                  batch_size=cfg.batch_size or profile.batch_size)
+    if cfg.attacks is None:
+        cfg.attacks = ["prompt", "inversion"] + (["rephrase"] if model_id == "shapes2" else [])
+    if "rephrase" in cfg.attacks:
+        from .prompts import rephrasings
+
+        rephrasings(model_id, concept, 1, cfg.seed)  # the UserError of an unsupported run, now
+    output = cfg.output or str(Path(cfg.run) / "attack")
+    from ..outdir import check_output_folder
+
+    check_output_folder(output, marker="attack.json")
+    from ..eval.api import _device
+
+    device = _device(cfg.device)
+    label = shape_label(model_id, concept)
+    classifier = model_id if (model_id in SHAPE_MODELS and label is not None) else None
+
+    from ..export import OutputDir
+
+    out = OutputDir(output, overwrite=cfg.overwrite, marker="attack.json")
+    try:
+        report = _attack(cfg, run, model_id, concept, label, classifier, device, Path(out.tmp), t_start)
+        report["output"] = str(out.path)
+        (Path(out.tmp) / "attack.json").write_text(json.dumps(report, indent=2) + "\n")
+    except BaseException:
+        out.abort()
+        raise
+    out.commit()
+    return report
+
+
+def _load(cfg: AttackConfig, run, model_id: str, device: str):
+    """The base components, the erased UNet, and the hashes (``ap-erase eval``'s loading)."""
+    from types import SimpleNamespace
+
+    from ..eval.api import _load_models
+
+    opts = SimpleNamespace(single_file_weights=cfg.single_file_weights,
+                           allow_model_mismatch=cfg.allow_model_mismatch, base_only=False)
+    comps, erased_unet, match, erased_hash = _load_models(opts, run, model_id, device)
+    if getattr(comps, "family", "sd") != "sd":
+        raise UserError(f"the attack supports models with one CLIP text encoder (SD 1.x/2.x and the "
+                        f"built-in models), not {getattr(comps, 'family', '?')} ({model_id!r})")
+    if comps.vae is None:
+        raise UserError(f"model {model_id!r} has no VAE: the attack needs images of the concept")
+    for module in (comps.unet, erased_unet, comps.text_encoder, comps.vae):
+        module.requires_grad_(False).eval()
+    return comps, erased_unet, match, erased_hash
+
+
+def _attack(cfg: AttackConfig, run, model_id, concept, label, classifier, device, folder: Path, t_start):
+    import torch
+
+    from ..backbones import make_backbone
+    from ..eval.api import _Progress, _versions
+    from ..models.loading import vae_scale_factor
+    from . import whitebox as wb
+    from .judge import Judge, rate, save_grid
+    from .prompts import candidate_tokens, concept_prompt, rephrasings, token_words
+
+    comps, erased_unet, match, erased_hash = _load(cfg, run, model_id, device)
+    timings = {"load_s": round(time.perf_counter() - t_start, 2)}
+    resolution = int(cfg.resolution or run.config.get("resolution") or comps.default_resolution)
+    if resolution % vae_scale_factor(comps.vae):
+        raise UserError(f"--resolution {resolution} is not a multiple of the VAE scale factor "
+                        f"{vae_scale_factor(comps.vae)}")
+    backbone = make_backbone(comps, device)
+    encoder = wb.PromptEncoder(comps.text_encoder, comps.tokenizer)
+    prompt = cfg.prompt or concept_prompt(model_id, concept)
+    prompt_ids = encoder.word_ids(prompt)
+    if not prompt_ids:
+        raise UserError(f"the prompt {prompt!r} has no tokens")
+    if "prompt" in cfg.attacks:
+        encoder.ids([0] * cfg.prefix_tokens + prompt_ids)  # too long: one clear line, now
+    candidates, vocab_info = candidate_tokens(comps.tokenizer, model_id, cfg.vocab)
+    judge = Judge(comps, erased_unet, steps=cfg.steps, guidance=cfg.guidance, batch_size=cfg.batch_size,
+                  resolution=resolution, device=device, classifier_model=classifier)
+    want = None if label is None else judge.classifier.names["shape"][label]
+    uncond = encoder.encode(encoder.ids([])).detach()
+    plain = encoder.encode(encoder.ids(prompt_ids)).detach()
+    seeds = list(range(cfg.images))
+    bar = _Progress(None, "attack", cfg.quiet, unit="UNet step")
+
+    # ---- the loss pool: base-model images of the concept ---------------------------------
+    t0 = time.perf_counter()
+    target_seeds = [TARGET_SEED + i for i in range(cfg.target_images)]
+    z0 = judge.generate("base", plain, uncond, target_seeds, output_type="latent",
+                        on_step=lambda: bar(1, stage="targets")).float()
+    pool = wb.make_pool(z0, backbone.tables.alphas_cumprod, cfg.probes, cfg.seed)
+    pool_loss = lambda unet, states: wb.full_pool_loss(backbone, unet, pool, states, cfg.attack_batch)
+    loss_plain = {"base": pool_loss(comps.unet, plain), "erased": pool_loss(erased_unet, plain)}
+    timings["targets_s"] = round(time.perf_counter() - t0, 2)
+
+    def judged(key, states, which=seeds):
+        images = judge.generate(key, states, uncond, which, on_step=lambda: bar(1, stage=f"images {key}"))
+        return images, (rate(judge.shapes(images), want) if want is not None else None)
+
+    t0 = time.perf_counter()
+    base_images, base_rate = judged("base", plain)
+    erased_images, erased_rate = judged("erased", plain)
+    timings["plain_images_s"] = round(time.perf_counter() - t0, 2)
+    grid_rows = [("base", base_images), ("erased", erased_images)]
+    attacks: dict = {}
+
+    if "prompt" in cfg.attacks:
+        t0 = time.perf_counter()
+        res = wb.prefix_attack(backbone, erased_unet, encoder, prompt_ids, candidates, pool,
+                               k=cfg.prefix_tokens, steps=cfg.attack_steps, lr=cfg.attack_lr,
+                               tau_start=cfg.tau_start, tau_end=cfg.tau_end, batch=cfg.attack_batch,
+                               seed=cfg.seed, on_step=lambda **p: bar(1, stage="prompt attack", **p))
+        adv = encoder.encode(res.ids).detach()
+        words = token_words(comps.tokenizer, res.token_ids)
+        text = " ".join(words + [prompt])
+        entry = {"prefix_tokens": res.token_ids, "prefix_words": words, "prompt": text,
+                 "types_back": encoder.word_ids(text) == res.token_ids + prompt_ids,
+                 "loss": {"before": loss_plain["erased"], "after": pool_loss(erased_unet, adv),
+                          "base_after": pool_loss(comps.unet, adv)},
+                 "checks": res.checks, "history": res.history}
+        timings["prompt_attack_s"] = round(time.perf_counter() - t0, 2)
+        images, entry["rate"] = judged("erased", adv)
+        grid_rows.append(("attacked", images))
+        attacks["prompt"] = entry
+        timings["prompt_judge_s"] = round(time.perf_counter() - t0 - timings["prompt_attack_s"], 2)
+
+    if "inversion" in cfg.attacks:
+        t0 = time.perf_counter()
+        words, key = prompt.split(), concept.lower().split()
+        span = len(key)
+        cut = next((i for i in range(len(words) - span + 1)
+                    if [w.lower() for w in words[i:i + span]] == key), None)
+        before = encoder.word_ids(" ".join(words[:cut])) if cut is not None else prompt_ids
+        after = encoder.word_ids(" ".join(words[cut + span:])) if cut is not None else []
+        table = encoder.table.detach()[torch.tensor(candidates, device=encoder.table.device)]
+        res = wb.invert_concept(backbone, erased_unet, encoder, before, after, table.float().mean(0),
+                                pool, steps=cfg.attack_steps, lr=cfg.inversion_lr, batch=cfg.attack_batch,
+                                seed=cfg.seed + 1, on_step=lambda **p: bar(1, stage="inversion", **p))
+        inv = encoder.encode(res.ids, start=res.position, embeddings=res.embedding).detach()
+        shown = " ".join(words[:cut] + ["<v>"] + words[cut + span:]) if cut is not None else f"{prompt} <v>"
+        nearest = int(torch.cdist(res.embedding.to(table), table.float()).argmin())
+        entry = {"prompt": shown, "embedding_norm": round(float(res.embedding.norm()), 5),
+                 "nearest_candidate": token_words(comps.tokenizer, [candidates[nearest]])[0],
+                 "init": "mean of the candidate token embeddings",
+                 "loss": {"before": loss_plain["erased"], "after": pool_loss(erased_unet, inv),
+                          "base_after": pool_loss(comps.unet, inv)},
+                 "history": res.history}
+        images, entry["rate"] = judged("erased", inv)
+        grid_rows.append(("inversion", images))
+        attacks["inversion"] = entry
+        timings["inversion_s"] = round(time.perf_counter() - t0, 2)
+
+    if "rephrase" in cfg.attacks:
+        t0 = time.perf_counter()
+        chosen, info = rephrasings(model_id, concept, cfg.rephrasings, cfg.seed)
+        rseeds = list(range(cfg.rephrase_images))
+        labels = {"base": [], "erased": []}
+        per_prompt = []
+        for item in chosen:
+            states = encoder.encode(encoder.ids(encoder.word_ids(item["prompt"]))).detach()
+            row = dict(item)
+            for key in ("base", "erased"):
+                images, row[key] = judged(key, states, rseeds)
+                labels[key] += judge.shapes(images)
+            per_prompt.append(row)
+        attacks["rephrase"] = {**info, "prompts": per_prompt, "seeds": rseeds,
+                               "rate": {k: rate(v, want) for k, v in labels.items()}}
+        timings["rephrase_s"] = round(time.perf_counter() - t0, 2)
+    bar.close()
+
+    files = []
+    if cfg.grid_size:
+        save_grid([(name, imgs[:cfg.grid_size]) for name, imgs in grid_rows], folder / "grid.png")
+        files.append("grid.png")
+    timings["total_s"] = round(time.perf_counter() - t_start, 2)
+    report = {
+        "format": REPORT_FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": _versions([]),
+        "device": device,
+        "run": {"path": run.path, "run_json_sha256": run.run_json_sha256, "train_config": run.config,
+                "model": run.info.get("model")},
+        "model": {"id": model_id, "base_unet_sha256": comps.content_hash, "erased_unet_sha256": erased_hash,
+                  "base_matches_run": match, "random_weights": comps.random_weights, "resolution": resolution},
+        "concept": concept,
+        "prompt": prompt,
+        "judged": want is not None,
+        "judge": {**judge.settings(), "erased_label": want, "seeds": seeds,
+                  "rate": "share of images the classifier labels as the erased shape"},
+        "targets": {"seeds": target_seeds, "probes_per_image": cfg.probes,
+                    "made_by": "the base model, the plain prompt, the judge's sampler (latents)"},
+        "vocabulary": vocab_info,
+        "loss_plain": loss_plain,
+        "rates": {"base": base_rate, "erased": erased_rate},
+        "attacks": attacks,
+        "settings": {k: v for k, v in asdict(cfg).items() if k != "quiet"},
+        "files": files,
+        "timings": timings,
+    }
+    if want is None:
+        report["notice"] = ("no classifier judges these images (the concept is not a shape of a shapes "
+                            "world): the report gives the attack losses and the prompts found, no "
+                            "attack success rate")
+    if comps.random_weights:
+        report["notice"] = ("the base model has random weights (the built-in tiny model): these numbers "
+                            "test the pipeline, they say nothing about erasure")
+    return report

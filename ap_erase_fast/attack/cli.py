@@ -1,0 +1,119 @@
+"""``ap-erase attack``: arguments and entry point (``ap_erase_fast/cli.py`` wires them in).
+
+    ap-erase attack --run OUT                                  # every attack that fits, OUT/attack/
+    ap-erase attack --run OUT --attacks prompt --attack-steps 80 --prefix-tokens 5
+"""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import UserError
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip().lower() for x in text.split(",") if x.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .api import ATTACKS, AttackConfig
+
+    d = AttackConfig()
+    g = parser.add_argument_group("what to attack")
+    g.add_argument("--run", metavar="DIR", help="output folder of an 'ap-erase train' run")
+    g.add_argument("--concept", help="the erased concept to attack (default: the run's first)")
+    g.add_argument("--prompt", help="the attacked prompt (default: the concept's plain prompt: "
+                                    "'an image of a <shape>' on shapes2, the concept itself otherwise)")
+    g.add_argument("--attacks", type=_names, default=None, metavar="LIST",
+                   help=f"comma list of {', '.join(ATTACKS)} (default: prompt and inversion, and "
+                        f"rephrase on shapes2 runs)")
+    g.add_argument("--single-file-weights", choices=("non-ema", "ema"), default=None,
+                   help="UNet copy of a single-file base model (default: the run's)")
+    g.add_argument("--allow-model-mismatch", action="store_true",
+                   help="attack even if the base model's UNet hash differs from the run's record")
+    g.add_argument("--output", metavar="DIR", help="report folder (default RUN/attack)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an output folder that ap-erase attack wrote (one holding its attack.json)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of the attacks' draws")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+    a = parser.add_argument_group("white-box attacks")
+    a.add_argument("--prefix-tokens", type=int, default=d.prefix_tokens, metavar="K",
+                   help="adversarial tokens put in front of the prompt")
+    a.add_argument("--attack-steps", type=int, default=d.attack_steps,
+                   help="optimisation steps of the prompt attack and of the inversion")
+    a.add_argument("--attack-lr", type=float, default=d.attack_lr, help="Adam lr of the token logits")
+    a.add_argument("--tau-start", type=float, default=d.tau_start, help="Gumbel-Softmax τ at the first step")
+    a.add_argument("--tau-end", type=float, default=d.tau_end, help="τ at the last step (geometric)")
+    a.add_argument("--vocab", default=d.vocab, choices=("auto", "world", "tokenizer"),
+                   help="candidate tokens: the shapes world's caption words (world), the "
+                        "tokenizer's whole-word tokens (tokenizer); auto: world on shapes models")
+    a.add_argument("--target-images", type=int, default=d.target_images,
+                   help="base-model images of the concept the attack loss is measured on")
+    a.add_argument("--probes", type=int, default=d.probes, help="(timestep, noise) pairs per target image")
+    a.add_argument("--attack-batch", type=int, default=d.attack_batch, help="probes per optimisation step")
+    a.add_argument("--inversion-lr", type=float, default=d.inversion_lr, help="Adam lr of the inverted embedding")
+
+    j = parser.add_argument_group("judging")
+    j.add_argument("--images", type=int, default=d.images, help="judged seeds 0..N-1 per prompt")
+    j.add_argument("--rephrasings", type=int, default=d.rephrasings, help="rephrased prompts (shapes2)")
+    j.add_argument("--rephrase-images", type=int, default=d.rephrase_images, help="seeds per rephrased prompt")
+    j.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, as in eval)")
+    j.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's, as in eval)")
+    j.add_argument("--batch-size", type=int, default=None, help="images per pipeline call (default: the model's)")
+    j.add_argument("--resolution", type=int, default=None, help="image size (default: the run's / model's)")
+    j.add_argument("--grid-size", type=int, default=d.grid_size, help="columns of grid.png (0: no grid)")
+
+
+def config_from_args(args: argparse.Namespace):
+    from .api import AttackConfig
+
+    if args.run is None:
+        raise UserError("pass --run DIR, the output folder of an 'ap-erase train' run")
+    return AttackConfig(
+        run=args.run, output=args.output, overwrite=args.overwrite, concept=args.concept,
+        prompt=args.prompt, attacks=args.attacks, single_file_weights=args.single_file_weights,
+        allow_model_mismatch=args.allow_model_mismatch, device=args.device, seed=args.seed,
+        prefix_tokens=args.prefix_tokens, attack_steps=args.attack_steps, attack_lr=args.attack_lr,
+        tau_start=args.tau_start, tau_end=args.tau_end, vocab=args.vocab,
+        target_images=args.target_images, probes=args.probes, attack_batch=args.attack_batch,
+        inversion_lr=args.inversion_lr, images=args.images, rephrasings=args.rephrasings,
+        rephrase_images=args.rephrase_images, steps=args.steps, guidance=args.guidance,
+        batch_size=args.batch_size, resolution=args.resolution, grid_size=args.grid_size,
+        quiet=args.quiet)
+
+
+def _rate(r) -> str:
+    if not r:
+        return "not judged"
+    return f"{r['rate']:.0%} ({r['hits']}/{r['images']}, 95% CI {r['ci95'][0]:.0%}-{r['ci95'][1]:.0%})"
+
+
+def summary(report: dict) -> list[str]:
+    lines = [f"attacked {report['concept']!r} with the prompt {report['prompt']!r}"]
+    if report["judged"]:
+        lines.append(f"plain prompt: base {_rate(report['rates']['base'])}, "
+                     f"erased {_rate(report['rates']['erased'])}")
+    for name in ("prompt", "inversion"):
+        entry = report["attacks"].get(name)
+        if entry:
+            loss = entry["loss"]
+            lines.append(f"{name} attack: {entry['prompt']!r}, loss {loss['before']:.4g} -> "
+                         f"{loss['after']:.4g}" + (f", ASR {_rate(entry['rate'])}" if entry.get("rate") else ""))
+    reph = report["attacks"].get("rephrase")
+    if reph:
+        lines.append(f"rephrasings ({len(reph['prompts'])} prompts): base {_rate(reph['rate']['base'])}, "
+                     f"erased {_rate(reph['rate']['erased'])}")
+    if report.get("notice"):
+        lines.append("note: " + report["notice"])
+    lines.append(f"report: {report['output']}/attack.json")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    from .api import attack
+
+    report = attack(config_from_args(args))
+    if not args.quiet:
+        print("\n".join(summary(report)))
+    return 0
