@@ -32,7 +32,8 @@ SEARCH_SCORES = ("mse", "normalised")
 SEARCH_ESTIMATORS = ("pathwise", "score")
 TRAJECTORIES = ("student", "base", "bank")
 POSITIVE_FLOATS = ("lr", "search_lr", "tau")
-NON_NEGATIVE_FLOATS = ("negative_guidance", "preserve_weight", "weight_decay", "start_guidance")
+NON_NEGATIVE_FLOATS = ("negative_guidance", "preserve_weight", "weight_decay", "start_guidance",
+                       "distilled_guidance")
 
 
 def _opt(help: str, group: str, **kw: Any) -> Any:
@@ -48,9 +49,9 @@ def _opt(help: str, group: str, **kw: Any) -> Any:
 class EraseConfig:
     # --- model -----------------------------------------------------------------------------
     model: str = _opt(
-        "The model to erase from: 'tiny' or 'tiny-sdxl' (built-in SD1- and SDXL-shaped demo models "
-        "with random weights), 'shapes' / 'shapes2' (the built-in trained ShapesWorld models), a diffusers "
-        "pipeline folder (SD1.x, SD2.x, SDXL), a Hugging Face hub id (needs network or a filled "
+        "The model to erase from: 'tiny', 'tiny-sdxl', 'tiny-sd3' or 'tiny-flux' (built-in SD1-, "
+        "SDXL-, SD3- and FLUX.1-dev-shaped demo models with random weights), 'shapes' / 'shapes2' (the built-in trained ShapesWorld models), a diffusers "
+        "pipeline folder (SD1.x, SD2.x, SDXL, SD3/SD3.5, FLUX.1), a Hugging Face hub id (needs network or a filled "
         "cache), or a single-file .safetensors/.ckpt checkpoint (CompVis layout for SD1/SD2, SGM "
         "layout for SDXL).", "model", default="tiny")
     single_file_weights: str = _opt(
@@ -59,10 +60,17 @@ class EraseConfig:
     resolution: int | None = _opt(
         "Image resolution in pixels of the sampled trajectories (a multiple of 64 for SD: VAE "
         "factor 8 times the UNet's downsampling 8); default: the model's native size (512 for "
-        "SD1.x, 768 for SD2.x-v, 1024 for SDXL, 16 for tiny and tiny-sdxl, 32 for shapes and "
+        "SD1.x, 768 for SD2.x-v, 1024 for SDXL, SD3 and FLUX, 16 for tiny and tiny-sdxl (and tiny-sd3, tiny-flux), 32 for shapes and "
         "shapes2); at most 4 times that.", "model")
     device: str = _opt("Device: 'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'.", "model",
                        default="auto")
+    max_sequence_length: int | None = _opt(
+        "SD3/FLUX: T5 tokens per prompt (1 to 512). Bounds the conditioning, hence the R tables "
+        "(run.json: table_bytes); default: the pipeline's, 256 for SD3 and FLUX.1-schnell, 512 "
+        "for FLUX.1-dev.", "model")
+    distilled_guidance: float | None = _opt(
+        "FLUX.1-dev: the guidance value fed to its guidance embedding in every call, θ and θ', "
+        "conditional or not (default 3.5, FluxPipeline's).", "model")
     # --- what to erase -------------------------------------------------------------------------
     erase: list[str] = _opt(
         "Concept(s) to erase: one concept, a comma-separated list (\"a, b, c\"), or a text file with "
@@ -161,8 +169,11 @@ class EraseConfig:
         "train_micro_batch_size_per_gpu when --deepspeed is used.", "schedule", default=1)
     ddim_steps: int = _opt("DDIM steps of the sampling schedule the trajectories follow.",
                            "schedule", default=50)
-    start_guidance: float = _opt("Classifier-free guidance scale of the sampled trajectories.",
-                                 "schedule", default=3.0)
+    start_guidance: float | None = _opt(
+        "Classifier-free guidance scale of the sampled trajectories; default: the model's, 3 (the "
+        "authors' value; SD, SDXL, SD3) or 1 for FLUX.1 (guidance-distilled: plain conditional "
+        "sampling; above 1 it is FluxPipeline's true_cfg_scale). The run records the value used.",
+        "schedule")
     trajectories: str = _opt(
         "Where the latents z and z_r come from: student (sampled every iteration with the model "
         "being trained; the authors' algorithm), base (sampled every iteration with the frozen "
@@ -310,6 +321,9 @@ class EraseConfig:
         self._validate_numbers()
         if self.resolution is not None and self.resolution <= 0:
             raise UserError(f"--resolution must be positive (got {self.resolution})")
+        if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= 512:
+            raise UserError(f"--max-sequence-length must be between 1 and 512 T5 tokens "
+                            f"(got {self.max_sequence_length})")
         if self.vocab is not None and not self.preserve_set:
             from .models.vocab import check_vocabulary_name
 
@@ -373,9 +387,9 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
     if value is None:
         return None
     kind = type(default) if default is not None and default is not dataclasses.MISSING else None
-    if name in ("resolution", "bank_seed"):
+    if name in ("resolution", "bank_seed", "max_sequence_length"):
         kind = int
-    if name in ("lora_alpha",):
+    if name in ("lora_alpha", "start_guidance", "distilled_guidance"):
         kind = float
     try:
         if kind is bool:
@@ -485,7 +499,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kw["type"] = int
         elif isinstance(default, float):
             kw["type"] = float
-        elif f.name in ("resolution", "bank_seed"):
+        elif f.name in ("resolution", "bank_seed", "max_sequence_length"):
             kw["type"] = int
         if f.name == "erase":
             kw["metavar"] = "CONCEPTS"

@@ -118,7 +118,14 @@ class Eraser:
         self.components = comp
         for concept in cfg.erase:
             check_concept_has_tokens(comp.tokenizer, concept)
-        backbone = make_backbone(comp, self.device, cfg.ddim_steps)
+        backbone = make_backbone(comp, self.device, cfg.ddim_steps, resolution=cfg.resolution,
+                                 max_sequence_length=cfg.max_sequence_length,
+                                 distilled_guidance=cfg.distilled_guidance)
+        if cfg.lora_rank and backbone.family in ("sd3", "flux"):
+            raise UserError(f"--lora-rank is not supported on {backbone.family.upper()} models yet (their "
+                            "LoRA export is not written); fine-tune the selected weights (--lora-rank 0)")
+        if cfg.start_guidance is None:  # the model's default, recorded in run.json's config
+            cfg.start_guidance = float(backbone.default_guidance)
         self.backbone = backbone
         self.tables = backbone.tables
         self.latent_shape = backbone.latent_shape(cfg.resolution)
@@ -247,7 +254,11 @@ class Eraser:
             sets = [select_preservation_set(c, e.flat()[0].cpu(), words, table, cfg.k_closest,
                                             cfg.num_centers, cfg.exclude_erased)
                     for c, e in zip(cfg.erase, concepts)]
-        return sets, [table[s.indices].to(self.device) for s in sets]
+        set_tables = [table[s.indices].to(self.device) for s in sets]
+        # the memory the conditioning rows take (T5 sequences make them large: --max-sequence-length)
+        self.table_bytes = {"row_floats": int(table.shape[1]), "vocabulary": table.numel() * table.element_size(),
+                            "preservation_sets": sum(t.numel() * t.element_size() for t in set_tables)}
+        return sets, set_tables
 
     def _make_fast_optimizer(self, params):
         """The θ' optimizer; under --deepspeed, the DeepSpeed engine's (config or client one)."""
@@ -436,6 +447,7 @@ class Eraser:
             "latent_shape": list(self.latent_shape),
             "preservation_sets": describe_sets(self.search.sets),
             "vocab_embedding_cache_hit": self.cache_hit,
+            "table_bytes": getattr(self, "table_bytes", None),
             "final_pi_top": pi_summary,
             "trained_parameters": {"count": sum(p.numel() for _, p in self.trained),
                                    "tensors": len(self.trained)},

@@ -191,6 +191,8 @@ BAD_VALUES = {
     "batch_size": ["0"],
     "ddim_steps": ["1", "0", "100000"],
     "start_guidance": [NAN, INF, "-3"],
+    "max_sequence_length": ["0", "513", "x"],
+    "distilled_guidance": [NAN, INF, "-1", "x"],
     "seed": ["-1", "1.5", str(2 ** 64)],
     "trajectories": ["cache"],
     "bank_size": ["0", "1.5"],

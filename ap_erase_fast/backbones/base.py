@@ -35,6 +35,7 @@ class Backbone:
     """A text-to-image model as the library sees it. Subclasses fill in the model family."""
 
     family: str = "?"
+    default_guidance: float = 3.0  # --start-guidance when it is not given (the authors' value)
     denoiser: torch.nn.Module  # the module whose parameters θ' trains
     tables: "object"  # ap_erase_fast.sampling.DDIMTables
 

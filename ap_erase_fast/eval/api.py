@@ -310,14 +310,15 @@ def _evaluate(cfg, run, erased, model_id, heldout, concepts_info, rows, prompts_
         seeds=tuple(range(cfg.eps_seeds)),
         ddim_steps=int(cfg.eps_ddim_steps or run_cfg.get("ddim_steps") or 50),
         num_timesteps=cfg.eps_timesteps,
-        guidance=float(cfg.eps_guidance if cfg.eps_guidance is not None else run_cfg.get("start_guidance", 3.0)),
+        guidance=float(cfg.eps_guidance if cfg.eps_guidance is not None else (3.0 if run_cfg.get("start_guidance") is None else run_cfg["start_guidance"])),
         negative_guidance=float(cfg.negative_guidance if cfg.negative_guidance is not None
                                 else run_cfg.get("negative_guidance", 1.0)),
         batch_size=cfg.eps_batch_size)
     names = list(erased) + list(heldout)
     from ..backbones import make_backbone
 
-    backbone = make_backbone(comps, device, settings.ddim_steps)
+    flow = {k: run_cfg.get(k) for k in ("resolution", "max_sequence_length", "distilled_guidance")}
+    backbone = make_backbone(comps, device, settings.ddim_steps, **flow)
     text, uncond = backbone.encode(names), backbone.encode([""])
     from .eps import eps_work
 

@@ -17,6 +17,10 @@ def set_attention_backend(unet, name: str) -> None:
     """
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
+    if type(unet).__name__ in ("SD3Transformer2DModel", "FluxTransformer2DModel") and name in ("classic", "sdpa"):
+        # joint attention has its own processors (JointAttnProcessor2_0, FluxAttnProcessor), all
+        # on torch SDPA; diffusers has no explicit-matmul version of them: both names keep them
+        return
     if name == "classic":
         unet.set_attn_processor(AttnProcessor())
     elif name == "sdpa":

@@ -30,9 +30,11 @@ class SDComponents:
     source: dict = field(default_factory=dict)
     pipeline_path: str | None = None
     default_resolution: int = 512
-    family: str = "sd"  # which backend in ap_erase_fast.backbones drives it
-    text_encoder_2: Any | None = None  # SDXL's second text encoder (with projection)
+    family: str = "sd"  # which backend in ap_erase_fast.backbones drives it: sd, sdxl, sd3, flux
+    text_encoder_2: Any | None = None  # SDXL's/SD3's second CLIP encoder (with projection); FLUX's T5
     tokenizer_2: Any | None = None
+    text_encoder_3: Any | None = None  # SD3's T5 encoder
+    tokenizer_3: Any | None = None
     extra: dict = field(default_factory=dict)  # family-specific settings (SDXL: force_zeros...)
 
     @property
@@ -45,6 +47,13 @@ class SDComponents:
         model's ``force_zeros_for_empty_prompt``)."""
         if self.vae is None:
             raise ModelLoadError(f"model {self.model_id!r} has no VAE; cannot build an image pipeline")
+        if self.family in ("sd3", "flux"):
+            from .tiny_flow import assemble_flow_pipeline
+
+            return assemble_flow_pipeline(self.family, {
+                "transformer": self.unet, "scheduler": self.scheduler, "vae": self.vae,
+                **{k: getattr(self, k) for k in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                                                 "text_encoder_3", "tokenizer_3")}})
         if self.family == "sdxl":
             from .tiny import assemble_sdxl_pipeline
 
@@ -81,7 +90,7 @@ def _finish(parts: dict, *, model_id, random_weights, source, pipeline_path, tor
     ``family``, ``extra``), moved to ``device`` and ``torch_dtype``, in eval mode."""
     from .hashing import module_content_hash
 
-    for key in ("unet", "text_encoder", "text_encoder_2", "vae"):
+    for key in ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
         m = parts.get(key)
         if m is not None:
             m.to(device)
@@ -89,7 +98,7 @@ def _finish(parts: dict, *, model_id, random_weights, source, pipeline_path, tor
                 m.to(dtype=torch_dtype)
             m.eval()
     unet, vae = parts["unet"], parts.get("vae")
-    res = int(unet.config.sample_size) * vae_scale_factor(vae)
+    res = parts.pop("default_resolution", None) or int(unet.config.sample_size) * vae_scale_factor(vae)
     return SDComponents(
         **parts,
         model_id=model_id,
@@ -129,7 +138,7 @@ def load_components(
     if single_file_weights not in ("ema", "non-ema"):
         raise ModelLoadError(f"single_file_weights must be 'ema' or 'non-ema', got {single_file_weights!r}")
     if not isinstance(model, (str, os.PathLike)) or not str(model).strip():
-        raise ModelLoadError(f"model must be 'tiny', 'tiny-sdxl', 'shapes', 'shapes2', a folder, a hub id or a .safetensors/.ckpt file, got {model!r}")
+        raise ModelLoadError(f"model must be 'tiny', 'tiny-sdxl', 'tiny-sd3', 'tiny-flux', 'shapes', 'shapes2', a folder, a hub id or a .safetensors/.ckpt file, got {model!r}")
     model = os.fspath(model)
     common = dict(torch_dtype=torch_dtype, device=device)
 
@@ -144,7 +153,7 @@ def load_components(
                                  f"--world {world})")
         comps = _load_diffusers_folder(folder, model_id=model, fmt="builtin", **common)
         comps.source["sd_version"] = model
-    elif model in ("tiny", "tiny-sdxl"):
+    elif model in ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux"):
         parts, path = _load_tiny(model)
         comps = _finish(
             parts,
@@ -169,9 +178,15 @@ def load_components(
             comps = _load_diffusers_folder(folder, model_id=model, fmt="hub", **common)
         else:
             raise ModelLoadError(
-                f"model {model!r} does not exist; pass 'tiny', 'tiny-sdxl', 'shapes', 'shapes2', a local diffusers folder, a hub id "
+                f"model {model!r} does not exist; pass 'tiny', 'tiny-sdxl', 'tiny-sd3', 'tiny-flux', 'shapes', 'shapes2', a local diffusers folder, a hub id "
                 "(org/name) or a .safetensors/.ckpt file"
             )
+    if comps.family in ("sd3", "flux"):
+        if prediction_type is not None:
+            raise ModelLoadError(f"model {model!r} is a flow-matching model (velocity prediction): "
+                                 "a prediction type cannot be set for it")
+        comps.source.setdefault("prediction_type", "flow")
+        return comps
     if prediction_type is not None and comps.scheduler.config.prediction_type != prediction_type:
         comps.scheduler = ddim_scheduler({**dict(comps.scheduler.config), "prediction_type": prediction_type})
         comps.source["prediction_type_override"] = prediction_type
@@ -180,6 +195,10 @@ def load_components(
 
 
 def _load_tiny(variant: str) -> tuple[dict, str | None]:
+    if variant in ("tiny-sd3", "tiny-flux"):
+        from .tiny_flow import load_tiny_flow
+
+        return load_tiny_flow(variant)
     from .tiny import build_tiny_modules, build_tiny_sdxl_modules, ensure_tiny_pipeline_folder
 
     if variant == "tiny":
@@ -231,6 +250,10 @@ _HUB_PATTERNS = [
     "unet/diffusion_pytorch_model.safetensors",
     "text_encoder/model.safetensors",
     "text_encoder_2/model.safetensors",
+    "text_encoder_2/model*.safetensors*",
+    "text_encoder_3/model*.safetensors*",
+    "tokenizer_3/*",
+    "transformer/diffusion_pytorch_model*.safetensors*",
     "vae/diffusion_pytorch_model.safetensors",
 ]
 
@@ -249,7 +272,9 @@ def _hub_snapshot(repo_id: str) -> str:
                 "pass a local diffusers folder or a .safetensors/.ckpt file"
             ) from None
         raise ModelLoadError(f"cannot get model {repo_id!r} from the Hugging Face hub: {_first_line(exc)}") from None
-    if not os.path.isfile(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")):
+    from .flow_loading import is_flow_folder
+
+    if not os.path.isfile(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")) and not is_flow_folder(folder):
         raise ModelLoadError(
             f"hub model {repo_id!r} has no safetensors UNet weights (unet/diffusion_pytorch_model.safetensors); "
             "convert it to a local diffusers folder first"
@@ -283,6 +308,14 @@ def _load_diffusers_folder(folder, *, model_id, fmt, torch_dtype, device) -> SDC
         else:
             hint = ""
         raise ModelLoadError(f"folder {model_id!r} is not a diffusers pipeline folder: no model_index.json{hint}")
+    from .flow_loading import is_flow_folder, load_flow_folder
+
+    if is_flow_folder(folder):
+        parts = load_flow_folder(folder, model_id)
+        source = {"format": fmt, "path": os.path.abspath(folder), "weights": None, "sd_version": parts["family"]}
+        return _finish(parts, model_id=model_id, random_weights=False, source=source,
+                       pipeline_path=os.path.abspath(folder) if parts["vae"] is not None else None,
+                       torch_dtype=torch_dtype, device=device)
     has = {s: os.path.isdir(os.path.join(folder, s)) for s in (*_REQUIRED_SUBFOLDERS, "text_encoder_2")}
     unet_cfg = None
     if os.path.isfile(os.path.join(folder, "unet", "config.json")):

@@ -3,7 +3,10 @@
 Variants: ``tiny`` (the built-in demo model), ``sd1`` (SD1.x, 512 px, epsilon), ``sd2`` (SD2.x
 base, 512 px, epsilon), ``sd2-v`` (SD2.x 768-v, v-prediction), ``sdxl`` (SDXL base 1.0, 1024 px,
 epsilon; the scheduler config is SDXL's own Euler one, whose noise schedule the DDIM tables
-take), ``tiny-sdxl`` (the built-in SDXL-shaped demo model). Nothing is fetched from a hub.
+take), ``tiny-sdxl`` (the built-in SDXL-shaped demo model), ``tiny-sd3`` and ``tiny-flux`` (the built-in
+SD3- and FLUX.1-dev-shaped demo models), and the transformer and scheduler configs of the real
+flow-matching models ``sd3.5-medium``, ``sd3.5-large`` and ``flux.1-dev`` (for parameter counts on
+the meta device). Nothing is fetched from a hub.
 """
 from __future__ import annotations
 
@@ -12,12 +15,16 @@ import functools
 import json
 import os
 
-VARIANTS = ("tiny", "sd1", "sd2", "sd2-v", "sdxl", "tiny-sdxl")
+VARIANTS = ("tiny", "sd1", "sd2", "sd2-v", "sdxl", "tiny-sdxl", "tiny-sd3", "tiny-flux",
+            "sd3.5-medium", "sd3.5-large", "flux.1-dev")
+FLOW_VARIANTS = ("tiny-sd3", "tiny-flux", "sd3.5-medium", "sd3.5-large", "flux.1-dev")
 SDXL_VARIANTS = ("sdxl", "tiny-sdxl")
 _FILES = {
     "unet": "config.json",
     "text_encoder": "config.json",
     "text_encoder_2": "config.json",
+    "text_encoder_3": "config.json",
+    "transformer": "config.json",
     "vae": "config.json",
     "scheduler": "scheduler_config.json",
 }

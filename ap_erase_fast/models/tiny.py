@@ -32,17 +32,26 @@ TINY_SEED = 20240527
 # Bump when the construction or initialisation below changes: it is part of the cache key.
 TINY_BUILD_VERSION = 1
 TINY_SDXL_BUILD_VERSION = 1
+TINY_FLOW_BUILD_VERSION = 1  # tiny-sd3 and tiny-flux (models/tiny_flow.py)
 TINY_MODEL_ID = "tiny"
 TINY_SDXL_MODEL_ID = "tiny-sdxl"
 # The components of each built-in model and the subfolders of its cached pipeline folder.
 _COMPONENTS = {
     "tiny": ("unet", "text_encoder", "vae", "scheduler"),
     "tiny-sdxl": ("unet", "text_encoder", "text_encoder_2", "vae", "scheduler"),
+    "tiny-sd3": ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae", "scheduler"),
+    "tiny-flux": ("transformer", "text_encoder", "text_encoder_2", "vae", "scheduler"),
 }
 _SUBFOLDERS = {
     "tiny": ("unet", "text_encoder", "tokenizer", "scheduler", "vae"),
     "tiny-sdxl": ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler", "vae"),
+    "tiny-sd3": ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+                 "tokenizer_3", "scheduler", "vae"),
+    "tiny-flux": ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler", "vae"),
 }
+# norm layers that are not torch.nn.LayerNorm/GroupNorm subclasses (diffusers' RMSNorm, T5's
+# T5LayerNorm): weight 1, like the others (absent from tiny and tiny-sdxl, whose hashes stay)
+_NORM_CLASS_NAMES = ("RMSNorm", "T5LayerNorm")
 
 
 def tiny_config_hash(variant: str = TINY_MODEL_ID) -> str:
@@ -60,6 +69,8 @@ def tiny_config_hash(variant: str = TINY_MODEL_ID) -> str:
     }
     if variant != TINY_MODEL_ID:  # (the tiny model's payload, hence its cache key, is unchanged)
         payload.update(variant=variant, build_version=TINY_SDXL_BUILD_VERSION)
+    if variant in ("tiny-sd3", "tiny-flux"):
+        payload.update(build_version=TINY_FLOW_BUILD_VERSION, t5_tokenizer="builtin-words-unigram-1")
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -89,7 +100,7 @@ def _deterministic_init(model, prefix: str) -> None:
             if not own:
                 continue
             full = f"{prefix}.{mod_name}" if mod_name else prefix
-            if isinstance(module, norm_types):
+            if isinstance(module, norm_types) or type(module).__name__ in _NORM_CLASS_NAMES:
                 for pname, p in own.items():
                     p.fill_(1.0 if pname == "weight" else 0.0)
                 continue

@@ -26,6 +26,25 @@ from __future__ import annotations
 
 from .errors import ModelLoadError
 
+# Flow-matching transformers (SD3/SD3.5 MMDiT, FLUX.1), on diffusers names. There is no separate
+# cross-attention: text and image tokens meet in the joint attention (``.attn.``: both streams'
+# q/k/v/out projections and q/k norms; in FLUX's single-stream blocks the one attention over the
+# concatenated tokens). SD3.5-medium's extra ``attn2`` is image-only self-attention.
+#
+# * ``xattn``    every parameter of the joint attention layers (names containing ``.attn.``);
+# * ``xattn_kv`` the text stream's key/value projections (``attn.add_k_proj.*``,
+#                ``attn.add_v_proj.*``; FLUX's single-stream blocks have none);
+# * ``noxattn``  everything else except the text stream's own layers (``norm1_context``,
+#                ``ff_context``), the time/guidance/pooled-text embedders (``time_text_embed``), the
+#                T5 input projection (``context_embedder``) and the final layer (``norm_out``,
+#                top-level ``proj_out``): the image stream, FLUX's single-stream MLPs and
+#                SD3.5-medium's ``attn2``. The patch embedding (``pos_embed`` / ``x_embedder``) is
+#                trained, as ESD trains the UNet's ``conv_in``;
+# * ``full``     everything.
+# ``selfattn`` has no counterpart (the attention is joint) and is refused.
+FLOW_TRAIN_METHODS = ("xattn", "noxattn", "full", "xattn_kv")
+_FLOW_NOXATTN_EXCLUDED_PREFIXES = ("time_text_embed.", "context_embedder.", "norm_out.", "proj_out.")
+
 TRAIN_METHODS = ("xattn", "noxattn", "full", "selfattn", "xattn_kv")
 
 # add_embedding exists only in SDXL-type UNets (see the module doc)
@@ -52,6 +71,23 @@ def parameter_is_trained(name: str, method: str) -> bool:
         return True
     check_train_method(method)  # raises: the method is unknown
     raise AssertionError(method)
+
+
+def flow_parameter_is_trained(name: str, method: str) -> bool:
+    """Whether transformer parameter ``name`` (SD3/FLUX, diffusers naming) is trained under
+    ``method`` (rules above)."""
+    if method == "xattn":
+        return ".attn." in name
+    if method == "xattn_kv":
+        return ".attn.add_k_proj." in name or ".attn.add_v_proj." in name
+    if method == "noxattn":
+        return (".attn." not in name and "_context." not in name
+                and not name.startswith(_FLOW_NOXATTN_EXCLUDED_PREFIXES))
+    if method == "full":
+        return True
+    check_train_method(method)
+    raise ModelLoadError(f"train method {method!r} is not defined for flow-matching transformers (SD3, FLUX: "
+                         f"their attention is joint); choose one of {', '.join(FLOW_TRAIN_METHODS)}")
 
 
 def check_train_method(method) -> str:
@@ -96,7 +132,12 @@ def count_trainable(unet_config_or_unet, method: str) -> int:
     unet = unet_config_or_unet
     if not isinstance(unet, torch.nn.Module):
         unet = _meta_unet(unet)
-    return sum(p.numel() for name, p in unet.named_parameters() if parameter_is_trained(name, method))
+    rule = flow_parameter_is_trained if _is_flow(unet) else parameter_is_trained
+    return sum(p.numel() for name, p in unet.named_parameters() if rule(name, method))
+
+
+def _is_flow(module) -> bool:
+    return type(module).__name__ in ("SD3Transformer2DModel", "FluxTransformer2DModel")
 
 
 def _meta_unet(config):
@@ -109,7 +150,9 @@ def _meta_unet(config):
     from . import shipped
 
     if isinstance(config, str):
-        if config in shipped.VARIANTS:
+        if config in shipped.FLOW_VARIANTS:
+            config = shipped.load_config(config, "transformer")
+        elif config in shipped.VARIANTS:
             config = shipped.load_config(config, "unet")
         else:
             path = os.path.join(config, "config.json") if os.path.isdir(config) else config
@@ -119,5 +162,10 @@ def _meta_unet(config):
         config = dict(config)
     else:
         raise TypeError(f"expected a UNet, a config dict or a config path, got {type(config).__name__}")
+    cls = UNet2DConditionModel
+    if config.get("_class_name") in ("SD3Transformer2DModel", "FluxTransformer2DModel"):
+        import diffusers
+
+        cls = getattr(diffusers, config["_class_name"])
     with torch.device("meta"):
-        return UNet2DConditionModel.from_config(config)
+        return cls.from_config(config)
