@@ -121,9 +121,6 @@ class Eraser:
         backbone = make_backbone(comp, self.device, cfg.ddim_steps, resolution=cfg.resolution,
                                  max_sequence_length=cfg.max_sequence_length,
                                  distilled_guidance=cfg.distilled_guidance)
-        if cfg.lora_rank and backbone.family in ("sd3", "flux"):
-            raise UserError(f"--lora-rank is not supported on {backbone.family.upper()} models yet (their "
-                            "LoRA export is not written); fine-tune the selected weights (--lora-rank 0)")
         if cfg.start_guidance is None:  # the model's default, recorded in run.json's config
             cfg.start_guidance = float(backbone.default_guidance)
         self.backbone = backbone

@@ -4,10 +4,12 @@ commit and the recovery after a kill: :mod:`ap_erase_fast.outdir`).
 
 Layout of an output folder:
 
-* ``unet/`` — a diffusers UNet folder (``UNet2DConditionModel.from_pretrained``), the fine-tuned θ';
+* ``unet/`` — a diffusers UNet folder (``UNet2DConditionModel.from_pretrained``), the fine-tuned θ'
+  (SD3/FLUX: the transformer, ``SD3Transformer2DModel`` / ``FluxTransformer2DModel``);
 * with ``--lora-rank``, instead: ``lora/`` and ``pytorch_lora_weights.safetensors`` (the same
   diffusers LoRA file, so ``pipe.load_lora_weights`` loads the folder or ``lora/``),
-  ``lora_kohya.safetensors`` and, with ``--merge``, ``unet/`` (:mod:`ap_erase_fast.lora`);
+  ``lora_kohya.safetensors`` (SD1/SDXL only) and, with ``--merge``, ``unet/``
+  (:mod:`ap_erase_fast.lora`);
 * ``trained.safetensors`` — only the trained tensors, with provenance in the header metadata;
 * ``run.json`` — resolved config, R per concept, final π, timings, UNet calls per outer step;
 * ``log.jsonl`` — one line per loop iteration.

@@ -3,9 +3,12 @@
 
 The adapters go on the linear and convolution layers the ``--train-method`` selects
 (:meth:`~ap_erase_fast.backbones.Backbone.lora_targets`); B starts at zero, so θ′₀ = θ exactly.
-Outputs: diffusers LoRA weights (``pipe.load_lora_weights(run_folder)``, or its ``lora/``), a
-single-file LoRA in the kohya format that A1111 and ComfyUI load, and on request the merged
-denoiser.
+Outputs: diffusers LoRA weights (``pipe.load_lora_weights(run_folder)``, or its ``lora/``), for
+SD1/SDXL a single-file LoRA in the kohya format that A1111 and ComfyUI load, and on request the
+merged denoiser. SD3/SD3.5 and FLUX.1 runs write the same diffusers file with its keys under
+``transformer.`` (``StableDiffusion3Pipeline`` / ``FluxPipeline.load_lora_weights``) and no kohya
+file (their kohya/ComfyUI layout names the original BFL/SAI modules, e.g. FLUX's fused qkv,
+which this module does not convert to).
 """
 from __future__ import annotations
 
@@ -106,9 +109,16 @@ def peft_state_dict(denoiser, trained: dict[str, torch.Tensor] | None = None) ->
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
 
+def denoiser_prefix(pipeline_class) -> str:
+    """The key prefix of the denoiser in the pipeline's LoRA files: ``transformer`` (SD3, FLUX:
+    their loaders list a ``transformer`` among ``_lora_loadable_modules``) or ``unet``."""
+    modules = getattr(pipeline_class, "_lora_loadable_modules", ())
+    return "transformer" if "transformer" in modules else "unet"
+
+
 def save_diffusers(folder, denoiser, pipeline_class, trained=None) -> None:
-    """``folder/pytorch_lora_weights.safetensors`` (peft naming under ``unet.``), loadable with
-    ``pipe.load_lora_weights(folder)``.
+    """``folder/pytorch_lora_weights.safetensors`` (peft naming under ``unet.``, or
+    ``transformer.`` for SD3/FLUX), loadable with ``pipe.load_lora_weights(folder)``.
 
     diffusers infers rank and target layers from the tensors and takes alpha = rank (scale 1),
     so the run's scale alpha/rank is folded into the up (B) matrices. (diffusers' own
@@ -117,8 +127,9 @@ def save_diffusers(folder, denoiser, pipeline_class, trained=None) -> None:
     scale = float(lora_config(denoiser)["lora_alpha"]) / float(lora_config(denoiser)["r"])
     state = {k: (v * scale if ".lora_B." in k else v)
              for k, v in peft_state_dict(denoiser, trained).items()}
-    pipeline_class.save_lora_weights(str(folder), unet_lora_layers=state,
-                                     weight_name=DIFFUSERS_WEIGHTS, safe_serialization=True)
+    layers = {f"{denoiser_prefix(pipeline_class)}_lora_layers": state}
+    pipeline_class.save_lora_weights(str(folder), **layers, weight_name=DIFFUSERS_WEIGHTS,
+                                     safe_serialization=True)
 
 
 def kohya_state_dict(denoiser, trained=None) -> dict:
@@ -154,8 +165,9 @@ def merged_copy(denoiser, trained=None):
 
 def write_lora_outputs(folder, denoiser, trained, pipeline_class, merge: bool = False) -> None:
     """``lora/`` (diffusers), a copy of its weights file at the top of ``folder``,
-    ``lora_kohya.safetensors`` (A1111/ComfyUI) and, with ``merge``, ``unet/`` (the merged
-    denoiser), from the adapter values ``trained``.
+    ``lora_kohya.safetensors`` (A1111/ComfyUI; SD1/SDXL only) and, with ``merge``, ``unet/`` (the
+    merged denoiser: a UNet, or for SD3/FLUX the transformer, as a full run writes it), from the
+    adapter values ``trained``.
 
     The copy makes ``pipe.load_lora_weights(folder)`` load the LoRA: given a folder, diffusers
     0.42 takes the file named ``pytorch_lora_weights.safetensors`` there and otherwise the first
@@ -169,10 +181,11 @@ def write_lora_outputs(folder, denoiser, trained, pipeline_class, merge: bool = 
     folder = Path(folder)
     save_diffusers(folder / "lora", denoiser, pipeline_class, trained)
     shutil.copyfile(folder / "lora" / DIFFUSERS_WEIGHTS, folder / DIFFUSERS_WEIGHTS)
-    meta = {"format": "kohya-ss LoRA", "ss_network_module": "networks.lora",
-            "ss_network_dim": str(lora_config(denoiser)["r"]),
-            "ss_network_alpha": str(lora_config(denoiser)["lora_alpha"])}
-    save_file(kohya_state_dict(denoiser, trained), str(folder / "lora_kohya.safetensors"),
-              metadata=meta)
+    if denoiser_prefix(pipeline_class) == "unet":
+        meta = {"format": "kohya-ss LoRA", "ss_network_module": "networks.lora",
+                "ss_network_dim": str(lora_config(denoiser)["r"]),
+                "ss_network_alpha": str(lora_config(denoiser)["lora_alpha"])}
+        save_file(kohya_state_dict(denoiser, trained), str(folder / "lora_kohya.safetensors"),
+                  metadata=meta)
     if merge:
         merged_copy(denoiser, trained).save_pretrained(str(folder / "unet"), safe_serialization=True)

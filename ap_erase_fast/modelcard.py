@@ -27,15 +27,23 @@ def _base_model(info: dict) -> str | None:
     return None
 
 
+PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
+             "flux": "FluxPipeline"}
+FAMILY_TAGS = {"sdxl": "stable-diffusion-xl", "sd3": "stable-diffusion-3", "flux": "flux"}
+# the class of the denoiser a run writes to unet/, and the pipeline argument it is passed as
+DENOISERS = {"sd3": ("SD3Transformer2DModel", "transformer"),
+             "flux": ("FluxTransformer2DModel", "transformer")}
+
+
 def model_card(info: dict, eval_report: dict | None = None) -> str:
     cfg = info["config"]
     model = info["model"]
     concepts = cfg["erase"]
     lora = bool(cfg.get("lora_rank"))
     family = (info.get("backbone") or {}).get("family", "sd")
-    pipeline = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
+    pipeline = PIPELINES.get(family, "StableDiffusionPipeline")
     tags = ["text-to-image", "diffusers", "concept-erasure", "adversarial-preservation",
-            "ap-erase", "stable-diffusion-xl" if family == "sdxl" else "stable-diffusion"]
+            "ap-erase", FAMILY_TAGS.get(family, "stable-diffusion")]
     if lora:
         tags.append("lora")
     front = ["---", "library_name: diffusers", "pipeline_tag: text-to-image", "tags:",
@@ -89,11 +97,15 @@ def model_card(info: dict, eval_report: dict | None = None) -> str:
     else:
         lines += ["Not evaluated yet: run `ap-erase eval --run <this folder>` (it rewrites this "
                   "card with its summary)."]
-    lines += ["", "## How to use", ""] + _how_to_use(info, pipeline, lora)
+    lines += ["", "## How to use", ""] + _how_to_use(info, pipeline, lora, family)
     if lora:
-        lines += ["", "`lora_kohya.safetensors` is the same LoRA in the kohya format that "
-                  "AUTOMATIC1111 and ComfyUI load (put it in their LoRA folder)."
-                  + (" `unet/` holds the denoiser with the LoRA merged in." if cfg.get("merge") else "")]
+        merged = " `unet/` holds the denoiser with the LoRA merged in." if cfg.get("merge") else ""
+        if family in DENOISERS:
+            lines += ["", "`pytorch_lora_weights.safetensors` (here and in `lora/`) holds the adapters "
+                      "under `transformer.` in diffusers' peft naming." + merged]
+        else:
+            lines += ["", "`lora_kohya.safetensors` is the same LoRA in the kohya format that "
+                      "AUTOMATIC1111 and ComfyUI load (put it in their LoRA folder)." + merged]
     lines += ["", "## Intended use and limitations", "",
               "For research on concept erasure and for deployments that must not generate the "
               "erased concepts. Erasure lowers the chance of generating a concept; it is not a "
@@ -110,7 +122,7 @@ def model_card(info: dict, eval_report: dict | None = None) -> str:
     return "\n".join(front + lines)
 
 
-def _how_to_use(info: dict, pipeline: str, lora: bool) -> list[str]:
+def _how_to_use(info: dict, pipeline: str, lora: bool, family: str = "sd") -> list[str]:
     """Python that loads this folder on top of the base model the run actually used: a hub id,
     the local diffusers folder or single file it was loaded from, or a built-in model of this
     library (which no hub has)."""
@@ -118,6 +130,7 @@ def _how_to_use(info: dict, pipeline: str, lora: bool) -> list[str]:
     source = model.get("source") or {}
     fmt = source.get("format")
     folder = "<this folder>"
+    cls, arg = DENOISERS.get(family, ("UNet2DConditionModel", "unet"))
     if fmt == "builtin":  # tiny, tiny-sdxl, shapes, shapes2: only this library builds them
         lines = [f"The base model `{model['id']}` is built into ap_erase_fast (the library "
                  "that made this folder; no hub has it), so the pipeline comes from it:", "",
@@ -127,11 +140,11 @@ def _how_to_use(info: dict, pipeline: str, lora: bool) -> list[str]:
                       f"pipe = load_components({json.dumps(model['id'])}).to_pipeline()",
                       f'pipe.load_lora_weights("{folder}/lora")']
         else:
-            lines += ["import dataclasses", "", "from diffusers import UNet2DConditionModel",
+            lines += ["import dataclasses", "", f"from diffusers import {cls}",
                       "from ap_erase_fast.models import load_components", "",
-                      f'unet = UNet2DConditionModel.from_pretrained("{folder}/unet")',
+                      f'{arg} = {cls}.from_pretrained("{folder}/unet")',
                       f"base = load_components({json.dumps(model['id'])})",
-                      "pipe = dataclasses.replace(base, unet=unet).to_pipeline()"]
+                      f"pipe = dataclasses.replace(base, unet={arg}).to_pipeline()"]
         return lines + ["```"]
     if fmt == "single_file":
         where = json.dumps(str(source.get("path") or model["id"]))
@@ -147,10 +160,10 @@ def _how_to_use(info: dict, pipeline: str, lora: bool) -> list[str]:
                   f"pipe = {load}, torch_dtype=torch.float16)",
                   f'pipe.load_lora_weights("{folder}/lora")']
     else:
-        lines += [f"from diffusers import {pipeline}, UNet2DConditionModel", "",
-                  f'unet = UNet2DConditionModel.from_pretrained("{folder}/unet", '
+        lines += [f"from diffusers import {pipeline}, {cls}", "",
+                  f'{arg} = {cls}.from_pretrained("{folder}/unet", '
                   "torch_dtype=torch.float16)",
-                  f"pipe = {load}, unet=unet, torch_dtype=torch.float16)"]
+                  f"pipe = {load}, {arg}={arg}, torch_dtype=torch.float16)"]
     return lines + ["```"]
 
 

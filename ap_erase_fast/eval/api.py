@@ -238,6 +238,10 @@ def _load_models(cfg, run, model_id, device):
 
     sfw = cfg.single_file_weights or run.config.get("single_file_weights") or "non-ema"
     comps = load_components(model_id, single_file_weights=sfw, device=device, torch_dtype=torch.float32)
+    if comps.family in ("sd3", "flux"):  # their erased transformer and LoRA would load as nothing
+        raise UserError(f"{model_id!r} is an {comps.family.upper()} model: evaluating (and attacking) "
+                        f"SD3/FLUX runs is not supported yet; generate with the run's transformer "
+                        f"or LoRA in diffusers (the model card shows how)")
     recorded = run.info.get("model", {}).get("sha256")
     match = None if recorded is None else recorded == comps.content_hash
     if match is False and not cfg.allow_model_mismatch:
