@@ -1,5 +1,5 @@
 """The committed ShapesWorld 2 reports regenerate from their committed runs: the main table (its
-near sets included), the confirmation, the trajectory-source table and the ablations table, written again by today's code into a temporary
+near sets included), the confirmation, the trajectory-source and K-draws tables and the ablations table, written again by today's code into a temporary
 folder, match the committed files line for line, apart from the lines that describe the machine
 and the moment (date, commit, versions, the command). A change to the report arithmetic (the
 order of a matched-ESR curve, which ESD budget defines the near sets, a statistic) shows up here
@@ -32,7 +32,7 @@ def _command(md: Path) -> list[str]:
     return [*head.split(), "--sweep-lrs", "", *tail.split()]
 
 
-@pytest.mark.parametrize("tag", ["shapes2_cpu", "shapes2_confirm", "shapes2_traj"])
+@pytest.mark.parametrize("tag", ["shapes2_cpu", "shapes2_confirm", "shapes2_traj", "shapes2_draws"])
 def test_main_table_and_near_sets_regenerate_from_the_committed_runs(tmp_path, tag):
     """Mutation checked: the near sets from every ESD budget instead of the main one (9 of 15
     sets change). (A curve ordered by learning rate only: test_quality_report's
