@@ -59,6 +59,25 @@ def _spy_null_queries(er):
     return seen
 
 
+def first_step_erasure_outputs(er, mp: str):
+    """One outer step of a fresh run (θ = θ′₀): checks that its first preservation term is 0
+    (exactly in fp32; in fp16/bf16 θ and θ′ run in batches of different make-up, and some CPUs'
+    half-precision kernels round by batch: 6e-8 seen on an Intel Xeon) and its erasure term
+    positive; returns the step's records and θ's ε(z, c_e), ε(z, "") at the first sample's
+    (z, t), from which a caller writes the erasure identity with its backbone's ᾱ."""
+    seen = _spy_null_queries(er)
+    records = er.run_outer_step()
+    first = records[0]
+    assert first["loss_erase"] > 0, first
+    assert first["loss_preserve"] <= (0.0 if mp == "no" else 1e-3 * first["loss_erase"]), first
+    z, t = seen[0]
+    cond = er.models.concepts[er.cfg.erase.index(first["samples"][0]["concept"])]
+    with torch.no_grad():
+        e_c = er.models.query("frozen", "check", z, t, cond)
+        e_0 = er.models.query("frozen", "check", z, t, er.models.null)
+    return records, e_c, e_0
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("combo", COMBOS, ids=IDS)
 def test_first_step_theta_equals_theta_prime_and_the_erasure_identity(tiny_cfg, combo, batch):

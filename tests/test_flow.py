@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from test_definitions import _spy_null_queries
+from test_definitions import first_step_erasure_outputs
 
 from ap_erase_fast.backbones import make_backbone
 from ap_erase_fast.backbones.flow import (alpha_bar, eps_to_velocity, velocity_to_eps, velocity_to_x0,
@@ -237,17 +237,8 @@ def test_definitions_hold_on_flow_models(tiny_cfg, model, method, mp):
     cfg = tiny_cfg(model=model, train_method=method, negative_guidance=eta, erase=["garbage truck", "church"],
                    mixed_precision=mp, max_sequence_length=8)
     er = Eraser(cfg, components=_perturbed(model)).setup()
-    seen = _spy_null_queries(er)
-    records = er.run_outer_step()
+    records, e_c, e_0 = first_step_erasure_outputs(er, mp)
     first = records[0]
-    assert first["loss_erase"] > 0
-    # fp32: exactly 0; bf16/fp16: θ and θ′ run in batches of different make-up (tests/test_sdxl.py)
-    assert first["loss_preserve"] <= (0.0 if mp == "no" else 1e-3 * first["loss_erase"]), first
-    z, t = seen[0]
-    cond = er.models.concepts[er.cfg.erase.index(first["samples"][0]["concept"])]
-    with torch.no_grad():
-        e_c = er.models.query("frozen", "check", z, t, cond)
-        e_0 = er.models.query("frozen", "check", z, t, er.models.null)
     tau = (1000 // er.cfg.ddim_steps) * first["t_enc"] + 1
     sigma = _diffusers_sigma(er.components.scheduler, tau / 1000, 16)
     a = (1 - sigma) ** 2 / ((1 - sigma) ** 2 + sigma ** 2)

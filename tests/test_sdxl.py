@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from test_definitions import COMBOS, _spy_null_queries
+from test_definitions import COMBOS, first_step_erasure_outputs
 from test_models import _openclip_state_dict, _unet_to_ldm, _vae_to_ldm
 
 from ap_erase_fast.backbones import Cond, make_backbone
@@ -377,18 +377,8 @@ def test_definitions_hold_on_tiny_sdxl(tiny_cfg, combo):
                    train_method="noxattn", negative_guidance=eta, erase=["garbage truck", "church"])
     er = Eraser(cfg, components=_perturbed_sdxl()).setup()
     assert float(er.models.null.flat().abs().sum()) == 0.0  # force_zeros_for_empty_prompt
-    seen = _spy_null_queries(er)
-    records = er.run_outer_step()
+    records, e_c, e_0 = first_step_erasure_outputs(er, mp)
     first = records[0]
-    # θ = θ′₀: exactly 0 in fp32; in fp16/bf16 θ and θ′ run in batches of different make-up, and
-    # some CPUs' half-precision kernels round by batch (6e-8 seen on an Intel Xeon)
-    assert first["loss_erase"] > 0, first
-    assert first["loss_preserve"] <= (0.0 if mp == "no" else 1e-3 * first["loss_erase"]), first
-    z, t = seen[0]
-    cond = er.models.concepts[er.cfg.erase.index(first["samples"][0]["concept"])]
-    with torch.no_grad():
-        e_c = er.models.query("frozen", "check", z, t, cond)
-        e_0 = er.models.query("frozen", "check", z, t, er.models.null)
     steps = er.cfg.ddim_steps
     a = float(er.components.scheduler.alphas_cumprod[(1000 // steps) * first["t_enc"] + 1])
     expected = (1 - a) / a * (1 + eta) ** 2 * F.mse_loss(e_c, e_0).item()

@@ -8,10 +8,10 @@ T5 ``text_encoder_3``), ``FluxTransformer2DModel`` → ``flux`` (CLIP-L, T5 ``te
 """
 from __future__ import annotations
 
-import json
 import os
 
 from .errors import ModelLoadError
+from .parts import read_json
 
 FLOW_TRANSFORMERS = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 # pipelines of these families whose inputs the backbone does not build (extra image channels,
@@ -24,18 +24,10 @@ def is_flow_folder(folder: str) -> bool:
     return os.path.isdir(os.path.join(folder, "transformer")) and not os.path.isdir(os.path.join(folder, "unet"))
 
 
-def _json(path: str, what: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {what}: {str(exc).splitlines()[0]}") from None
-
-
 def flow_family(folder: str, model_id: str) -> str:
     """``sd3`` or ``flux`` for a flow pipeline folder; a one-line error for anything else."""
-    index = _json(os.path.join(folder, "model_index.json"), f"{model_id}/model_index.json")
-    cfg = _json(os.path.join(folder, "transformer", "config.json"), f"{model_id}/transformer/config.json")
+    index = read_json(os.path.join(folder, "model_index.json"), f"{model_id}/model_index.json")
+    cfg = read_json(os.path.join(folder, "transformer", "config.json"), f"{model_id}/transformer/config.json")
     family = FLOW_TRANSFORMERS.get(cfg.get("_class_name"))
     if family is None:
         raise ModelLoadError(f"model {model_id!r} has a {cfg.get('_class_name')} transformer: only SD3/SD3.5 "
@@ -90,7 +82,7 @@ def load_flow_folder(folder: str, model_id: str) -> dict:
     if missing:
         what = {"text_encoder_3": " (SD3 without its T5 encoder is not supported)"}.get(missing[0], "")
         raise ModelLoadError(f"diffusers folder {model_id!r} lacks the subfolder(s) {', '.join(missing)}{what}")
-    sched_cfg = _json(os.path.join(folder, "scheduler", "scheduler_config.json"), f"{model_id}/scheduler")
+    sched_cfg = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"), f"{model_id}/scheduler")
     if sched_cfg.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
         raise ModelLoadError(f"model {model_id!r}: scheduler {sched_cfg.get('_class_name')} is not "
                              "FlowMatchEulerDiscreteScheduler")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ModelLoadError
-from .parts import check_sdxl_widths, ddim_scheduler  # noqa: F401  (re-exported)
+from .parts import check_sdxl_widths, ddim_scheduler, read_json  # noqa: F401  (re-exported)
 
 SINGLE_FILE_EXTENSIONS = (".safetensors", ".ckpt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -285,16 +285,6 @@ def _hub_snapshot(repo_id: str) -> str:
 _REQUIRED_SUBFOLDERS = ("unet", "text_encoder", "scheduler")
 
 
-def _read_json(path: str, what: str) -> dict:
-    import json
-
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {what}: {_first_line(exc)}") from None
-
-
 def _load_diffusers_folder(folder, *, model_id, fmt, torch_dtype, device) -> SDComponents:
     """SD1.x / SD2.x, or SDXL when the UNet's added conditioning is ``text_time`` (then
     ``text_encoder_2/`` is required and ``force_zeros_for_empty_prompt`` comes from
@@ -319,7 +309,7 @@ def _load_diffusers_folder(folder, *, model_id, fmt, torch_dtype, device) -> SDC
     has = {s: os.path.isdir(os.path.join(folder, s)) for s in (*_REQUIRED_SUBFOLDERS, "text_encoder_2")}
     unet_cfg = None
     if os.path.isfile(os.path.join(folder, "unet", "config.json")):
-        unet_cfg = _read_json(os.path.join(folder, "unet", "config.json"), f"{model_id}/unet/config.json")
+        unet_cfg = read_json(os.path.join(folder, "unet", "config.json"), f"{model_id}/unet/config.json")
     sdxl = unet_cfg is not None and unet_cfg.get("addition_embed_type") == "text_time"
     if sdxl and not has["text_encoder"] and has["text_encoder_2"]:
         raise ModelLoadError(f"model {model_id!r} is an SDXL refiner-type model (only text_encoder_2/): not "
@@ -358,7 +348,7 @@ def _load_diffusers_folder(folder, *, model_id, fmt, torch_dtype, device) -> SDC
     except Exception as exc:  # corrupted weights, bad configs, safetensors errors, …
         raise ModelLoadError(f"cannot load the {step} of {model_id!r}: {_first_line(exc)}") from None
     if sdxl:
-        index = _read_json(os.path.join(folder, "model_index.json"), f"{model_id}/model_index.json")
+        index = read_json(os.path.join(folder, "model_index.json"), f"{model_id}/model_index.json")
         parts.update(family="sdxl", extra={
             "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))})
         check_sdxl_widths(parts, model_id)

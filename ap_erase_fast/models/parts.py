@@ -50,3 +50,16 @@ def check_sdxl_widths(parts: dict, model_id: str) -> None:
             f"model {model_id!r}: the UNet's added conditioning takes {unet.projection_class_embeddings_input_dim} "
             f"values, but the pooled text ({te2.projection_dim}) and six time ids "
             f"({6 * unet.addition_time_embed_dim}) give {added} (an SDXL refiner-type UNet?)")
+
+
+def read_json(path: str, what: str) -> dict:
+    """A JSON file of a model folder; a one-line :class:`ModelLoadError` naming ``what``."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as exc:
+        text = str(exc).strip()
+        first = text.splitlines()[0].strip() if text else type(exc).__name__
+        raise ModelLoadError(f"cannot read {what}: {first}") from None
