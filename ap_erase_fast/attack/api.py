@@ -20,6 +20,7 @@ from ..errors import UserError
 REPORT_FORMAT = "ap_erase_fast.attack/v1"
 ATTACKS = ("prompt", "rephrase", "inversion")
 TARGET_SEED = 1_000_000  # target images use seeds TARGET_SEED + i, judged images 0..N-1
+SELECT_SEED = 2_000_000  # the attacker's own success checks use seeds SELECT_SEED + i (disjoint)
 
 
 @dataclass
@@ -45,6 +46,11 @@ class AttackConfig:
     probes: int = 4  # (timestep, noise) pairs per target image
     attack_batch: int = 16  # probes per step
     inversion_lr: float = 0.02
+    # the attacker's success check (UnlearnDiffAtk's threat model): restarts, judged selection
+    restarts: int = 4  # independent runs of the prompt attack (other draws, fresh logits)
+    judge_every: int = 10  # steps between checks of the argmax prompt (and at each run's end)
+    judge_images: int = 8  # erased-model images per check (seeds SELECT_SEED + i)
+    stop_rate: float = 0.7  # stop every run once a check's judged rate exceeds this (1: never)
     # judging
     images: int = 32  # judged seeds 0..N-1 per prompt
     rephrasings: int = 14
@@ -67,7 +73,7 @@ def check_config(cfg: AttackConfig) -> None:
     if cfg.attacks is not None and not cfg.attacks:
         raise UserError(f"--attacks names no attack; choose from {', '.join(ATTACKS)}")
     for name in ("prefix_tokens", "attack_steps", "target_images", "probes", "attack_batch", "images",
-                 "rephrasings", "rephrase_images"):
+                 "rephrasings", "rephrase_images", "restarts", "judge_every", "judge_images"):
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be a whole number, at least 1 (got {value!r})")
@@ -79,6 +85,8 @@ def check_config(cfg: AttackConfig) -> None:
         value = getattr(cfg, name)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise UserError(f"--{name.replace('_', '-')} must be a finite number above 0 (got {value!r})")
+    if not (isinstance(cfg.stop_rate, (int, float)) and 0 <= cfg.stop_rate <= 1):
+        raise UserError(f"--stop-rate must be a number from 0 to 1 (got {cfg.stop_rate!r})")
     if cfg.guidance is not None and not (math.isfinite(cfg.guidance) and cfg.guidance >= 0):
         raise UserError(f"--guidance must be a finite number, 0 or more (got {cfg.guidance})")
     if not isinstance(cfg.seed, int) or cfg.seed < 0:
@@ -170,6 +178,102 @@ def _load(cfg: AttackConfig, run, model_id: str, device: str):
     return comps, erased_unet, match, erased_hash
 
 
+class _Counter:
+    """Per-sample forward passes of some UNets (forward pre-hooks; a CFG step counts 2)."""
+
+    def __init__(self, *modules):
+        self.n = 0
+        self.handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in set(modules)]
+
+    def _hook(self, module, args, kwargs):
+        x = args[0] if args else kwargs.get("sample")
+        self.n += int(x.shape[0]) if x is not None else 0
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _prompt_attack(cfg, wb, backbone, comps, erased_unet, encoder, judge, prompt_ids, prompt, candidates,
+                   pool, uncond, want, bar):
+    """``cfg.restarts`` runs of the prefix attack; with a classifier each run's argmax prompts
+    are judged on ``cfg.judge_images`` selection seeds (SELECT_SEED + i) and the best judged
+    prompt over all runs is kept, else the lowest pool loss. Returns the report entry (without
+    the fresh-seed rate and the final losses) and the adversarial text states."""
+    from .judge import rate
+    from .prompts import token_words
+
+    select_seeds = [SELECT_SEED + i for i in range(cfg.judge_images)]
+    counter = _Counter(erased_unet, comps.unet)
+    cost = {"select_unet_evals": 0, "select_s": 0.0, "judged_prompts": 0}
+    cache: dict = {}
+
+    def judge_prefix(tokens):
+        key = tuple(tokens)
+        if key not in cache:
+            t0, n0 = time.perf_counter(), counter.n
+            states = encoder.encode(encoder.ids(list(tokens) + prompt_ids)).detach()
+            images = judge.generate("erased", states, uncond, select_seeds,
+                                    on_step=lambda: bar(1, stage="attack check"))
+            cache[key] = rate(judge.shapes(images), want)
+            cost["select_unet_evals"] += counter.n - n0
+            cost["select_s"] += time.perf_counter() - t0
+            cost["judged_prompts"] += 1
+        return dict(cache[key])
+
+    t0 = time.perf_counter()
+    runs, histories, best, best_run = [], [], None, 0
+    try:
+        for r in range(cfg.restarts):
+            seed = cfg.seed + 100_003 * r
+            res = wb.prefix_attack(backbone, erased_unet, encoder, prompt_ids, candidates, pool,
+                                   k=cfg.prefix_tokens, steps=cfg.attack_steps, lr=cfg.attack_lr,
+                                   tau_start=cfg.tau_start, tau_end=cfg.tau_end, batch=cfg.attack_batch,
+                                   seed=seed, check_every=cfg.judge_every,
+                                   judge=judge_prefix if want is not None else None, stop_rate=cfg.stop_rate,
+                                   on_step=lambda **p: bar(1, stage=f"prompt attack {r + 1}/{cfg.restarts}", **p))
+            runs.append({"restart": r, "seed": seed, "steps_run": res.steps_run,
+                         "stopped_early": res.stopped_early, "best": res.best, "checks": res.checks})
+            histories.append(res.history)
+            if wb.better(res.best, best):
+                best, best_run = res.best, r
+            if want is not None and best["judged"]["rate"] > cfg.stop_rate:
+                break
+    finally:
+        counter.close()
+    steps_run = sum(x["steps_run"] for x in runs)
+    cost.update({"unet_evals": counter.n, "backward_samples": steps_run * cfg.attack_batch,
+                 "optimisation_steps": steps_run, "restarts_run": len(runs),
+                 "seconds": round(time.perf_counter() - t0, 2), "select_s": round(cost["select_s"], 2),
+                 "counted": "per-image UNet forward passes of the attack (optimisation, pool-loss checks, "
+                            "the attacker's judged checks; a CFG sampling step counts 2); backward "
+                            "passes of the optimisation are backward_samples"})
+    tokens = best["tokens"]
+    adv = encoder.encode(encoder.ids(tokens + prompt_ids)).detach()
+    words = token_words(comps.tokenizer, tokens)
+    text = " ".join(words + [prompt])
+    if want is not None:
+        selection = {
+            "by": "judged rate", "seeds": select_seeds,
+            "rule": f"every {cfg.judge_every} steps and at each run's end the argmax prompt is judged on "
+                    f"{cfg.judge_images} erased-model images of the selection seeds; the prompt with the "
+                    f"highest judged rate over all runs is kept (ties: lower pool loss); a run stops once a "
+                    f"rate exceeds {cfg.stop_rate}, and so do the restarts",
+            "selected_rate": best["judged"],
+            "note": "the selection rate is biased upward (the maximum over many judged prompts); the "
+                    "reported 'rate' is measured on fresh seeds, disjoint from the selection seeds"}
+    else:
+        selection = {"by": "pool loss", "rule": "no classifier judges this model's images: the argmax prompt "
+                     "with the lowest loss on the whole pool over all runs is kept (checked every "
+                     f"{cfg.judge_every} steps and at each run's end); no early stop"}
+    entry = {"prefix_tokens": tokens, "prefix_words": words, "prompt": text,
+             "types_back": encoder.word_ids(text) == tokens + prompt_ids, "selection": selection,
+             "best_restart": best_run, "cost": cost, "checks": runs[best_run]["checks"],
+             "history": histories[best_run], "restarts": runs,
+             "rate_seeds": "the judge's seeds (0..images-1), disjoint from the selection seeds"}
+    return entry, adv
+
+
 def _attack(cfg: AttackConfig, run, model_id, concept, label, classifier, device, folder: Path, t_start):
     import torch
 
@@ -226,18 +330,10 @@ def _attack(cfg: AttackConfig, run, model_id, concept, label, classifier, device
 
     if "prompt" in cfg.attacks:
         t0 = time.perf_counter()
-        res = wb.prefix_attack(backbone, erased_unet, encoder, prompt_ids, candidates, pool,
-                               k=cfg.prefix_tokens, steps=cfg.attack_steps, lr=cfg.attack_lr,
-                               tau_start=cfg.tau_start, tau_end=cfg.tau_end, batch=cfg.attack_batch,
-                               seed=cfg.seed, on_step=lambda **p: bar(1, stage="prompt attack", **p))
-        adv = encoder.encode(res.ids).detach()
-        words = token_words(comps.tokenizer, res.token_ids)
-        text = " ".join(words + [prompt])
-        entry = {"prefix_tokens": res.token_ids, "prefix_words": words, "prompt": text,
-                 "types_back": encoder.word_ids(text) == res.token_ids + prompt_ids,
-                 "loss": {"before": loss_plain["erased"], "after": pool_loss(erased_unet, adv),
-                          "base_after": pool_loss(comps.unet, adv)},
-                 "checks": res.checks, "history": res.history}
+        entry, adv = _prompt_attack(cfg, wb, backbone, comps, erased_unet, encoder, judge, prompt_ids, prompt,
+                                    candidates, pool, uncond, want, bar)
+        entry["loss"] = {"before": loss_plain["erased"], "after": pool_loss(erased_unet, adv),
+                         "base_after": pool_loss(comps.unet, adv)}
         timings["prompt_attack_s"] = round(time.perf_counter() - t0, 2)
         images, entry["rate"] = judged("erased", adv)
         grid_rows.append(("attacked", images))

@@ -53,6 +53,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--probes", type=int, default=d.probes, help="(timestep, noise) pairs per target image")
     a.add_argument("--attack-batch", type=int, default=d.attack_batch, help="probes per optimisation step")
     a.add_argument("--inversion-lr", type=float, default=d.inversion_lr, help="Adam lr of the inverted embedding")
+    a.add_argument("--restarts", type=int, default=d.restarts,
+                   help="independent runs of the prompt attack (other draws); the best prompt is kept")
+    a.add_argument("--judge-every", type=int, default=d.judge_every, metavar="STEPS",
+                   help="steps between the attacker's checks of the current prompt (and at each run's end)")
+    a.add_argument("--judge-images", type=int, default=d.judge_images,
+                   help="erased-model images per check, judged by the classifier (shapes models); their "
+                        "seeds are disjoint from the reported ones")
+    a.add_argument("--stop-rate", type=float, default=d.stop_rate,
+                   help="stop once a check's judged rate exceeds this (1: never; shapes models)")
 
     j = parser.add_argument_group("judging")
     j.add_argument("--images", type=int, default=d.images, help="judged seeds 0..N-1 per prompt")
@@ -77,7 +86,8 @@ def config_from_args(args: argparse.Namespace):
         prefix_tokens=args.prefix_tokens, attack_steps=args.attack_steps, attack_lr=args.attack_lr,
         tau_start=args.tau_start, tau_end=args.tau_end, vocab=args.vocab,
         target_images=args.target_images, probes=args.probes, attack_batch=args.attack_batch,
-        inversion_lr=args.inversion_lr, images=args.images, rephrasings=args.rephrasings,
+        inversion_lr=args.inversion_lr, restarts=args.restarts, judge_every=args.judge_every,
+        judge_images=args.judge_images, stop_rate=args.stop_rate, images=args.images, rephrasings=args.rephrasings,
         rephrase_images=args.rephrase_images, steps=args.steps, guidance=args.guidance,
         batch_size=args.batch_size, resolution=args.resolution, grid_size=args.grid_size,
         quiet=args.quiet)
@@ -100,6 +110,11 @@ def summary(report: dict) -> list[str]:
             loss = entry["loss"]
             lines.append(f"{name} attack: {entry['prompt']!r}, loss {loss['before']:.4g} -> "
                          f"{loss['after']:.4g}" + (f", ASR {_rate(entry['rate'])}" if entry.get("rate") else ""))
+            if name == "prompt" and entry.get("rate"):
+                sel, cost = entry["selection"], entry["cost"]
+                lines.append(f"  (selected on seeds {sel['seeds'][0]}.. at {_rate(sel['selected_rate'])}; ASR on "
+                             f"fresh seeds; {cost['restarts_run']} run(s), {cost['optimisation_steps']} steps, "
+                             f"{cost['unet_evals']} UNet evals, {cost['seconds']:.0f} s)")
     reph = report["attacks"].get("rephrase")
     if reph:
         lines.append(f"rephrasings ({len(reph['prompts'])} prompts): base {_rate(reph['rate']['base'])}, "

@@ -5,7 +5,9 @@ of the erased concept, by changing only the text it is conditioned on.
   prompt, each a Gumbel-Softmax draw over a candidate vocabulary (:func:`~ap_erase_fast.ops.
   gumbel_mix`, hard straight-through, τ annealed geometrically); the prefix embeddings are the
   drawn rows of the token-embedding table, the gradient reaches the logits through the soft
-  draw. The adversarial prompt is the logits' argmax, a sequence of real tokens.
+  draw. The adversarial prompt is the logits' argmax, a sequence of real tokens, checked every
+  few steps: by the attacker's judge when one is given (highest judged rate kept, early stop
+  above a threshold), else by its loss on the whole pool.
 * :func:`invert_concept` (concept inversion): one free token embedding in place of the concept's
   word, optimised directly (textual inversion on the erased model).
 
@@ -135,15 +137,33 @@ class PrefixResult:
     token_ids: list[int]  # the adversarial prefix (tokenizer ids)
     ids: torch.Tensor  # [1, L] the whole adversarial prompt
     history: list[dict]  # per step: loss of the minibatch, τ, the drawn tokens
-    checks: list[dict]  # the argmax prompts checked on the whole pool (the lowest is the result)
+    checks: list[dict]  # the argmax prompts checked (pool loss; judged rate when a judge is given)
+    best: dict  # the chosen check
+    steps_run: int  # optimisation steps taken (fewer than asked after an early stop)
+    stopped_early: bool
+
+
+def better(a: dict, b: dict | None) -> bool:
+    """Whether check ``a`` beats ``b``: the higher judged rate (ties: the lower pool loss) when
+    both were judged, else the lower pool loss."""
+    if b is None:
+        return True
+    ja, jb = a.get("judged"), b.get("judged")
+    if ja is not None and jb is not None and ja["rate"] != jb["rate"]:
+        return ja["rate"] > jb["rate"]
+    return a["pool_loss"] < b["pool_loss"]
 
 
 def prefix_attack(backbone, unet, encoder: PromptEncoder, prompt_ids: list[int], candidates: list[int],
                   pool: LossPool, *, k: int, steps: int, lr: float, tau_start: float, tau_end: float,
-                  batch: int, seed: int, checks_per_run: int = 10, on_step=None) -> PrefixResult:
+                  batch: int, seed: int, checks_per_run: int = 10, check_every: int | None = None,
+                  judge=None, stop_rate: float | None = None, on_step=None) -> PrefixResult:
     """Optimise ``k`` prefix tokens over the ``candidates`` simplex so that ``unet``'s loss on
-    the pool drops (see the module docstring). ``checks_per_run`` times (evenly, the last step
-    included) the logits' argmax prompt is scored on the whole pool; the lowest is returned."""
+    the pool drops (see the module docstring). Every ``check_every`` steps (default: ``steps //
+    checks_per_run``) and at the last step the logits' argmax prompt is scored on the whole
+    pool and, when ``judge`` is given (a callable: prefix token ids -> ``{"hits", "images",
+    "rate"}``, the attacker's success check), judged. The best check (:func:`better`) is
+    returned; with a judge, a judged rate above ``stop_rate`` ends the run early."""
     from ..ops import gumbel_mix
 
     device = pool.t.device
@@ -153,8 +173,8 @@ def prefix_attack(backbone, unet, encoder: PromptEncoder, prompt_ids: list[int],
     gen = torch.Generator().manual_seed(int(seed))
     draws = _batches(len(pool), batch, gen)
     ids = encoder.ids([candidates[0]] * k + list(prompt_ids))
-    history, checks = [], []
-    check_every = max(1, steps // checks_per_run)
+    history, checks, best, stopped = [], [], None, False
+    check_every = check_every or max(1, steps // checks_per_run)
     for step in range(steps):
         tau = anneal(step, steps, tau_start, tau_end)
         with torch.enable_grad():
@@ -174,10 +194,18 @@ def prefix_attack(backbone, unet, encoder: PromptEncoder, prompt_ids: list[int],
             if tokens not in [c["tokens"] for c in checks]:
                 value = full_pool_loss(backbone, unet, pool, encoder.encode(encoder.ids(tokens + list(prompt_ids))),
                                        batch)
-                checks.append({"step": step + 1, "tokens": tokens, "pool_loss": round(value, 6)})
-    best = min(checks, key=lambda c: c["pool_loss"])
+                check = {"step": step + 1, "tokens": tokens, "pool_loss": round(value, 6)}
+                if judge is not None:
+                    check["judged"] = judge(tokens)
+                checks.append(check)
+                if better(check, best):
+                    best = check
+                if judge is not None and stop_rate is not None and check["judged"]["rate"] > stop_rate:
+                    stopped = True
+                    break
     return PrefixResult(token_ids=best["tokens"], ids=encoder.ids(best["tokens"] + list(prompt_ids)),
-                        history=history, checks=checks)
+                        history=history, checks=checks, best=best, steps_run=len(history),
+                        stopped_early=stopped)
 
 
 @dataclass
