@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from .errors import ModelLoadError
-from .parts import read_json
+from .parts import first_line, optional_vae, read_json
 
 FLOW_TRANSFORMERS = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 # pipelines of these families whose inputs the backbone does not build (extra image channels,
@@ -67,7 +67,7 @@ def check_flow_widths(parts: dict, family: str, model_id: str) -> None:
 
 def load_flow_folder(folder: str, model_id: str) -> dict:
     """The SDComponents fields of an SD3 or FLUX diffusers folder (modules on CPU, fp32 as stored)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
     from transformers import (AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
                               T5EncoderModel)
 
@@ -112,13 +112,11 @@ def load_flow_folder(folder: str, model_id: str) -> dict:
         step = "scheduler"
         parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(sched_cfg)
         step = "vae"
-        parts["vae"] = None
-        if os.path.isdir(os.path.join(folder, "vae")):
-            parts["vae"] = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
+        parts["vae"] = optional_vae(folder)
     except ModelLoadError:
         raise
     except Exception as exc:  # corrupted weights, bad configs, …
-        raise ModelLoadError(f"cannot load the {step} of {model_id!r}: {str(exc).strip().splitlines()[0]}") from None
+        raise ModelLoadError(f"cannot load the {step} of {model_id!r}: {first_line(exc)}") from None
     check_flow_widths(parts, family, model_id)
     factor = 2 ** (len(parts["vae"].config.block_out_channels) - 1) if parts["vae"] is not None else 8
     size = parts["unet"].config.get("sample_size") if family == "sd3" else FLUX_DEFAULT_SAMPLE_SIZE

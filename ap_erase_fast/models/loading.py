@@ -10,6 +10,8 @@ from typing import Any
 
 from .errors import ModelLoadError
 from .parts import check_sdxl_widths, ddim_scheduler, read_json  # noqa: F401  (re-exported)
+from .parts import first_line as _first_line
+from .parts import optional_vae
 
 SINGLE_FILE_EXTENSIONS = (".safetensors", ".ckpt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -64,11 +66,6 @@ class SDComponents:
         from .tiny import assemble_pipeline
 
         return assemble_pipeline(self.unet, self.text_encoder, self.tokenizer, self.scheduler, self.vae)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
 def sd_version_of(unet_config) -> str:
@@ -289,7 +286,7 @@ def _load_diffusers_folder(folder, *, model_id, fmt, torch_dtype, device) -> SDC
     """SD1.x / SD2.x, or SDXL when the UNet's added conditioning is ``text_time`` (then
     ``text_encoder_2/`` is required and ``force_zeros_for_empty_prompt`` comes from
     ``model_index.json``, default true as in diffusers' SDXL pipelines)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
@@ -340,9 +337,7 @@ def _load_diffusers_folder(folder, *, model_id, fmt, torch_dtype, device) -> SDC
         step = "scheduler"
         parts["scheduler"] = ddim_scheduler(_read_scheduler_config(os.path.join(folder, "scheduler")))
         step = "vae"
-        parts["vae"] = None
-        if os.path.isdir(os.path.join(folder, "vae")):
-            parts["vae"] = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
+        parts["vae"] = optional_vae(folder)
     except ModelLoadError:
         raise
     except Exception as exc:  # corrupted weights, bad configs, safetensors errors, …

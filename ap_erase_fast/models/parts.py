@@ -60,6 +60,21 @@ def read_json(path: str, what: str) -> dict:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except (OSError, ValueError) as exc:
-        text = str(exc).strip()
-        first = text.splitlines()[0].strip() if text else type(exc).__name__
-        raise ModelLoadError(f"cannot read {what}: {first}") from None
+        raise ModelLoadError(f"cannot read {what}: {first_line(exc)}") from None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+def optional_vae(folder: str):
+    """The folder's ``vae/`` (an ``AutoencoderKL``), or None where it has none."""
+    import os
+
+    if not os.path.isdir(os.path.join(folder, "vae")):
+        return None
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
