@@ -115,12 +115,16 @@ def t_enc_sequence(steps: int, ddim_steps: int) -> list[int]:
 
 
 def expected_evals_per_step(profile: str, schedule: str, pgd_steps: int, ddim_steps: int,
-                            trajectories: str = "student", preserve_draws: int = 1) -> float:
+                            trajectories: str = "student", preserve_draws: int = 1,
+                            guidance: float = 3.0) -> float:
     """UNet sample-evaluations per outer step at the mean trajectory length (cost model; a bank
     samples nothing during training: its build is counted apart). The outer update samples z
     and K z_r (2 evaluations per DDIM step each) and queries θ at (z, ""), (z, c_e) and the K
-    (z_r, c_a), θ′ at (z, c_e) and the K (z_r, c_a)."""
+    (z_r, c_a), θ′ at (z, c_e) and the K (z_r, c_a). At CFG ``guidance`` 1 a DDIM step costs 1."""
+    from .sampling import cfg_evals
+
     m = ((ddim_steps - 1) + sum(ddim_steps - t for t in range(1, ddim_steps))) / ddim_steps
+    m *= cfg_evals(guidance) / 2
     if trajectories == "bank":
         m = 0.0
     k = preserve_draws
@@ -238,7 +242,7 @@ def _run_one(args) -> dict:
         peak = process_peak
         peak_kind = "peak RSS of the process"
     expected = expected_evals_per_step(cfg.profile, cfg.schedule, cfg.pgd_steps, cfg.ddim_steps,
-                                       cfg.trajectories, cfg.preserve_draws)
+                                       cfg.trajectories, cfg.preserve_draws, eraser.models.guidance)
     bank = eraser.trajectories.info() if cfg.trajectories == "bank" else {}
     build_s = eraser.timings.get("bank_s", 0.0)
     build_evals = bank.get("unet_evals", 0)

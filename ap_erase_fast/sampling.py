@@ -6,8 +6,8 @@ The authors sample z with the CompVis DDIM sampler and a ``till_T`` stop (ALGORI
 * the last one (981) is skipped: x_T is fed to the UNet as if it were at τ_{S−2} = 961;
 * the loop runs DDIM indices k = S−2, S−3, …, down to and including max(t_enc − 1, 0), so a
   trajectory takes S − t_enc UNet calls for t_enc ≥ 1 and S − 1 for t_enc = 0;
-* each step is a batch-2 classifier-free-guidance call (unconditional "" first, then the condition)
-  followed by a deterministic (eta = 0) DDIM update from ᾱ_{τ_k} to ᾱ_{τ_{k−1}} (ᾱ_0 for k = 0).
+* each step is a batch-2 classifier-free-guidance call (unconditional "" first, then the condition;
+  at guidance 1 the conditional call alone, whose output the guided one equals) followed by a deterministic (eta = 0) DDIM update from ᾱ_{τ_k} to ᾱ_{τ_{k−1}} (ᾱ_0 for k = 0).
 
 The UNet is then queried at a DDPM timestep t_ddpm ∈ [20·t_enc, 20·t_enc + 19] and x0 is formed
 with ᾱ_{τ_{t_enc}}, while z's actual noise level is about that of τ_{t_enc−2}. That quirk is the
@@ -135,6 +135,17 @@ def sample_until(
     return x
 
 
+def guidance_is_one(guidance: float) -> bool:
+    """Whether a CFG scale makes the guided output the conditional one (one UNet evaluation per
+    sample and step instead of two)."""
+    return float(guidance) == 1.0
+
+
+def cfg_evals(guidance: float) -> int:
+    """UNet evaluations per sample and DDIM step of a trajectory at this CFG scale."""
+    return 1 if guidance_is_one(guidance) else 2
+
+
 def trajectory_states(unet_fn: UNetFn, x_T: torch.Tensor, cond, uncond, tables: DDIMTables,
                       guidance: float, t_enc: int = 0):
     """Yield the latents after each DDIM step of :func:`sample_until`'s loop, in order: the
@@ -144,12 +155,17 @@ def trajectory_states(unet_fn: UNetFn, x_T: torch.Tensor, cond, uncond, tables: 
 
     x = x_T
     b = x.shape[0]
-    text = Cond.cat([uncond, cond])
+    # at guidance 1, out_u + 1·(out_c − out_u) is out_c: the unconditional half is not computed
+    # (FLUX's default: its pipeline runs no CFG either)
+    conditional_only = guidance_is_one(guidance)
+    text = cond if conditional_only else Cond.cat([uncond, cond])
     for k in tables.trajectory_indices(t_enc):
-        t = torch.full((2 * b,), tables.timesteps[k], dtype=torch.long, device=x.device)
-        out = unet_fn(torch.cat([x, x]), t, text)
-        out_u, out_c = out.chunk(2)
-        out = out_u + guidance * (out_c - out_u)
+        t = torch.full(((1 if conditional_only else 2) * b,), tables.timesteps[k], dtype=torch.long, device=x.device)
+        if conditional_only:
+            out = unet_fn(x, t, text)
+        else:
+            out_u, out_c = unet_fn(torch.cat([x, x]), t, text).chunk(2)
+            out = out_u + guidance * (out_c - out_u)
         a_t = tables.alpha(k)
         eps = output_to_eps(out, x, a_t, tables.prediction_type)
         x = ddim_step(x, eps, a_t, tables.alpha_prev(k))

@@ -32,7 +32,7 @@ import torch
 
 from .conditioning import Cond
 from .errors import UserError
-from .sampling import state_position, trajectory_states
+from .sampling import cfg_evals, state_position, trajectory_states
 
 BANK_FORMAT = 1
 BANK_METADATA = "ap_erase_fast.bank"
@@ -171,7 +171,7 @@ class TrajectoryBank:
                 "erased_prompts": len(cfg.erase), "trajectories": cfg.bank_size * len(labels),
                 "states_per_trajectory": n_states, "seed": int(seed), "device": str(store),
                 "bytes": cfg.bank_size * len(labels) * n_states * _numel(latent_shape[1:]) * 4,
-                "unet_evals": 2 * cfg.bank_size * len(labels) * n_states, "file": cfg.bank_file,
+                "unet_evals": cfg_evals(models.guidance) * cfg.bank_size * len(labels) * n_states, "file": cfg.bank_file,
                 "loaded": False}
         t0 = time.perf_counter()
         path = Path(cfg.bank_file) if cfg.bank_file else None

@@ -95,3 +95,35 @@ def test_sample_until_calls_and_guidance(tables):
     for k in (48, 47, 46):
         x = ddim_step(x, torch.full_like(x, 3.0), tables.alpha(k), tables.alpha_prev(k))
     torch.testing.assert_close(z, x)
+
+
+def test_guidance_one_evaluates_the_conditional_half_only(tables):
+    """At guidance 1 the guided output is the conditional one: one call of batch B per step (not
+    2B), the same trajectory as the CFG formula with a real unconditional prediction, and the
+    cost model counts 1 evaluation per sample and step. Mutation checked: the shortcut taken at
+    every guidance (the guidance-3 test above fails), the shortcut feeding the unconditional
+    rows (the trajectory differs) and the cost model's factor left at 2 each fail."""
+    from ap_erase_fast.bench import expected_evals_per_step
+
+    calls = []
+
+    def fake_unet(x, t, cond):
+        calls.append(x.shape[0])
+        (text,) = cond.parts  # a prediction that depends on x and on the text
+        return 0.3 * x + text.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+    x_T = torch.randn(2, 4, 2, 2, dtype=torch.float64)
+    cond = Cond((torch.randn(2, 3, 5, dtype=torch.float64),))
+    uncond = Cond((torch.randn(1, 3, 5, dtype=torch.float64).expand(2, 3, 5),))
+    z = sample_until(fake_unet, x_T, cond, uncond, tables, t_enc=45, guidance=1.0)
+    assert calls == [2] * 5
+    x = x_T
+    for k in (48, 47, 46, 45, 44):
+        out_u, out_c = fake_unet(x, None, uncond), fake_unet(x, None, cond)
+        x = ddim_step(x, out_u + 1.0 * (out_c - out_u), tables.alpha(k), tables.alpha_prev(k))
+    torch.testing.assert_close(z, x)
+    at_3 = expected_evals_per_step("fast", "faithful", 2, 50, guidance=3.0)
+    at_1 = expected_evals_per_step("fast", "faithful", 2, 50, guidance=1.0)
+    m = ((50 - 1) + sum(50 - t for t in range(1, 50))) / 50  # mean trajectory length
+    # outer: 2 trajectories; faithful inner step: 1 trajectory; each m DDIM steps
+    assert at_3 - at_1 == pytest.approx(3 * m)
