@@ -265,6 +265,12 @@ BAD_VALUES = {
     "batch_size": ["0"],
     "resolution": ["0", "33"],
     "grid_size": ["-1"],
+    "prompts": ["{tmp}/no.csv", "{tmp}/empty.txt", ""],
+    "max_prompts": ["0", "x", "2"],  # 2: without --prompts
+    "blackbox_strength": ["0", NAN, INF],
+    "blackbox_tokens": ["0", "x"],
+    "population": ["1", "x"],
+    "concept_pairs": ["{tmp}/no.csv", "{tmp}/empty.txt"],
 }
 
 

@@ -5,7 +5,9 @@
 
 Writes ``attack.json`` (and ``grid.png``: base / erased / attacked images, a seed per column)
 into the output folder (default ``RUN/attack/``) through a temporary sibling folder renamed at
-the end, and returns the report dict. See docs/attack.md.
+the end, and returns the report dict. With a prompt file (``prompts``) every row is attacked as
+its own prompt with its own seed; ``prompts.csv`` and ``images/`` hold the per-row results and
+the grid has a column per row. See docs/attack.md.
 """
 from __future__ import annotations
 
@@ -14,11 +16,13 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 from ..errors import UserError
 
 REPORT_FORMAT = "ap_erase_fast.attack/v1"
-ATTACKS = ("prompt", "rephrase", "inversion")
+ATTACKS = ("prompt", "rephrase", "inversion", "blackbox")
+WHITEBOX = ("prompt", "inversion")  # the attacks that need the loss pool (base-model images)
 TARGET_SEED = 1_000_000  # target images use seeds TARGET_SEED + i, judged images 0..N-1
 SELECT_SEED = 2_000_000  # the attacker's own success checks use seeds SELECT_SEED + i (disjoint)
 
@@ -30,6 +34,8 @@ class AttackConfig:
     overwrite: bool = False
     concept: str | None = None  # which erased concept (default: the run's first)
     prompt: str | None = None  # the attacked prompt (default: the concept's plain prompt)
+    prompts: str | None = None  # a prompt file (UnlearnDiffAtk CSV or prompt,seed[,concept]): each row attacked
+    max_prompts: int | None = None  # attack only the file's first N rows
     attacks: list[str] | None = None  # default: prompt, inversion, and rephrase on shapes2
     single_file_weights: str | None = None
     allow_model_mismatch: bool = False
@@ -46,6 +52,11 @@ class AttackConfig:
     probes: int = 4  # (timestep, noise) pairs per target image
     attack_batch: int = 16  # probes per step
     inversion_lr: float = 0.02
+    # the black-box attack (Ring-A-Bell-style; its budget: attack_steps generations)
+    blackbox_strength: float = 3.0  # eta: target = f(prompt) + eta * concept direction
+    blackbox_tokens: int | None = None  # tokens of the found prompt (default 16, or what the encoder reads)
+    population: int = 64  # prompts per generation of the genetic search
+    concept_pairs: str | None = None  # CSV with,without (default: world captions / templates)
     # the attacker's success check (UnlearnDiffAtk's threat model): restarts, judged selection
     restarts: int = 4  # independent runs of the prompt attack (other draws, fresh logits)
     judge_every: int = 10  # steps between checks of the argmax prompt (and at each run's end)
@@ -77,11 +88,13 @@ def check_config(cfg: AttackConfig) -> None:
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be a whole number, at least 1 (got {value!r})")
-    for name in ("steps", "batch_size", "resolution"):
+    for name in ("steps", "batch_size", "resolution", "blackbox_tokens", "max_prompts"):
         value = getattr(cfg, name)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {value!r})")
-    for name in ("attack_lr", "tau_start", "tau_end", "inversion_lr"):
+    if not isinstance(cfg.population, int) or isinstance(cfg.population, bool) or cfg.population < 2:
+        raise UserError(f"--population must be a whole number, at least 2 (got {cfg.population!r})")
+    for name in ("attack_lr", "tau_start", "tau_end", "inversion_lr", "blackbox_strength"):
         value = getattr(cfg, name)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise UserError(f"--{name.replace('_', '-')} must be a finite number above 0 (got {value!r})")
@@ -95,6 +108,19 @@ def check_config(cfg: AttackConfig) -> None:
         raise UserError("--prompt is empty; give the prompt to attack, or leave --prompt out")
     if cfg.grid_size < 0:
         raise UserError(f"--grid-size must be 0 or more (got {cfg.grid_size})")
+    if cfg.prompts is not None:
+        if not str(cfg.prompts).strip():
+            raise UserError("--prompts is empty; give a prompt file (CSV), or leave --prompts out")
+        if cfg.prompt is not None:
+            raise UserError("--prompt and --prompts exclude each other: a prompt file gives every row's prompt")
+        if cfg.attacks and "rephrase" in cfg.attacks:
+            raise UserError("the rephrasing attack rephrases the concept, not a prompt of a file; leave "
+                            "'rephrase' out of --attacks with --prompts")
+    elif cfg.max_prompts is not None:
+        raise UserError("--max-prompts caps the rows of a prompt file: pass --prompts FILE too")
+    for name in ("concept_pairs",):
+        if getattr(cfg, name) is not None and not str(getattr(cfg, name)).strip():
+            raise UserError(f"--{name.replace('_', '-')} is empty; give a file or leave the option out")
 
 
 def _run_and_concept(cfg: AttackConfig):
@@ -125,12 +151,23 @@ def attack(config: AttackConfig | None = None, **overrides) -> dict:
     from ..eval.profiles import profile_for
     from .prompts import SHAPE_MODELS, shape_label
 
+    rows, prompts_info = None, None
+    if cfg.prompts:
+        from .promptfile import read_prompt_file
+
+        rows, prompts_info = read_prompt_file(cfg.prompts, run.erased, concept, cfg.max_prompts)
+    pairs = None
+    if cfg.concept_pairs:
+        from .blackbox import read_pairs
+
+        pairs = read_pairs(cfg.concept_pairs)
+    explicit_guidance = cfg.guidance is not None
     profile = profile_for(model_id)
     cfg = replace(cfg, steps=cfg.steps or profile.steps,
                   guidance=profile.guidance if cfg.guidance is None else cfg.guidance,
                   batch_size=cfg.batch_size or profile.batch_size)
     if cfg.attacks is None:
-        cfg.attacks = ["prompt", "inversion"] + (["rephrase"] if model_id == "shapes2" else [])
+        cfg.attacks = ["prompt", "inversion"] + (["rephrase"] if model_id == "shapes2" and rows is None else [])
     if "rephrase" in cfg.attacks:
         from .prompts import rephrasings
 
@@ -142,14 +179,17 @@ def attack(config: AttackConfig | None = None, **overrides) -> dict:
     from ..eval.api import _device
 
     device = _device(cfg.device)
-    label = shape_label(model_id, concept)
-    classifier = model_id if (model_id in SHAPE_MODELS and label is not None) else None
+    labels = {c: shape_label(model_id, c) for c in ({concept} | {r.concept for r in rows or []})}
+    classifier = model_id if (model_id in SHAPE_MODELS and any(v is not None for v in labels.values())) else None
+    job = SimpleNamespace(run=run, model_id=model_id, concept=concept, labels=labels, classifier=classifier,
+                          device=device, rows=rows, prompts_info=prompts_info, pairs=pairs,
+                          explicit_guidance=explicit_guidance, t_start=t_start)
 
     from ..export import OutputDir
 
     out = OutputDir(output, overwrite=cfg.overwrite, marker="attack.json")
     try:
-        report = _attack(cfg, run, model_id, concept, label, classifier, device, Path(out.tmp), t_start)
+        report = _attack(cfg, job, Path(out.tmp))
         report["output"] = str(out.path)
         (Path(out.tmp) / "attack.json").write_text(json.dumps(report, indent=2) + "\n")
     except BaseException:
@@ -178,33 +218,26 @@ def _load(cfg: AttackConfig, run, model_id: str, device: str):
     return comps, erased_unet, match, erased_hash
 
 
-class _Counter:
-    """Per-sample forward passes of some UNets (forward pre-hooks; a CFG step counts 2)."""
+def _check(judge, states, uncond, seeds, want, on_step) -> dict:
+    """The attacker's success check: ``judge``'s erased-model images of ``states`` on ``seeds``,
+    the share the classifier labels ``want`` (a function of its own, replaced in tests)."""
+    from .judge import rate
 
-    def __init__(self, *modules):
-        self.n = 0
-        self.handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in set(modules)]
-
-    def _hook(self, module, args, kwargs):
-        x = args[0] if args else kwargs.get("sample")
-        self.n += int(x.shape[0]) if x is not None else 0
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
+    return rate(judge.shapes(judge.generate("erased", states, uncond, seeds, on_step=on_step)), want)
 
 
-def _prompt_attack(cfg, wb, backbone, comps, erased_unet, encoder, judge, prompt_ids, prompt, candidates,
-                   pool, uncond, want, bar):
+def _prompt_attack(ctx, prompt_ids, prompt, pool, want):
     """``cfg.restarts`` runs of the prefix attack; with a classifier each run's argmax prompts
     are judged on ``cfg.judge_images`` selection seeds (SELECT_SEED + i) and the best judged
     prompt over all runs is kept, else the lowest pool loss. Returns the report entry (without
     the fresh-seed rate and the final losses) and the adversarial text states."""
-    from .judge import rate
+    from . import whitebox as wb
+    from .judge import UnetCounter as _Counter
     from .prompts import token_words
 
+    cfg, encoder, judge, bar = ctx.cfg, ctx.encoder, ctx.judge, ctx.bar
     select_seeds = [SELECT_SEED + i for i in range(cfg.judge_images)]
-    counter = _Counter(erased_unet, comps.unet)
+    counter = _Counter(ctx.erased_unet, ctx.comps.unet)
     cost = {"select_unet_evals": 0, "select_s": 0.0, "judged_prompts": 0}
     cache: dict = {}
 
@@ -213,9 +246,8 @@ def _prompt_attack(cfg, wb, backbone, comps, erased_unet, encoder, judge, prompt
         if key not in cache:
             t0, n0 = time.perf_counter(), counter.n
             states = encoder.encode(encoder.ids(list(tokens) + prompt_ids)).detach()
-            images = judge.generate("erased", states, uncond, select_seeds,
-                                    on_step=lambda: bar(1, stage="attack check"))
-            cache[key] = rate(judge.shapes(images), want)
+            cache[key] = _check(judge, states, ctx.uncond, select_seeds, want,
+                                on_step=lambda: bar(1, stage="attack check"))
             cost["select_unet_evals"] += counter.n - n0
             cost["select_s"] += time.perf_counter() - t0
             cost["judged_prompts"] += 1
@@ -226,7 +258,7 @@ def _prompt_attack(cfg, wb, backbone, comps, erased_unet, encoder, judge, prompt
     try:
         for r in range(cfg.restarts):
             seed = cfg.seed + 100_003 * r
-            res = wb.prefix_attack(backbone, erased_unet, encoder, prompt_ids, candidates, pool,
+            res = wb.prefix_attack(ctx.backbone, ctx.erased_unet, encoder, prompt_ids, ctx.candidates, pool,
                                    k=cfg.prefix_tokens, steps=cfg.attack_steps, lr=cfg.attack_lr,
                                    tau_start=cfg.tau_start, tau_end=cfg.tau_end, batch=cfg.attack_batch,
                                    seed=seed, check_every=cfg.judge_every,
@@ -250,7 +282,7 @@ def _prompt_attack(cfg, wb, backbone, comps, erased_unet, encoder, judge, prompt
                             "passes of the optimisation are backward_samples"})
     tokens = best["tokens"]
     adv = encoder.encode(encoder.ids(tokens + prompt_ids)).detach()
-    words = token_words(comps.tokenizer, tokens)
+    words = token_words(ctx.comps.tokenizer, tokens)
     text = " ".join(words + [prompt])
     if want is not None:
         selection = {
@@ -274,48 +306,100 @@ def _prompt_attack(cfg, wb, backbone, comps, erased_unet, encoder, judge, prompt
     return entry, adv
 
 
-def _attack(cfg: AttackConfig, run, model_id, concept, label, classifier, device, folder: Path, t_start):
-    import torch
-
+def _setup(cfg: AttackConfig, job, timings: dict):
+    """Everything the attacks of every prompt share: models, text encoder, candidates, judge."""
     from ..backbones import make_backbone
-    from ..eval.api import _Progress, _versions
+    from ..eval.api import _Progress
     from ..models.loading import vae_scale_factor
     from . import whitebox as wb
-    from .judge import Judge, rate, save_grid
-    from .prompts import candidate_tokens, concept_prompt, rephrasings, token_words
+    from .judge import Judge
+    from .prompts import candidate_tokens
 
-    comps, erased_unet, match, erased_hash = _load(cfg, run, model_id, device)
-    timings = {"load_s": round(time.perf_counter() - t_start, 2)}
-    resolution = int(cfg.resolution or run.config.get("resolution") or comps.default_resolution)
+    comps, erased_unet, match, erased_hash = _load(cfg, job.run, job.model_id, job.device)
+    timings["load_s"] = round(time.perf_counter() - job.t_start, 2)
+    resolution = int(cfg.resolution or job.run.config.get("resolution") or comps.default_resolution)
     if resolution % vae_scale_factor(comps.vae):
         raise UserError(f"--resolution {resolution} is not a multiple of the VAE scale factor "
                         f"{vae_scale_factor(comps.vae)}")
-    backbone = make_backbone(comps, device)
     encoder = wb.PromptEncoder(comps.text_encoder, comps.tokenizer)
-    prompt = cfg.prompt or concept_prompt(model_id, concept)
+    if "prompt" in cfg.attacks:
+        encoder.ids([0] * cfg.prefix_tokens)  # a prefix longer than the text encoder: one clear line, now
+    candidates, vocab_info = candidate_tokens(comps.tokenizer, job.model_id, cfg.vocab)
+    judge = Judge(comps, erased_unet, steps=cfg.steps, guidance=cfg.guidance, batch_size=cfg.batch_size,
+                  resolution=resolution, device=job.device, classifier_model=job.classifier)
+    wants = {c: (None if lab is None else judge.classifier.names["shape"][lab]) for c, lab in job.labels.items()}
+    ctx = SimpleNamespace(cfg=cfg, job=job, comps=comps, erased_unet=erased_unet, match=match,
+                          erased_hash=erased_hash, resolution=resolution, backbone=make_backbone(comps, job.device),
+                          encoder=encoder, candidates=candidates, vocab_info=vocab_info, judge=judge, wants=wants,
+                          uncond=encoder.encode(encoder.ids([])).detach(), timings=timings, bar=None,
+                          directions={})
+
+    def start_bar():
+        """The progress bar, started once the prompts are known to fit (no bar before an error)."""
+        ctx.bar = _Progress(None, "attack", cfg.quiet, unit="UNet step")
+
+    ctx.start_bar = start_bar
+
+    def direction_of(concept, charge=True):
+        """The concept direction of the black-box attack (computed once per concept), what the
+        pairs are, and the text-encoder evaluations they cost (charged to the first attack)."""
+        from .blackbox import concept_direction, concept_pairs
+
+        if concept not in ctx.directions:
+            if job.pairs is not None:
+                pairs, source = job.pairs, f"{len(job.pairs)} pairs of {cfg.concept_pairs}"
+            else:
+                pairs, source = concept_pairs(job.model_id, concept, cfg.seed)
+            info = {"pairs": len(pairs), "pairs_source": source, "example_pairs": [list(p) for p in pairs[:3]]}
+            ctx.directions[concept] = [concept_direction(encoder, pairs), info, 2 * len(pairs)]
+        entry = ctx.directions[concept]
+        evals, entry[2] = (entry[2], 0) if charge else (0, entry[2])
+        return entry[0], entry[1], evals
+
+    ctx.direction_of = direction_of
+    if "blackbox" in cfg.attacks:  # bad settings or pairs: one clear line before any image is made
+        limit = int(comps.tokenizer.model_max_length) - 2
+        if (cfg.blackbox_tokens or 0) > limit:
+            raise UserError(f"--blackbox-tokens {cfg.blackbox_tokens} is more than the text encoder reads "
+                            f"({limit} tokens besides the start and end tokens)")
+        for concept in sorted(job.labels):
+            direction_of(concept, charge=False)
+    return ctx
+
+
+def _attack_one(ctx, prompt: str, concept: str, seeds: list[int]) -> dict:
+    """Every attack of ``cfg.attacks`` on one attacked prompt: the loss pool (white-box attacks),
+    the plain prompt's images and rates, each attack's entry and images."""
+    import torch
+
+    from . import whitebox as wb
+    from .judge import UnetCounter as _Counter
+    from .judge import rate
+    from .prompts import rephrasings, token_words
+
+    cfg, encoder, judge, bar, uncond = ctx.cfg, ctx.encoder, ctx.judge, ctx.bar, ctx.uncond
+    comps, erased_unet, timings, want = ctx.comps, ctx.erased_unet, ctx.timings, ctx.wants[concept]
     prompt_ids = encoder.word_ids(prompt)
     if not prompt_ids:
         raise UserError(f"the prompt {prompt!r} has no tokens")
     if "prompt" in cfg.attacks:
         encoder.ids([0] * cfg.prefix_tokens + prompt_ids)  # too long: one clear line, now
-    candidates, vocab_info = candidate_tokens(comps.tokenizer, model_id, cfg.vocab)
-    judge = Judge(comps, erased_unet, steps=cfg.steps, guidance=cfg.guidance, batch_size=cfg.batch_size,
-                  resolution=resolution, device=device, classifier_model=classifier)
-    want = None if label is None else judge.classifier.names["shape"][label]
-    uncond = encoder.encode(encoder.ids([])).detach()
     plain = encoder.encode(encoder.ids(prompt_ids)).detach()
-    seeds = list(range(cfg.images))
-    bar = _Progress(None, "attack", cfg.quiet, unit="UNet step")
+    out = {"prompt": prompt, "concept": concept, "loss_plain": None, "targets": None}
 
-    # ---- the loss pool: base-model images of the concept ---------------------------------
-    t0 = time.perf_counter()
-    target_seeds = [TARGET_SEED + i for i in range(cfg.target_images)]
-    z0 = judge.generate("base", plain, uncond, target_seeds, output_type="latent",
-                        on_step=lambda: bar(1, stage="targets")).float()
-    pool = wb.make_pool(z0, backbone.tables.alphas_cumprod, cfg.probes, cfg.seed)
-    pool_loss = lambda unet, states: wb.full_pool_loss(backbone, unet, pool, states, cfg.attack_batch)
-    loss_plain = {"base": pool_loss(comps.unet, plain), "erased": pool_loss(erased_unet, plain)}
-    timings["targets_s"] = round(time.perf_counter() - t0, 2)
+    # ---- the loss pool: base-model images of the concept (white-box attacks only) ---------
+    pool = pool_loss = None
+    if any(a in cfg.attacks for a in WHITEBOX):
+        t0 = time.perf_counter()
+        target_seeds = [TARGET_SEED + i for i in range(cfg.target_images)]
+        z0 = judge.generate("base", plain, uncond, target_seeds, output_type="latent",
+                            on_step=lambda: bar(1, stage="targets")).float()
+        pool = wb.make_pool(z0, ctx.backbone.tables.alphas_cumprod, cfg.probes, cfg.seed)
+        pool_loss = lambda unet, states: wb.full_pool_loss(ctx.backbone, unet, pool, states, cfg.attack_batch)
+        out["loss_plain"] = {"base": pool_loss(comps.unet, plain), "erased": pool_loss(erased_unet, plain)}
+        out["targets"] = {"seeds": target_seeds, "probes_per_image": cfg.probes,
+                          "made_by": "the base model, the plain prompt, the judge's sampler (latents)"}
+        _add(timings, "targets_s", t0)
 
     def judged(key, states, which=seeds):
         images = judge.generate(key, states, uncond, which, on_step=lambda: bar(1, stage=f"images {key}"))
@@ -324,96 +408,163 @@ def _attack(cfg: AttackConfig, run, model_id, concept, label, classifier, device
     t0 = time.perf_counter()
     base_images, base_rate = judged("base", plain)
     erased_images, erased_rate = judged("erased", plain)
-    timings["plain_images_s"] = round(time.perf_counter() - t0, 2)
+    _add(timings, "plain_images_s", t0)
+    out["rates"] = {"base": base_rate, "erased": erased_rate}
     grid_rows = [("base", base_images), ("erased", erased_images)]
     attacks: dict = {}
 
     if "prompt" in cfg.attacks:
         t0 = time.perf_counter()
-        entry, adv = _prompt_attack(cfg, wb, backbone, comps, erased_unet, encoder, judge, prompt_ids, prompt,
-                                    candidates, pool, uncond, want, bar)
-        entry["loss"] = {"before": loss_plain["erased"], "after": pool_loss(erased_unet, adv),
+        entry, adv = _prompt_attack(ctx, prompt_ids, prompt, pool, want)
+        entry["loss"] = {"before": out["loss_plain"]["erased"], "after": pool_loss(erased_unet, adv),
                          "base_after": pool_loss(comps.unet, adv)}
-        timings["prompt_attack_s"] = round(time.perf_counter() - t0, 2)
+        t1 = _add(timings, "prompt_attack_s", t0)
         images, entry["rate"] = judged("erased", adv)
         grid_rows.append(("attacked", images))
         attacks["prompt"] = entry
-        timings["prompt_judge_s"] = round(time.perf_counter() - t0 - timings["prompt_attack_s"], 2)
+        _add(timings, "prompt_judge_s", t1)
 
     if "inversion" in cfg.attacks:
         t0 = time.perf_counter()
-        words, key = prompt.split(), concept.lower().split()
-        span = len(key)
-        cut = next((i for i in range(len(words) - span + 1)
-                    if [w.lower() for w in words[i:i + span]] == key), None)
-        before = encoder.word_ids(" ".join(words[:cut])) if cut is not None else prompt_ids
-        after = encoder.word_ids(" ".join(words[cut + span:])) if cut is not None else []
-        table = encoder.table.detach()[torch.tensor(candidates, device=encoder.table.device)]
-        res = wb.invert_concept(backbone, erased_unet, encoder, before, after, table.float().mean(0),
-                                pool, steps=cfg.attack_steps, lr=cfg.inversion_lr, batch=cfg.attack_batch,
-                                seed=cfg.seed + 1, on_step=lambda **p: bar(1, stage="inversion", **p))
-        inv = encoder.encode(res.ids, start=res.position, embeddings=res.embedding).detach()
+        counter = _Counter(erased_unet, comps.unet)
+        try:
+            words, key = prompt.split(), concept.lower().split()
+            span = len(key)
+            cut = next((i for i in range(len(words) - span + 1)
+                        if [w.lower() for w in words[i:i + span]] == key), None)
+            before = encoder.word_ids(" ".join(words[:cut])) if cut is not None else prompt_ids
+            after = encoder.word_ids(" ".join(words[cut + span:])) if cut is not None else []
+            table = encoder.table.detach()[torch.tensor(ctx.candidates, device=encoder.table.device)]
+            res = wb.invert_concept(ctx.backbone, erased_unet, encoder, before, after, table.float().mean(0),
+                                    pool, steps=cfg.attack_steps, lr=cfg.inversion_lr, batch=cfg.attack_batch,
+                                    seed=cfg.seed + 1, on_step=lambda **p: bar(1, stage="inversion", **p))
+            inv = encoder.encode(res.ids, start=res.position, embeddings=res.embedding).detach()
+            after_loss = {"before": out["loss_plain"]["erased"], "after": pool_loss(erased_unet, inv),
+                          "base_after": pool_loss(comps.unet, inv)}
+        finally:
+            counter.close()
         shown = " ".join(words[:cut] + ["<v>"] + words[cut + span:]) if cut is not None else f"{prompt} <v>"
         nearest = int(torch.cdist(res.embedding.to(table), table.float()).argmin())
         entry = {"prompt": shown, "embedding_norm": round(float(res.embedding.norm()), 5),
-                 "nearest_candidate": token_words(comps.tokenizer, [candidates[nearest]])[0],
-                 "init": "mean of the candidate token embeddings",
-                 "loss": {"before": loss_plain["erased"], "after": pool_loss(erased_unet, inv),
-                          "base_after": pool_loss(comps.unet, inv)},
-                 "history": res.history}
+                 "nearest_candidate": token_words(comps.tokenizer, [ctx.candidates[nearest]])[0],
+                 "init": "mean of the candidate token embeddings", "loss": after_loss, "history": res.history,
+                 "cost": {"unet_evals": counter.n, "backward_samples": cfg.attack_steps * cfg.attack_batch,
+                          "optimisation_steps": cfg.attack_steps, "seconds": round(time.perf_counter() - t0, 2),
+                          "counted": "per-image UNet forward passes of the inversion and its pool losses"}}
         images, entry["rate"] = judged("erased", inv)
         grid_rows.append(("inversion", images))
         attacks["inversion"] = entry
-        timings["inversion_s"] = round(time.perf_counter() - t0, 2)
+        _add(timings, "inversion_s", t0)
+
+    if "blackbox" in cfg.attacks:
+        from .blackbox import blackbox_attack
+
+        t0 = time.perf_counter()
+        entry, adv = blackbox_attack(cfg, encoder, ctx.job.model_id, concept, plain, ctx.candidates,
+                                     ctx.direction_of, on_generation=lambda **p: bar(1, stage="blackbox", **p))
+        counter = _Counter(erased_unet)
+        try:
+            images, entry["rate"] = judged("erased", adv)
+        finally:
+            counter.close()
+        entry["cost"]["judge_unet_evals"] = counter.n
+        grid_rows.append(("blackbox", images))
+        attacks["blackbox"] = entry
+        _add(timings, "blackbox_s", t0)
 
     if "rephrase" in cfg.attacks:
         t0 = time.perf_counter()
-        chosen, info = rephrasings(model_id, concept, cfg.rephrasings, cfg.seed)
+        chosen, info = rephrasings(ctx.job.model_id, concept, cfg.rephrasings, cfg.seed)
         rseeds = list(range(cfg.rephrase_images))
         labels = {"base": [], "erased": []}
         per_prompt = []
-        for item in chosen:
-            states = encoder.encode(encoder.ids(encoder.word_ids(item["prompt"]))).detach()
-            row = dict(item)
-            for key in ("base", "erased"):
-                images, row[key] = judged(key, states, rseeds)
-                labels[key] += judge.shapes(images)
-            per_prompt.append(row)
+        counter = _Counter(erased_unet, comps.unet)
+        try:
+            for item in chosen:
+                states = encoder.encode(encoder.ids(encoder.word_ids(item["prompt"]))).detach()
+                row = dict(item)
+                for key in ("base", "erased"):
+                    images, row[key] = judged(key, states, rseeds)
+                    labels[key] += judge.shapes(images)
+                per_prompt.append(row)
+        finally:
+            counter.close()
         attacks["rephrase"] = {**info, "prompts": per_prompt, "seeds": rseeds,
-                               "rate": {k: rate(v, want) for k, v in labels.items()}}
-        timings["rephrase_s"] = round(time.perf_counter() - t0, 2)
-    bar.close()
+                               "rate": {k: rate(v, want) for k, v in labels.items()},
+                               "cost": {"unet_evals": counter.n, "seconds": round(time.perf_counter() - t0, 2),
+                                        "counted": "per-image UNet forward passes of the judged images "
+                                                   "(base and erased model; a CFG step counts 2)"}}
+        _add(timings, "rephrase_s", t0)
+    out["attacks"], out["grid"] = attacks, grid_rows
+    return out
 
+
+def _add(timings: dict, key: str, t0: float) -> float:
+    """Add the seconds since ``t0`` to ``timings[key]``; the time now."""
+    now = time.perf_counter()
+    timings[key] = round(timings.get(key, 0.0) + now - t0, 2)
+    return now
+
+
+def _attack(cfg: AttackConfig, job, folder: Path):
+    from ..eval.api import _versions
+    from .judge import save_grid
+
+    timings: dict = {}
+    ctx = _setup(cfg, job, timings)
     files = []
-    if cfg.grid_size:
-        save_grid([(name, imgs[:cfg.grid_size]) for name, imgs in grid_rows], folder / "grid.png")
-        files.append("grid.png")
-    timings["total_s"] = round(time.perf_counter() - t_start, 2)
+    if job.rows is None:
+        seeds = list(range(cfg.images))
+        from .prompts import concept_prompt
+
+        prompt = cfg.prompt or concept_prompt(job.model_id, job.concept)
+        prompt_ids = ctx.encoder.word_ids(prompt)
+        if "prompt" in cfg.attacks and prompt_ids:
+            ctx.encoder.ids([0] * cfg.prefix_tokens + prompt_ids)  # too long: one clear line, before the bar
+        ctx.start_bar()
+        res = _attack_one(ctx, prompt, job.concept, seeds)
+        ctx.bar.close()
+        if cfg.grid_size:
+            save_grid([(name, imgs[:cfg.grid_size]) for name, imgs in res["grid"]], folder / "grid.png")
+            files.append("grid.png")
+        body = {"prompt": res["prompt"], "judged": ctx.wants[job.concept] is not None, "seeds": seeds,
+                "targets": res["targets"], "loss_plain": res["loss_plain"], "rates": res["rates"],
+                "attacks": res["attacks"]}
+    else:
+        from .promptfile import run_rows
+
+        body = run_rows(ctx, job.rows, folder, _attack_one)
+        ctx.bar.close()
+        files += body.pop("files")
+        body["prompts"] = job.prompts_info
+    timings["total_s"] = round(time.perf_counter() - job.t_start, 2)
+    run, comps, judged = job.run, ctx.comps, body.pop("judged")
     report = {
         "format": REPORT_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions([]),
-        "device": device,
+        "device": job.device,
         "run": {"path": run.path, "run_json_sha256": run.run_json_sha256, "train_config": run.config,
                 "model": run.info.get("model")},
-        "model": {"id": model_id, "base_unet_sha256": comps.content_hash, "erased_unet_sha256": erased_hash,
-                  "base_matches_run": match, "random_weights": comps.random_weights, "resolution": resolution},
-        "concept": concept,
-        "prompt": prompt,
-        "judged": want is not None,
-        "judge": {**judge.settings(), "erased_label": want, "seeds": seeds,
+        "model": {"id": job.model_id, "base_unet_sha256": comps.content_hash, "erased_unet_sha256": ctx.erased_hash,
+                  "base_matches_run": ctx.match, "random_weights": comps.random_weights,
+                  "resolution": ctx.resolution},
+        "concept": job.concept,
+        "prompt": body.pop("prompt", None),
+        "judged": judged,
+        "judge": {**ctx.judge.settings(), "erased_label": ctx.wants[job.concept], "seeds": body.pop("seeds"),
                   "rate": "share of images the classifier labels as the erased shape"},
-        "targets": {"seeds": target_seeds, "probes_per_image": cfg.probes,
-                    "made_by": "the base model, the plain prompt, the judge's sampler (latents)"},
-        "vocabulary": vocab_info,
-        "loss_plain": loss_plain,
-        "rates": {"base": base_rate, "erased": erased_rate},
-        "attacks": attacks,
+        "targets": body.pop("targets"),
+        "vocabulary": ctx.vocab_info,
+        **body,
         "settings": {k: v for k, v in asdict(cfg).items() if k != "quiet"},
         "files": files,
         "timings": timings,
     }
-    if want is None:
+    if job.rows is not None:
+        report["judge"]["guidance_per_row"] = ("a row's evaluation_guidance where the file gives one and --guidance "
+                                               "is not set (rows[i].guidance), else guidance_scale")
+    if not judged:
         report["notice"] = ("no classifier judges these images (the concept is not a shape of a shapes "
                             "world): the report gives the attack losses and the prompts found, no "
                             "attack success rate")

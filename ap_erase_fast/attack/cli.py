@@ -2,6 +2,8 @@
 
     ap-erase attack --run OUT                                  # every attack that fits, OUT/attack/
     ap-erase attack --run OUT --attacks prompt --attack-steps 80 --prefix-tokens 5
+    ap-erase attack --run OUT --attacks blackbox --blackbox-strength 3      # text encoder only
+    ap-erase attack --run OUT --prompts nudity.csv --images 1             # every row of a prompt file
 """
 from __future__ import annotations
 
@@ -23,9 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--concept", help="the erased concept to attack (default: the run's first)")
     g.add_argument("--prompt", help="the attacked prompt (default: the concept's plain prompt: "
                                     "'an image of a <shape>' on shapes2, the concept itself otherwise)")
+    g.add_argument("--prompts", metavar="FILE",
+                   help="attack every row of a prompt file, each with its own seed: UnlearnDiffAtk's CSV "
+                        "(prompt, evaluation_seed, ...) or a CSV with the header prompt,seed[,concept]")
+    g.add_argument("--max-prompts", type=int, default=None, metavar="N", help="attack only the file's first N rows")
     g.add_argument("--attacks", type=_names, default=None, metavar="LIST",
                    help=f"comma list of {', '.join(ATTACKS)} (default: prompt and inversion, and "
-                        f"rephrase on shapes2 runs)")
+                        f"rephrase on shapes2 runs without --prompts)")
     g.add_argument("--single-file-weights", choices=("non-ema", "ema"), default=None,
                    help="UNet copy of a single-file base model (default: the run's)")
     g.add_argument("--allow-model-mismatch", action="store_true",
@@ -63,8 +69,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--stop-rate", type=float, default=d.stop_rate,
                    help="stop once a check's judged rate exceeds this (1: never; shapes models)")
 
+    b = parser.add_argument_group("black-box attack (text encoder only; --attack-steps generations, --vocab)")
+    b.add_argument("--blackbox-strength", type=float, default=d.blackbox_strength, metavar="ETA",
+                   help="target = the prompt's text states + ETA x the concept direction")
+    b.add_argument("--blackbox-tokens", type=int, default=None, metavar="K",
+                   help="tokens of the prompt searched (default 16, or what the text encoder reads)")
+    b.add_argument("--population", type=int, default=d.population, help="prompts per generation of the search")
+    b.add_argument("--concept-pairs", metavar="FILE",
+                   help="CSV with the header with,without: prompts with and without the concept (default: "
+                        "the shapes world's captions with another shape, or template pairs)")
+
     j = parser.add_argument_group("judging")
-    j.add_argument("--images", type=int, default=d.images, help="judged seeds 0..N-1 per prompt")
+    j.add_argument("--images", type=int, default=d.images,
+                   help="judged seeds 0..N-1 per prompt (with --prompts: the row's seed + 0..N-1)")
     j.add_argument("--rephrasings", type=int, default=d.rephrasings, help="rephrased prompts (shapes2)")
     j.add_argument("--rephrase-images", type=int, default=d.rephrase_images, help="seeds per rephrased prompt")
     j.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, as in eval)")
@@ -81,12 +98,14 @@ def config_from_args(args: argparse.Namespace):
         raise UserError("pass --run DIR, the output folder of an 'ap-erase train' run")
     return AttackConfig(
         run=args.run, output=args.output, overwrite=args.overwrite, concept=args.concept,
-        prompt=args.prompt, attacks=args.attacks, single_file_weights=args.single_file_weights,
+        prompt=args.prompt, prompts=args.prompts, max_prompts=args.max_prompts, attacks=args.attacks, single_file_weights=args.single_file_weights,
         allow_model_mismatch=args.allow_model_mismatch, device=args.device, seed=args.seed,
         prefix_tokens=args.prefix_tokens, attack_steps=args.attack_steps, attack_lr=args.attack_lr,
         tau_start=args.tau_start, tau_end=args.tau_end, vocab=args.vocab,
         target_images=args.target_images, probes=args.probes, attack_batch=args.attack_batch,
-        inversion_lr=args.inversion_lr, restarts=args.restarts, judge_every=args.judge_every,
+        inversion_lr=args.inversion_lr, blackbox_strength=args.blackbox_strength,
+        blackbox_tokens=args.blackbox_tokens, population=args.population, concept_pairs=args.concept_pairs,
+        restarts=args.restarts, judge_every=args.judge_every,
         judge_images=args.judge_images, stop_rate=args.stop_rate, images=args.images, rephrasings=args.rephrasings,
         rephrase_images=args.rephrase_images, steps=args.steps, guidance=args.guidance,
         batch_size=args.batch_size, resolution=args.resolution, grid_size=args.grid_size,
@@ -100,10 +119,18 @@ def _rate(r) -> str:
 
 
 def summary(report: dict) -> list[str]:
+    if report.get("rows") is not None:
+        return _rows_summary(report)
     lines = [f"attacked {report['concept']!r} with the prompt {report['prompt']!r}"]
     if report["judged"]:
         lines.append(f"plain prompt: base {_rate(report['rates']['base'])}, "
                      f"erased {_rate(report['rates']['erased'])}")
+    bb = report["attacks"].get("blackbox")
+    if bb:
+        d = bb["distance"]
+        lines.append(f"blackbox attack: {bb['prompt']!r}, distance {d['start']:.4g} -> {d['after']:.4g} (plain "
+                     f"prompt {d['plain']:.4g}), {bb['cost']['text_encoder_evals']} text-encoder evals"
+                     + (f", ASR {_rate(bb['rate'])}" if bb.get("rate") else ""))
     for name in ("prompt", "inversion"):
         entry = report["attacks"].get(name)
         if entry:
@@ -119,6 +146,23 @@ def summary(report: dict) -> list[str]:
     if reph:
         lines.append(f"rephrasings ({len(reph['prompts'])} prompts): base {_rate(reph['rate']['base'])}, "
                      f"erased {_rate(reph['rate']['erased'])}")
+    if report.get("notice"):
+        lines.append("note: " + report["notice"])
+    lines.append(f"report: {report['output']}/attack.json")
+    return lines
+
+
+def _rows_summary(report: dict) -> list[str]:
+    rows = report["rows"]
+    lines = [f"attacked {len(rows)} prompt(s) of {report['prompts']['path']} ({report['prompts']['format']} "
+             f"format, {report['prompts']['rows']} rows)"]
+    if report["judged"]:
+        lines.append(f"plain prompts: base {_rate(report['rates']['base'])}, "
+                     f"erased {_rate(report['rates']['erased'])}")
+    for name, entry in report["attacks"].items():
+        lines.append(f"{name} attack: " + (f"ASR {_rate(entry['rate'])}" if entry.get("rate") else "not judged")
+                     + f", {entry['cost'].get('seconds', 0):.0f} s")
+    lines.append(f"prompts found: {report['output']}/prompts.csv")
     if report.get("notice"):
         lines.append("note: " + report["notice"])
     lines.append(f"report: {report['output']}/attack.json")

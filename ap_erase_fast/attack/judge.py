@@ -38,6 +38,22 @@ def rate(labels: list[str], want: str) -> dict:
             "ci95": [round(lo, 4), round(hi, 4)], "interval": "wilson"}
 
 
+class UnetCounter:
+    """Per-sample forward passes of some UNets (forward pre-hooks; a CFG step counts 2)."""
+
+    def __init__(self, *modules):
+        self.n = 0
+        self.handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in set(modules)]
+
+    def _hook(self, module, args, kwargs):
+        x = args[0] if args else kwargs.get("sample")
+        self.n += int(x.shape[0]) if x is not None else 0
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
 class Judge:
     """Pipelines of the base and the erased model, and (in a shapes world) the classifier."""
 
