@@ -8,8 +8,9 @@ Layout of an output folder:
   (SD3/FLUX: the transformer, ``SD3Transformer2DModel`` / ``FluxTransformer2DModel``);
 * with ``--lora-rank``, instead: ``lora/`` and ``pytorch_lora_weights.safetensors`` (the same
   diffusers LoRA file, so ``pipe.load_lora_weights`` loads the folder or ``lora/``),
-  ``lora_kohya.safetensors`` (SD1/SDXL only) and, with ``--merge``, ``unet/``
-  (:mod:`ap_erase_fast.lora`);
+  ``lora_kohya.safetensors`` (SD1/SDXL) or ``lora_comfyui.safetensors`` (SD3/FLUX: the LoRA on
+  the original BFL/SAI module names, :mod:`ap_erase_fast.lora_formats`) and, with ``--merge``,
+  ``unet/`` (:mod:`ap_erase_fast.lora`);
 * ``trained.safetensors`` — only the trained tensors, with provenance in the header metadata;
 * ``run.json`` — resolved config, R per concept, final π, timings, UNet calls per outer step;
 * ``log.jsonl`` — one line per loop iteration.
@@ -48,8 +49,9 @@ def trained_metadata(info: dict) -> dict[str, str]:
 def write_outputs(folder: Path, unet, trained: dict, info: dict, log: list[dict],
                   pipeline_class=None) -> None:
     """The run's outputs: ``unet/`` (or, with LoRA, ``lora/``, a copy of its
-    ``pytorch_lora_weights.safetensors`` beside it, ``lora_kohya.safetensors`` and, with
-    ``--merge``, ``unet/``), the trained tensors, run.json, log.jsonl and the model card."""
+    ``pytorch_lora_weights.safetensors`` beside it, ``lora_kohya.safetensors`` or, for SD3/FLUX,
+    ``lora_comfyui.safetensors`` and, with ``--merge``, ``unet/``), the trained tensors, run.json,
+    log.jsonl and the model card."""
     from safetensors.torch import save_file
 
     from .modelcard import write_model_card
@@ -58,6 +60,9 @@ def write_outputs(folder: Path, unet, trained: dict, info: dict, log: list[dict]
         from .lora import write_lora_outputs
 
         write_lora_outputs(folder, unet, trained, pipeline_class, merge=info["config"]["merge"])
+        from .lora_formats import write_original_layout_lora
+
+        write_original_layout_lora(folder, unet, trained)  # SD3/FLUX only
     else:
         unet.save_pretrained(str(folder / "unet"), safe_serialization=True)
     fault_point("outputs-write")

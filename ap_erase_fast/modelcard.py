@@ -102,7 +102,11 @@ def model_card(info: dict, eval_report: dict | None = None) -> str:
         merged = " `unet/` holds the denoiser with the LoRA merged in." if cfg.get("merge") else ""
         if family in DENOISERS:
             lines += ["", "`pytorch_lora_weights.safetensors` (here and in `lora/`) holds the adapters "
-                      "under `transformer.` in diffusers' peft naming." + merged]
+                      "under `transformer.` in diffusers' peft naming (ComfyUI reads this naming too). "
+                      "`lora_comfyui.safetensors` is the same LoRA on the original "
+                      f"{'FLUX (BFL)' if family == 'flux' else 'SD3 (MMDiT)'} module names, q/k/v fused "
+                      "as in the original checkpoints, with kohya-ss keys (`lora_unet_…`), for ComfyUI "
+                      "and the other tools that name those modules (put it in their LoRA folder)." + merged]
         else:
             lines += ["", "`lora_kohya.safetensors` is the same LoRA in the kohya format that "
                       "AUTOMATIC1111 and ComfyUI load (put it in their LoRA folder)." + merged]
@@ -131,19 +135,32 @@ def _how_to_use(info: dict, pipeline: str, lora: bool, family: str = "sd") -> li
     fmt = source.get("format")
     folder = "<this folder>"
     cls, arg = DENOISERS.get(family, ("UNet2DConditionModel", "unet"))
-    if fmt == "builtin":  # tiny, tiny-sdxl, shapes, shapes2: only this library builds them
-        lines = [f"The base model `{model['id']}` is built into ap_erase_fast (the library "
-                 "that made this folder; no hub has it), so the pipeline comes from it:", "",
-                 "```python"]
+    flow_file = fmt == "single_file" and family in DENOISERS
+    # the built-in models (tiny…, shapes…: only this library builds them), and SD3.5/FLUX single
+    # files, which this library completes with a diffusers folder as the run did
+    if fmt == "builtin" or flow_file:
+        base = json.dumps(model["id"])
+        if flow_file:  # an SD3.5/FLUX single file completed by a diffusers folder
+            where, rest = str(source.get("path") or model["id"]), str(source.get("folder"))
+            base = f"{json.dumps(where)}, model_folder={json.dumps(rest)}"
+            lines = [f"The base model is the single file `{where}` completed by the diffusers folder "
+                     f"`{rest}` (give their paths on your machine); ap_erase_fast (the library that made "
+                     "this folder) loads them as the run did (to generate on a GPU, import torch and "
+                     "add `torch_dtype=torch.bfloat16, device=\"cuda\"` to `load_components`):", "",
+                     "```python"]
+        else:
+            lines = [f"The base model `{model['id']}` is built into ap_erase_fast (the library "
+                     "that made this folder; no hub has it), so the pipeline comes from it:", "",
+                     "```python"]
         if lora:
             lines += ["from ap_erase_fast.models import load_components", "",
-                      f"pipe = load_components({json.dumps(model['id'])}).to_pipeline()",
+                      f"pipe = load_components({base}).to_pipeline()",
                       f'pipe.load_lora_weights("{folder}/lora")']
         else:
             lines += ["import dataclasses", "", f"from diffusers import {cls}",
                       "from ap_erase_fast.models import load_components", "",
                       f'{arg} = {cls}.from_pretrained("{folder}/unet")',
-                      f"base = load_components({json.dumps(model['id'])})",
+                      f"base = load_components({base})",
                       f"pipe = dataclasses.replace(base, unet={arg}).to_pipeline()"]
         return lines + ["```"]
     if fmt == "single_file":

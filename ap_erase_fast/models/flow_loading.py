@@ -5,6 +5,8 @@ backbone does not drive, each with a one-line :class:`ModelLoadError`.
 A folder is a flow model when it has ``transformer/`` and no ``unet/``; the transformer's class
 decides the family: ``SD3Transformer2DModel`` → ``sd3`` (CLIP-L + CLIP-G with projections,
 T5 ``text_encoder_3``), ``FluxTransformer2DModel`` → ``flux`` (CLIP-L, T5 ``text_encoder_2``).
+A folder also completes a single-file checkpoint (:mod:`.flow_single_file`): then the file's
+modules are ``provided``, the folder needs no ``transformer/`` and supplies the rest.
 """
 from __future__ import annotations
 
@@ -39,6 +41,18 @@ def flow_family(folder: str, model_id: str) -> str:
     return family
 
 
+def pipeline_family(folder: str, model_id: str) -> str:
+    """``sd3`` or ``flux`` from a folder's ``model_index.json`` pipeline class (a one-line error
+    for any other pipeline); the folder that completes a single-file transformer."""
+    index = read_json(os.path.join(folder, "model_index.json"), f"{model_id}/model_index.json")
+    pipeline = index.get("_class_name")
+    for family, names in _SUPPORTED_PIPELINES.items():
+        if pipeline in names:
+            return family
+    raise ModelLoadError(f"folder {model_id!r} is a {pipeline} pipeline: an SD3.5 or FLUX.1 single file needs its "
+                         "base model's StableDiffusion3Pipeline or FluxPipeline folder")
+
+
 def check_flow_widths(parts: dict, family: str, model_id: str) -> None:
     """The transformer's inputs fit the text encoders and the VAE (one-line errors)."""
     tr = parts["unet"].config
@@ -65,20 +79,24 @@ def check_flow_widths(parts: dict, family: str, model_id: str) -> None:
             raise ModelLoadError(f"model {model_id!r}: {what} {have} does not match the transformer's {key} {want}")
 
 
-def load_flow_folder(folder: str, model_id: str) -> dict:
-    """The SDComponents fields of an SD3 or FLUX diffusers folder (modules on CPU, fp32 as stored)."""
+def load_flow_folder(folder: str, model_id: str, provided: dict | None = None, family: str | None = None) -> dict:
+    """The SDComponents fields of an SD3 or FLUX diffusers folder (modules on CPU, fp32 as stored).
+
+    ``provided``: modules already built (from a single file: ``unet`` = the transformer, text
+    encoders, ``vae``), used instead of the folder's; with them ``family`` is the file's."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
     from transformers import (AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
                               T5EncoderModel)
 
     from .tokenizer import build_clip_tokenizer
 
-    family = flow_family(folder, model_id)
+    provided = provided or {}
+    family = family or flow_family(folder, model_id)
     t5_sub = "text_encoder_3" if family == "sd3" else "text_encoder_2"
     required = ["text_encoder", "scheduler", t5_sub, t5_sub.replace("text_encoder", "tokenizer")]
     if family == "sd3":
         required.append("text_encoder_2")
-    missing = [s for s in required if not os.path.isdir(os.path.join(folder, s))]
+    missing = [s for s in required if not os.path.isdir(os.path.join(folder, s)) and s not in provided]
     if missing:
         what = {"text_encoder_3": " (SD3 without its T5 encoder is not supported)"}.get(missing[0], "")
         raise ModelLoadError(f"diffusers folder {model_id!r} lacks the subfolder(s) {', '.join(missing)}{what}")
@@ -92,27 +110,31 @@ def load_flow_folder(folder: str, model_id: str) -> dict:
             return CLIPTokenizer.from_pretrained(folder, subfolder=sub, local_files_only=True)
         return build_clip_tokenizer(pad)
 
+    def module(sub, cls):
+        if sub in provided:
+            return provided[sub]
+        return cls.from_pretrained(folder, subfolder=sub, local_files_only=True)
+
     step = "transformer"
     try:
         cls = SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel
-        parts = {"unet": cls.from_pretrained(folder, subfolder="transformer", local_files_only=True)}
+        parts = {"unet": provided["unet"] if "unet" in provided else
+                 cls.from_pretrained(folder, subfolder="transformer", local_files_only=True)}
         step = "text_encoder"
-        te_cls = CLIPTextModelWithProjection if family == "sd3" else CLIPTextModel
-        parts["text_encoder"] = te_cls.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
+        parts["text_encoder"] = module("text_encoder", CLIPTextModelWithProjection if family == "sd3" else CLIPTextModel)
         parts["tokenizer"] = clip_tokenizer("tokenizer", "<|endoftext|>")
         if family == "sd3":
             step = "text_encoder_2"
-            parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
-                folder, subfolder="text_encoder_2", local_files_only=True)
+            parts["text_encoder_2"] = module("text_encoder_2", CLIPTextModelWithProjection)
             parts["tokenizer_2"] = clip_tokenizer("tokenizer_2", "!")
         step = t5_sub
-        parts[t5_sub] = T5EncoderModel.from_pretrained(folder, subfolder=t5_sub, local_files_only=True)
+        parts[t5_sub] = module(t5_sub, T5EncoderModel)
         tok = t5_sub.replace("text_encoder", "tokenizer")
         parts[tok] = AutoTokenizer.from_pretrained(folder, subfolder=tok, local_files_only=True)
         step = "scheduler"
         parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(sched_cfg)
         step = "vae"
-        parts["vae"] = optional_vae(folder)
+        parts["vae"] = provided["vae"] if "vae" in provided else optional_vae(folder)
     except ModelLoadError:
         raise
     except Exception as exc:  # corrupted weights, bad configs, …

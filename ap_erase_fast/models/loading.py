@@ -114,6 +114,7 @@ def load_components(
     torch_dtype=None,
     device="cpu",
     prediction_type: str | None = None,
+    model_folder: str | os.PathLike | None = None,
 ) -> SDComponents:
     """Load the UNet, text encoder, tokenizer, DDIM scheduler and VAE of ``model``.
 
@@ -126,6 +127,8 @@ def load_components(
     (``"non-ema"`` or ``"ema"``) picks the UNet copy of a single file. ``prediction_type``
     (``"epsilon"`` / ``"v_prediction"``) overrides the scheduler's (for single files whose
     parameterisation the heuristic gets wrong). ``torch_dtype`` defaults to float32.
+    ``model_folder``: for an SD3.5 / FLUX.1 single file, the base model's diffusers folder that
+    supplies what the file lacks (default: the folder the file lies in, when it is one).
     """
     import torch
 
@@ -138,6 +141,9 @@ def load_components(
         raise ModelLoadError(f"model must be 'tiny', 'tiny-sdxl', 'tiny-sd3', 'tiny-flux', 'shapes', 'shapes2', a folder, a hub id or a .safetensors/.ckpt file, got {model!r}")
     model = os.fspath(model)
     common = dict(torch_dtype=torch_dtype, device=device)
+    if model_folder is not None and not os.path.isfile(os.path.expanduser(model)):
+        raise ModelLoadError(f"model_folder applies to an SD3.5 or FLUX.1 single-file checkpoint, and {model!r} "
+                             "is not a file")
 
     if model in ("shapes", "shapes2"):
         from ..shapes.loading import WORLDS, shipped_dir
@@ -166,7 +172,8 @@ def load_components(
             comps = _load_diffusers_folder(expanded, model_id=model, fmt="diffusers", **common)
         elif os.path.isfile(expanded):
             comps = _load_file(
-                expanded, model_id=model, weights=single_file_weights, prediction_type=prediction_type, **common
+                expanded, model_id=model, weights=single_file_weights, prediction_type=prediction_type,
+                model_folder=model_folder, **common
             )
         elif expanded.lower().endswith(SINGLE_FILE_EXTENSIONS):
             raise ModelLoadError(f"model file {model!r} does not exist")
@@ -207,14 +214,22 @@ def _load_tiny(variant: str) -> tuple[dict, str | None]:
     return {**parts, "family": "sdxl", "extra": {"force_zeros_for_empty_prompt": True}}, path
 
 
-def _load_file(path, *, model_id, weights, prediction_type, torch_dtype, device) -> SDComponents:
+def _load_file(path, *, model_id, weights, prediction_type, torch_dtype, device, model_folder=None) -> SDComponents:
     if not path.lower().endswith(SINGLE_FILE_EXTENSIONS):
         raise ModelLoadError(
             f"unsupported model file {model_id!r}: expected a .safetensors or .ckpt checkpoint or a diffusers folder"
         )
+    from .flow_single_file import classify_file, load_flow_single_file
     from .single_file import load_single_file
 
-    parts, source = load_single_file(path, weights=weights, prediction_type=prediction_type)
+    family = classify_file(path)  # SD3.5 / FLUX.1 layouts; a one-line error for unknown ones
+    if family is not None:
+        parts, source = load_flow_single_file(path, family, model_folder=model_folder, weights=weights)
+    elif model_folder is not None:
+        raise ModelLoadError(f"model_folder applies to SD3.5 and FLUX.1 single files; {model_id!r} is an "
+                             "SD1/SD2/SDXL checkpoint, which holds every part")
+    else:
+        parts, source = load_single_file(path, weights=weights, prediction_type=prediction_type)
     return _finish(
         parts,
         model_id=model_id,
