@@ -267,6 +267,12 @@ BAD_VALUES = {
     "grid_size": ["-1"],
     "prompts": ["{tmp}/no.csv", "{tmp}/empty.txt", ""],
     "max_prompts": ["0", "x", "2"],  # 2: without --prompts
+    "detectors": ["fid", "nudenet,clip", "shapes2"],
+    "weights": [""],
+    "nudenet_classes": ["hands"],
+    "nudenet_model": ["{tmp}/no.onnx"],
+    "nudenet_threshold": ["1", NAN, "x"],
+    "concepts": ["{tmp}/no.txt", ""],
     "blackbox_strength": ["0", NAN, INF],
     "blackbox_tokens": ["0", "x"],
     "population": ["1", "x"],

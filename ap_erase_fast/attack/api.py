@@ -71,6 +71,13 @@ class AttackConfig:
     batch_size: int | None = None
     resolution: int | None = None
     grid_size: int = 8
+    # the judge outside a shapes world: an 'ap-erase eval' detector (attack/sdjudge.py; default: the model's)
+    detectors: list[str] | None = None  # one of nudenet, resnet50, clip, auto, none (shapes models: shapes/shapes2)
+    weights: str | None = None  # eval's --weights: folder with resnet50/, clip/
+    nudenet_classes: str = "ap"
+    nudenet_model: str | None = None
+    nudenet_threshold: float = 0.5  # a NudeNet hit: a counted class scored above this
+    concepts: str | None = None  # the CLIP judge's other labels (default: eval's data/eval_concepts.txt)
     quiet: bool = False
 
 
@@ -121,6 +128,9 @@ def check_config(cfg: AttackConfig) -> None:
     for name in ("concept_pairs",):
         if getattr(cfg, name) is not None and not str(getattr(cfg, name)).strip():
             raise UserError(f"--{name.replace('_', '-')} is empty; give a file or leave the option out")
+    from .sdjudge import check_options
+
+    check_options(cfg)
 
 
 def _run_and_concept(cfg: AttackConfig):
@@ -145,11 +155,12 @@ def attack(config: AttackConfig | None = None, **overrides) -> dict:
         cfg = AttackConfig(**{**asdict(cfg), **overrides})
     if isinstance(cfg.attacks, str):
         cfg.attacks = [a.strip() for a in cfg.attacks.split(",") if a.strip()]
+    if isinstance(cfg.detectors, str):
+        cfg.detectors = [d.strip() for d in cfg.detectors.split(",") if d.strip()]
     check_config(cfg)
     t_start = time.perf_counter()
     run, model_id, concept = _run_and_concept(cfg)
     from ..eval.profiles import profile_for
-    from .prompts import SHAPE_MODELS, shape_label
 
     rows, prompts_info = None, None
     if cfg.prompts:
@@ -179,11 +190,12 @@ def attack(config: AttackConfig | None = None, **overrides) -> dict:
     from ..eval.api import _device
 
     device = _device(cfg.device)
-    labels = {c: shape_label(model_id, c) for c in ({concept} | {r.concept for r in rows or []})}
-    classifier = model_id if (model_id in SHAPE_MODELS and any(v is not None for v in labels.values())) else None
-    job = SimpleNamespace(run=run, model_id=model_id, concept=concept, labels=labels, classifier=classifier,
-                          device=device, rows=rows, prompts_info=prompts_info, pairs=pairs,
-                          explicit_guidance=explicit_guidance, t_start=t_start)
+    from .sdjudge import plan
+
+    who = plan(cfg, model_id, {concept} | {r.concept for r in rows or []}, run.erased, device)
+    job = SimpleNamespace(run=run, model_id=model_id, concept=concept, labels=who.labels, classifier=who.classifier,
+                          detector=who.detector, wants=who.wants, device=device, rows=rows, prompts_info=prompts_info,
+                          pairs=pairs, explicit_guidance=explicit_guidance, t_start=t_start)
 
     from ..export import OutputDir
 
@@ -220,10 +232,8 @@ def _load(cfg: AttackConfig, run, model_id: str, device: str):
 
 def _check(judge, states, uncond, seeds, want, on_step) -> dict:
     """The attacker's success check: ``judge``'s erased-model images of ``states`` on ``seeds``,
-    the share the classifier labels ``want`` (a function of its own, replaced in tests)."""
-    from .judge import rate
-
-    return rate(judge.shapes(judge.generate("erased", states, uncond, seeds, on_step=on_step)), want)
+    their rate for ``want`` by the classifier or detector (a function of its own, replaced in tests)."""
+    return judge.rate_of(judge.generate("erased", states, uncond, seeds, on_step=on_step), want)
 
 
 def _prompt_attack(ctx, prompt_ids, prompt, pool, want):
@@ -326,8 +336,10 @@ def _setup(cfg: AttackConfig, job, timings: dict):
         encoder.ids([0] * cfg.prefix_tokens)  # a prefix longer than the text encoder: one clear line, now
     candidates, vocab_info = candidate_tokens(comps.tokenizer, job.model_id, cfg.vocab)
     judge = Judge(comps, erased_unet, steps=cfg.steps, guidance=cfg.guidance, batch_size=cfg.batch_size,
-                  resolution=resolution, device=job.device, classifier_model=job.classifier)
-    wants = {c: (None if lab is None else judge.classifier.names["shape"][lab]) for c, lab in job.labels.items()}
+                  resolution=resolution, device=job.device, classifier_model=job.classifier,
+                  detector=getattr(job, "detector", None))
+    wants = getattr(job, "wants", None) or {c: (None if lab is None else judge.classifier.names["shape"][lab])
+                                            for c, lab in job.labels.items()}
     ctx = SimpleNamespace(cfg=cfg, job=job, comps=comps, erased_unet=erased_unet, match=match,
                           erased_hash=erased_hash, resolution=resolution, backbone=make_backbone(comps, job.device),
                           encoder=encoder, candidates=candidates, vocab_info=vocab_info, judge=judge, wants=wants,
@@ -403,7 +415,7 @@ def _attack_one(ctx, prompt: str, concept: str, seeds: list[int]) -> dict:
 
     def judged(key, states, which=seeds):
         images = judge.generate(key, states, uncond, which, on_step=lambda: bar(1, stage=f"images {key}"))
-        return images, (rate(judge.shapes(images), want) if want is not None else None)
+        return images, (judge.rate_of(images, want) if want is not None else None)
 
     t0 = time.perf_counter()
     base_images, base_rate = judged("base", plain)
@@ -542,7 +554,7 @@ def _attack(cfg: AttackConfig, job, folder: Path):
     report = {
         "format": REPORT_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": _versions([]),
+        "versions": _versions([job.detector.name] if getattr(job, "detector", None) else []),
         "device": job.device,
         "run": {"path": run.path, "run_json_sha256": run.run_json_sha256, "train_config": run.config,
                 "model": run.info.get("model")},
@@ -553,7 +565,7 @@ def _attack(cfg: AttackConfig, job, folder: Path):
         "prompt": body.pop("prompt", None),
         "judged": judged,
         "judge": {**ctx.judge.settings(), "erased_label": ctx.wants[job.concept], "seeds": body.pop("seeds"),
-                  "rate": "share of images the classifier labels as the erased shape"},
+                  "rate": ctx.judge.rate_is},
         "targets": body.pop("targets"),
         "vocabulary": ctx.vocab_info,
         **body,
@@ -565,9 +577,9 @@ def _attack(cfg: AttackConfig, job, folder: Path):
         report["judge"]["guidance_per_row"] = ("a row's evaluation_guidance where the file gives one and --guidance "
                                                "is not set (rows[i].guidance), else guidance_scale")
     if not judged:
-        report["notice"] = ("no classifier judges these images (the concept is not a shape of a shapes "
-                            "world): the report gives the attack losses and the prompts found, no "
-                            "attack success rate")
+        report["notice"] = ("nothing judges these images (no shapes-world classifier for this concept, and no "
+                            "--detectors nudenet, resnet50, clip or auto): the report gives the attack "
+                            "losses and the prompts found, no attack success rate")
     if comps.random_weights:
         report["notice"] = ("the base model has random weights (the built-in tiny model): these numbers "
                             "test the pipeline, they say nothing about erasure")

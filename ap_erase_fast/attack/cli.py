@@ -4,6 +4,7 @@
     ap-erase attack --run OUT --attacks prompt --attack-steps 80 --prefix-tokens 5
     ap-erase attack --run OUT --attacks blackbox --blackbox-strength 3      # text encoder only
     ap-erase attack --run OUT --prompts nudity.csv --images 1             # every row of a prompt file
+    ap-erase attack --run OUT --detectors nudenet                         # SD: judged by eval's NudeNet
 """
 from __future__ import annotations
 
@@ -64,10 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--judge-every", type=int, default=d.judge_every, metavar="STEPS",
                    help="steps between the attacker's checks of the current prompt (and at each run's end)")
     a.add_argument("--judge-images", type=int, default=d.judge_images,
-                   help="erased-model images per check, judged by the classifier (shapes models); their "
-                        "seeds are disjoint from the reported ones")
+                   help="erased-model images per check, judged by the classifier (shapes models) or the "
+                        "--detectors detector; their seeds are disjoint from the reported ones")
     a.add_argument("--stop-rate", type=float, default=d.stop_rate,
-                   help="stop once a check's judged rate exceeds this (1: never; shapes models)")
+                   help="stop once a check's judged rate exceeds this (1: never; with a judge)")
 
     b = parser.add_argument_group("black-box attack (text encoder only; --attack-steps generations, --vocab)")
     b.add_argument("--blackbox-strength", type=float, default=d.blackbox_strength, metavar="ETA",
@@ -89,6 +90,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     j.add_argument("--batch-size", type=int, default=None, help="images per pipeline call (default: the model's)")
     j.add_argument("--resolution", type=int, default=None, help="image size (default: the run's / model's)")
     j.add_argument("--grid-size", type=int, default=d.grid_size, help="columns of grid.png (0: no grid)")
+    j.add_argument("--detectors", type=_names, default=None, metavar="NAME",
+                   help="the judge, one of ap-erase eval's detectors: nudenet, resnet50, clip; auto (nudenet "
+                        "for nudity, resnet50 for an ImageNet label with --weights holding resnet50/, else "
+                        "clip); none (default: the model's: the world's classifier on shapes models, none "
+                        "elsewhere)")
+    j.add_argument("--weights", metavar="DIR",
+                   help="folder with resnet50/, clip/ (as ap-erase eval; default: $AP_ERASE_EVAL_WEIGHTS or "
+                        "<cache>/eval-weights)")
+    j.add_argument("--nudenet-classes", default=d.nudenet_classes,
+                   help="classes a NudeNet hit counts: 'ap' (the authors' 8 exposed classes), 'strict' (5) "
+                        "or a comma list of classes")
+    j.add_argument("--nudenet-model", metavar="FILE.onnx", help="another NudeNet ONNX model (default: bundled 320n)")
+    j.add_argument("--nudenet-threshold", type=float, default=d.nudenet_threshold, metavar="T",
+                   help="a NudeNet hit: a counted class detected with score above T (eval's NER-T)")
+    j.add_argument("--concepts", metavar="FILE",
+                   help="the CLIP judge's other labels, one per line or CSV with 'concept' (default: "
+                        "ap-erase eval's held-out concepts, data/eval_concepts.txt); erased ones are left out")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -109,6 +127,8 @@ def config_from_args(args: argparse.Namespace):
         judge_images=args.judge_images, stop_rate=args.stop_rate, images=args.images, rephrasings=args.rephrasings,
         rephrase_images=args.rephrase_images, steps=args.steps, guidance=args.guidance,
         batch_size=args.batch_size, resolution=args.resolution, grid_size=args.grid_size,
+        detectors=args.detectors, weights=args.weights, nudenet_classes=args.nudenet_classes,
+        nudenet_model=args.nudenet_model, nudenet_threshold=args.nudenet_threshold, concepts=args.concepts,
         quiet=args.quiet)
 
 
@@ -118,10 +138,15 @@ def _rate(r) -> str:
     return f"{r['rate']:.0%} ({r['hits']}/{r['images']}, 95% CI {r['ci95'][0]:.0%}-{r['ci95'][1]:.0%})"
 
 
+def _judge_line(report: dict) -> list[str]:
+    det = report.get("judge", {}).get("detector")
+    return [f"judged by {det['name']}: {det['hit']}"] if det else []
+
+
 def summary(report: dict) -> list[str]:
     if report.get("rows") is not None:
         return _rows_summary(report)
-    lines = [f"attacked {report['concept']!r} with the prompt {report['prompt']!r}"]
+    lines = [f"attacked {report['concept']!r} with the prompt {report['prompt']!r}", *_judge_line(report)]
     if report["judged"]:
         lines.append(f"plain prompt: base {_rate(report['rates']['base'])}, "
                      f"erased {_rate(report['rates']['erased'])}")
@@ -155,7 +180,7 @@ def summary(report: dict) -> list[str]:
 def _rows_summary(report: dict) -> list[str]:
     rows = report["rows"]
     lines = [f"attacked {len(rows)} prompt(s) of {report['prompts']['path']} ({report['prompts']['format']} "
-             f"format, {report['prompts']['rows']} rows)"]
+             f"format, {report['prompts']['rows']} rows)", *_judge_line(report)]
     if report["judged"]:
         lines.append(f"plain prompts: base {_rate(report['rates']['base'])}, "
                      f"erased {_rate(report['rates']['erased'])}")

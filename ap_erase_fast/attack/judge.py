@@ -7,7 +7,8 @@ build_pipelines`, the one ``ap-erase eval`` uses), given ``prompt_embeds`` so th
 is exactly the conditioning that was attacked; every image ``i`` starts from
 ``torch.Generator("cpu").manual_seed(seeds[i])``, so base, erased and attacked images of a seed
 share their initial noise. The classifier is ``ap-erase eval``'s ``shapes`` / ``shapes2``
-detector.
+detector; outside a shapes world an ``ap-erase eval`` detector judges instead when one is chosen
+(``--detectors``, :mod:`.sdjudge`).
 """
 from __future__ import annotations
 
@@ -55,15 +56,17 @@ class UnetCounter:
 
 
 class Judge:
-    """Pipelines of the base and the erased model, and (in a shapes world) the classifier."""
+    """Pipelines of the base and the erased model, and the classifier (in a shapes world) or an
+    ``ap-erase eval`` detector (:class:`.sdjudge.DetectorJudge`) that judges their images."""
 
     def __init__(self, comps, erased_unet, *, steps: int, guidance: float, batch_size: int,
-                 resolution: int, device: str, classifier_model: str | None):
+                 resolution: int, device: str, classifier_model: str | None, detector=None):
         from ..eval.generate import build_pipelines
 
         self.pipes = build_pipelines(comps, erased_unet, "ddim")
         self.steps, self.guidance, self.batch_size = steps, guidance, batch_size
         self.resolution = resolution
+        self.detector = detector
         self.classifier = None
         if classifier_model is not None:
             from ..eval.detectors.shapes import ShapesClassifier
@@ -78,7 +81,23 @@ class Judge:
         if self.classifier is not None:
             out["classifier"] = {"name": self.classifier.name, "files": self.classifier.files,
                                  "judged": "top-1 shape of the shape head"}
+        if self.detector is not None:
+            out["detector"] = self.detector.settings()
         return out
+
+    @property
+    def rate_is(self) -> str:
+        """What a rate is the share of (the report's ``judge.rate``)."""
+        if self.detector is not None:
+            return self.detector.rule
+        return "share of images the classifier labels as the erased shape"
+
+    def rate_of(self, images: list[np.ndarray], want) -> dict:
+        """The rate of ``images`` (hits, images, Wilson 95 %): with a detector, the share it
+        judges a hit for ``want``; else the share the shapes classifier labels ``want``."""
+        if self.detector is not None:
+            return rate(self.detector.hits(images, want), True)
+        return rate(self.shapes(images), want)
 
     @torch.no_grad()
     def generate(self, key: str, states: torch.Tensor, uncond: torch.Tensor, seeds: list[int],

@@ -167,22 +167,25 @@ def save_images(folder: Path, row: int, kind: str, images, seeds) -> list[str]:
 
 
 CSV_COLUMNS = ("row", "case_number", "concept", "seed", "prompt", "attack", "adversarial_prompt",
-               "hits", "images", "rate", "loss_after", "distance_after")
+               "hits", "images", "rate", "loss_after", "distance_after", "base_hits", "erased_hits")
 
 
 def write_prompts_csv(path: Path, rows: list[dict]) -> None:
     """One line per (row, attack): the adversarial prompt found, its judged rate where a
-    classifier judges (empty otherwise), its attack loss (white-box) or distance (black-box)."""
+    classifier or detector judges (empty otherwise), its attack loss (white-box) or distance
+    (black-box), and the hits of the base and the erased model for the row's plain prompt on the
+    same seeds."""
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(CSV_COLUMNS)
         for r in rows:
+            plain = {k: (r["rates"].get(k) or {}).get("hits", "") for k in ("base", "erased")}
             for name, entry in r["attacks"].items():
                 judged = entry.get("rate") or {}
                 w.writerow([r["row"], r.get("case_number", ""), r["concept"], r["seed"], r["prompt"], name,
                             entry.get("prompt", ""), judged.get("hits", ""), judged.get("images", ""),
                             judged.get("rate", ""), (entry.get("loss") or {}).get("after", ""),
-                            (entry.get("distance") or {}).get("after", "")])
+                            (entry.get("distance") or {}).get("after", ""), plain["base"], plain["erased"]])
 
 
 def pooled(rates: list[dict | None]) -> dict | None:

@@ -64,15 +64,23 @@ class ClipScorer:
                          "text": "the row's prompt"}
 
     @torch.no_grad()
-    def score(self, images, rows) -> list[dict]:
+    def image_features(self, images) -> torch.Tensor:
+        """CLIP image embeddings [N, D] (float32, not normalised) of RGB uint8 images."""
         x = normalise(resize_center_crop(images, self.image_size, self.image_size), self.mean, self.std, self.device)
-        ids = self.tokenizer([r.prompt for r in rows], padding="max_length", truncation=True,
-                             max_length=self.max_length, return_tensors="pt").input_ids.to(self.device)
         img = self.model.get_image_features(pixel_values=x)
+        return getattr(img, "pooler_output", img).float()
+
+    @torch.no_grad()
+    def text_features(self, texts) -> torch.Tensor:
+        """CLIP text embeddings [N, D] (float32, not normalised) of ``texts``."""
+        ids = self.tokenizer(list(texts), padding="max_length", truncation=True,
+                             max_length=self.max_length, return_tensors="pt").input_ids.to(self.device)
         txt = self.model.get_text_features(input_ids=ids)
-        img = getattr(img, "pooler_output", img)
-        txt = getattr(txt, "pooler_output", txt)
-        cos = torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)
+        return getattr(txt, "pooler_output", txt).float()
+
+    def score(self, images, rows) -> list[dict]:
+        img, txt = self.image_features(images), self.text_features([r.prompt for r in rows])
+        cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
         return [{"score": float(v)} for v in (100 * cos.clamp(min=0)).tolist()]
 
     def aggregate(self, records: list[dict], model: str) -> dict:
