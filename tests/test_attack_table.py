@@ -77,10 +77,13 @@ def test_holm_is_over_every_comparison_of_the_table():
 
 
 def test_report_lines_and_skipped_rows(tmp_path):
+    """The means table averages the cells every method ran in only. Mutation checked: the
+    incomplete cell's ESD run counted (2 runs, 20.0 % erased) fails."""
     rows = [_row("circle", m, erased=0.1, prompt=0.3) for m in table.METHODS]
     rows.append({"target": "ring", "seed": 0, "method": "oracle", "steps": None, "skipped": "never"})
+    rows.append(_row("star", "esd", erased=0.3))  # a cell still being attacked
     text = "\n".join(table.report_lines(rows, {"cpu": "x"}))
-    assert "skipped (curve never reached the level): 1" in text and "| esd | 1 | 10.0 |" in text
+    assert "skipped (curve never reached the level): 1" in text and "| esd | 1 | 10.0 | 0.0 | 10.0 |" in text
     for p in tmp_path.glob("*"):
         p.unlink()
     assert table.main(["report", "--out", str(tmp_path)]) == 2  # nothing to report: one line

@@ -177,6 +177,12 @@ def _pct(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
+def complete_cells(done: list[dict]) -> set[tuple[str, int]]:
+    """The (target, seed) cells with an attacked run of every method."""
+    have = {(r["target"], r["seed"], r["method"]) for r in done}
+    return {(t, s) for t, s, _ in have if all((t, s, m) in have for m in METHODS)}
+
+
 def report_lines(rows: list[dict], env: dict) -> list[str]:
     done = [r for r in rows if "rates" in r]
     cells_done = sorted({(r["target"], r["seed"]) for r in done})
@@ -195,10 +201,13 @@ def report_lines(rows: list[dict], env: dict) -> list[str]:
              f"runs: {len(done)}; skipped (curve never reached the level): "
              f"{sum('skipped' in r for r in rows)}.", "",
              "## Mean rates per method (%)", "",
+             f"Over the {len(complete_cells(done))} cells every method ran in (runs of cells still being attacked "
+             "are left out, so that every row of this table averages the same targets).", "",
              "| method | runs | steps (mean) | base | erased | prompt attack | inversion | rephrasings | UNet evals / prompt attack |",
              "|---|---|---|---|---|---|---|---|---|"]
+    complete = complete_cells(done)
     for m in METHODS:
-        own = [r for r in done if r["method"] == m]
+        own = [r for r in done if r["method"] == m and (r["target"], r["seed"]) in complete]
         if not own:
             continue
 
