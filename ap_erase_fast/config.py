@@ -25,6 +25,7 @@ PROFILES = ("fast", "reference")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 ATTENTION = ("sdpa", "classic", "xformers")
 OPTIMIZERS = ("adam", "adamw", "adamw8bit", "paged_adamw8bit")
+BASE_QUANTIZATIONS = ("none", "int8", "nf4")
 GUMBEL_MODES = ("hard", "soft", "topk")
 LOSS_SPACES = ("x0", "eps")
 SEARCHES = ("adversarial", "random")
@@ -53,7 +54,9 @@ class EraseConfig:
         "SDXL-, SD3- and FLUX.1-dev-shaped demo models with random weights), 'shapes' / 'shapes2' (the built-in trained ShapesWorld models), a diffusers "
         "pipeline folder (SD1.x, SD2.x, SDXL, SD3/SD3.5, FLUX.1), a Hugging Face hub id (needs network or a filled "
         "cache), or a single-file .safetensors/.ckpt checkpoint (CompVis layout for SD1/SD2, SGM "
-        "layout for SDXL).", "model", default="tiny")
+        "layout for SDXL; an SD3.5 or FLUX.1 .safetensors file placed in its base model's diffusers "
+        "folder, which supplies the tokenizers, scheduler and whatever the file lacks).", "model",
+        default="tiny")
     single_file_weights: str = _opt(
         "Which UNet weights to take from a single-file checkpoint that holds both: 'non-ema' (the "
         "authors' choice) or 'ema'.", "model", default="non-ema", choices=("non-ema", "ema"))
@@ -86,6 +89,11 @@ class EraseConfig:
     lora_alpha: float | None = _opt("LoRA alpha (scale alpha/rank); default: the rank.", "erase")
     merge: bool = _opt("With --lora-rank: also write the denoiser with the adapters merged in "
                        "(unet/), as a full fine-tuning run does.", "erase", default=False)
+    base_quantization: str = _opt(
+        "With --lora-rank: store the frozen base denoiser's linear layers in 8 bits (int8) or "
+        "4-bit NormalFloat (nf4) through bitsandbytes; θ (adapters off) and θ′ (adapters on) "
+        "share the quantized weights (docs/memory_flow.md). Not with --merge.", "erase",
+        default="none", choices=BASE_QUANTIZATIONS)
     negative_guidance: float = _opt(
         "η: strength of the negative-guidance target ε(\"\") − η·(ε(c_e) − ε(\"\")).", "erase",
         default=1.0)
@@ -342,6 +350,9 @@ class EraseConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise UserError(f"unknown --{_flag(f.name)} {getattr(self, f.name)!r}; choose one "
                                 f"of: {', '.join(choices)}")
+        from .quantization import check_settings  # --base-quantization's companions
+
+        check_settings(self)
         return self
 
     def _validate_numbers(self) -> None:

@@ -114,7 +114,8 @@ class Eraser:
         cfg = self.cfg
         comp = self.components or load_components(
             cfg.model, single_file_weights=cfg.single_file_weights, torch_dtype=torch.float32,
-            device=self.device)
+            # a base to quantize reaches the device layer by layer, quantized
+            device=self.device if cfg.base_quantization == "none" else "cpu")
         self.components = comp
         for concept in cfg.erase:
             check_concept_has_tokens(comp.tokenizer, concept)
@@ -131,6 +132,12 @@ class Eraser:
         sets, tables = self._preservation_sets(backbone, concepts)
 
         # θ' (trained) and θ (the original weights).
+        self.quantization = None
+        if cfg.base_quantization != "none":  # θ and θ′ share the int8/NF4 base (quantization.py)
+            from .quantization import quantize_base
+
+            self.quantization = quantize_base(backbone.denoiser, cfg.base_quantization, self.device,
+                                              _compute_dtype(cfg.mixed_precision, self.device))
         self.unet = backbone.denoiser.to(self.device).train()
         if cfg.lora_rank:  # θ' = adapters on the selected layers (B = 0: θ'₀ = θ)
             from .lora import attach
@@ -473,6 +480,8 @@ class Eraser:
                                   "pi": self.search.scaler.get_scale(),
                                   "skipped_steps": dict(self.skipped_steps)}
         info["backbone"] = self.backbone.info()
+        if getattr(self, "quantization", None):
+            info["base_quantization"] = self.quantization
         if comp.random_weights:
             info["notice"] = RANDOM_WEIGHTS_NOTICE.format(model=comp.model_id)
         return info
@@ -491,11 +500,11 @@ def unet_evals(calls: dict, outer_steps: int) -> dict:
 def autocast_cast_parameters(module: torch.nn.Module) -> set[str]:
     """Names of the parameters that autocast casts to its lower-precision dtype before use:
     those of linear and convolution layers. Norm layers run in fp32 under autocast and read
-    their parameters as stored."""
+    their parameters as stored; quantized weights (int8/NF4 codes) are not floats, never cast."""
     kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
     return {f"{prefix}.{n}" if prefix else n
             for prefix, m in module.named_modules() if isinstance(m, kinds)
-            for n, _ in m.named_parameters(recurse=False)}
+            for n, p in m.named_parameters(recurse=False) if p.is_floating_point()}
 
 
 def _compute_dtype(name: str, device: torch.device) -> torch.dtype | None:

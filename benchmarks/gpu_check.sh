@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: every GPU path of the library tested and benchmarked in one run of under 8
-# minutes on one H100/H200, on a bare machine where torch, triton and transformers are installed
+# minutes on one H100/H200 (the SD3/FLUX rows of the last step, flow-lora-cap-22gib, build 12 B
+# random weights: run them alone with --only flow-lora-cap-22gib when the budget is tight), on a bare machine where torch, triton and transformers are installed
 # and the other packages travel as wheels in .whl/ (benchmarks/gpu_wheels.sh fetches them;
 # docs/BENCHMARKS.md lists them).
 #
@@ -73,6 +74,14 @@ SDXL_CONFIGS=fast/faithful/xattn+lora8+ckpt,fast/faithful/noxattn+lora8+adamw8bi
 BANK_CONFIGS=fast/faithful/xattn,fast/faithful/xattn+bank,fast/shared/xattn+bank
 [ "$DRY" = 1 ] && BANK_CONFIGS=${BANK_CONFIGS#fast/faithful/xattn,}  # the step matrix has the student row
 SDXL_BANK_CONFIGS=fast/faithful/xattn+lora8+bank
+# SD3/FLUX LoRA on a 24 GB card (benchmarks/bench_memory_flow.py --measure): FLUX.1-dev with an NF4
+# and an int8 base, SD3.5-medium with a bf16 base; LoRA 16, checkpointing, AdamW 8-bit, 1024 px,
+# T5 length 64. Random weights built from the shipped transformer configs (no real weights on the
+# machine) and stand-in text encoders (released before training). The dry run: the same rows'
+# arguments on tiny-flux / tiny-sd3.
+FLOW_ROWS="flux-nf4 flux-int8 sd35m-bf16"
+FLOW_ARGS="--memory-cap-gib 22 --ddim-steps 4"
+[ "$DRY" = 1 ] && FLOW_ARGS="--tiny --device cpu --ddim-steps 2"
 
 declare -a LINES=()
 FAILED=0
@@ -162,6 +171,8 @@ step trajectory-bank 120 "$PY" -m ap_erase_fast.bench --preset "$PRESET" "${STEP
 step sdxl-lora-bank-cap-22gib 100 "$PY" -m ap_erase_fast.bench --preset "$SDXL_PRESET" --steps 1 "${FEW[@]}" \
   --bank-size 1 --num-centers 8 --memory-cap-gib 22 --tag bank_cap22 --timeout 90 \
   --configs "$SDXL_BANK_CONFIGS" --out "$RES"
+step flow-lora-cap-22gib 300 bash -c "rc=0; for r in $FLOW_ROWS; do \"$PY\" benchmarks/bench_memory_flow.py \
+  --measure \$r $FLOW_ARGS || rc=1; done; exit \$rc"
 
 {
   echo "# gpu_check: $(date -u '+%Y-%m-%d %H:%M UTC'), device $DEVICE$([ "$DRY" = 1 ] && echo ' (CPU dry run)')"

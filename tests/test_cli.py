@@ -167,6 +167,7 @@ BAD_VALUES = {
     "lora_rank": ["-1", "x"],
     "lora_alpha": [NAN, INF, "0", "-1"],
     "merge": ["=1"],
+    "base_quantization": ["int4", "nf4"],  # nf4: without --lora-rank
     "negative_guidance": [NAN, INF, "-1", "x"],
     "preserve_weight": [NAN, "-inf", "-0.5"],
     "preserve_draws": ["0", "-2", "x"],

@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["environment", "native-build", "kernel-tests", "engine", "compile-cuda-graphs",
          "xformers", "gumbel-mix-bench", "step-matrix", "cap-22gib", "sdxl-lora-cap-22gib",
-         "trajectory-bank", "sdxl-lora-bank-cap-22gib"]
+         "trajectory-bank", "sdxl-lora-bank-cap-22gib", "flow-lora-cap-22gib"]
 
 
 def test_gpu_check_cpu_dry_run(tmp_path):
@@ -25,6 +25,11 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert "fast_vs_reference" in summary and "step_tiny_cpu.md" in summary
     for row in ("fast/faithful/xattn+bank", "fast/shared/xattn+bank", "fast/faithful/xattn+lora8+bank"):
         assert f"| {row} | ok | bank |" in summary, row  # the bank rows ran, in both presets
+    for row, model, base in (("flux-nf4", "tiny-flux", "nf4"), ("flux-int8", "tiny-flux", "int8"),
+                             ("sd35m-bf16", "tiny-sd3", "bf16")):
+        # the SD3/FLUX 24 GB rows' plumbing (bench_memory_flow.py --measure) on the tiny models
+        assert re.search(rf"^\* {row} \({model}, {base} base, LoRA 16 xattn, gradient checkpointing, "
+                         rf"adamw8bit.*outer steps/s on cpu$", summary, re.M), row
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) <= 8, files  # what the GPU machine can send back
 
