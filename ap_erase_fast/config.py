@@ -60,6 +60,10 @@ class EraseConfig:
     single_file_weights: str = _opt(
         "Which UNet weights to take from a single-file checkpoint that holds both: 'non-ema' (the "
         "authors' choice) or 'ema'.", "model", default="non-ema", choices=("non-ema", "ema"))
+    model_folder: str | None = _opt(
+        "For an SD3.5 or FLUX.1 single-file --model: the base model's diffusers folder that supplies "
+        "the tokenizers, scheduler and whatever the file lacks (text encoders, VAE); default: the "
+        "folder the file lies in.", "model")
     resolution: int | None = _opt(
         "Image resolution in pixels of the sampled trajectories (a multiple of 64 for SD: VAE "
         "factor 8 times the UNet's downsampling 8); default: the model's native size (512 for "

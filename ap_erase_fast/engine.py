@@ -113,7 +113,8 @@ class Eraser:
         t0 = time.perf_counter()
         cfg = self.cfg
         comp = self.components or load_components(
-            cfg.model, single_file_weights=cfg.single_file_weights, torch_dtype=torch.float32,
+            cfg.model, single_file_weights=cfg.single_file_weights, model_folder=cfg.model_folder,
+            torch_dtype=torch.float32,
             # a base to quantize reaches the device layer by layer, quantized
             device=self.device if cfg.base_quantization == "none" else "cpu")
         self.components = comp

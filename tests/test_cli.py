@@ -159,6 +159,7 @@ NAN, INF = "nan", "inf"
 BAD_VALUES = {
     "config": ["{tmp}/missing.yaml", "{tmp}/broken.yaml"],
     "model": ["{tmp}/no-such-model", "{tmp}/broken.yaml"],
+    "model_folder": ["{tmp}/no-folder"],
     "single_file_weights": ["both"],
     "resolution": ["0", "-64", "x", "33"],
     "device": ["tpu", "cuda:x"],

@@ -249,7 +249,7 @@ def test_sd3_file_with_encoders_and_vae_on_a_configs_only_folder(comps, tmp_path
 
 
 def test_train_on_a_flux_single_file_and_load_the_card(comps, tmp_path, small_vocab):
-    """ap-erase train --model <base folder>/<file> (the folder beside the file completes it)
+    """ap-erase train --model <file> --model-folder <base folder> (the folder completes it)
     with a LoRA and --merge: run.json names the single file, its sha256 and the base
     transformer's content hash (the built-in model's: same weights, same identity); the
     ComfyUI file is written; the card's code loads the base as the run did and its LoRA gives
@@ -259,10 +259,11 @@ def test_train_on_a_flux_single_file_and_load_the_card(comps, tmp_path, small_vo
 
     c = comps["tiny-flux"]
     folder = _base_folder(comps, "tiny-flux", tmp_path)
-    path = folder / "flux1-tiny.safetensors"
+    (tmp_path / "downloads").mkdir()
+    path = tmp_path / "downloads" / "flux1-tiny.safetensors"  # not beside the folder: --model-folder
     save_file(original_file(c), str(path))
     out = tmp_path / "run"
-    code = main(["train", "--model", str(path), "--erase", "garbage truck", "--steps", "2", "--vocab", small_vocab,
+    code = main(["train", "--model", str(path), "--model-folder", str(folder), "--erase", "garbage truck", "--steps", "2", "--vocab", small_vocab,
                  "--k-closest", "40", "--num-centers", "8", "--ddim-steps", "6", "--max-sequence-length", "8",
                  "--lora-rank", "2", "--merge", "--quiet", "--output", str(out)])
     assert code == 0
