@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from . import shipped
+from . import shipped, single_file
 from .errors import ModelLoadError
 from .parts import first_line, read_json
 
@@ -150,20 +150,6 @@ def _empty(factory, buffers: bool = False):
         return factory()
 
 
-def _mismatch(converted: dict, model, what: str) -> str | None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(converted))
-    if missing:
-        return f"{len(missing)} {what} tensors missing, e.g. {missing[0]}"
-    extra = sorted(set(converted) - set(expected))
-    if extra:
-        return f"{len(extra)} unexpected {what} tensors, e.g. {extra[0]}"
-    for k, shape in expected.items():
-        if tuple(converted[k].shape) != shape:
-            return f"{k} has shape {tuple(converted[k].shape)}, the config expects {shape}"
-    return None
-
-
 def _shape_summary(family: str, state: dict, cfg: dict | None = None) -> str:
     """``N joint blocks of width W`` (SD3) / ``N double and M single blocks of width W`` (FLUX)
     of converted tensors, or of a config."""
@@ -251,7 +237,7 @@ def convert_transformer(family: str, state: dict, path: str, candidates=None):
             reasons.append(f"{variant}: the file has {have}, the config {want}")
             continue
         model = _empty(lambda: cls.from_config(cfg), buffers=True)
-        why = _mismatch(converted, model, "transformer")
+        why = single_file.shape_mismatch(converted, model, "transformer")
         if why is None:
             model.load_state_dict(converted, strict=True, assign=True)
             empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

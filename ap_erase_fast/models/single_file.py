@@ -132,14 +132,15 @@ def _family(state: dict, path: str) -> str:
     )
 
 
-def _shape_mismatch(converted: dict, model) -> str | None:
+def shape_mismatch(converted: dict, model, what: str = "UNet") -> str | None:
+    """Why a converted state dict does not fit ``model`` (one line), or None."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(converted))
     if missing:
-        return f"{len(missing)} UNet tensors missing, e.g. {missing[0]}"
+        return f"{len(missing)} {what} tensors missing, e.g. {missing[0]}"
     extra = sorted(set(converted) - set(expected))
     if extra:
-        return f"{len(extra)} unexpected UNet tensors, e.g. {extra[0]}"
+        return f"{len(extra)} unexpected {what} tensors, e.g. {extra[0]}"
     for k, shape in expected.items():
         if tuple(converted[k].shape) != shape:
             return f"{k} has shape {tuple(converted[k].shape)}, the config expects {shape}"
@@ -163,7 +164,7 @@ def _convert_unet(unet_sd: dict, candidates, path: str):
         cfg = shipped.load_config(variant, "unet")
         model = _empty(lambda: UNet2DConditionModel.from_config(cfg))
         converted = convert_ldm_unet_checkpoint(unet_sd, cfg)
-        why = _shape_mismatch(converted, model)
+        why = shape_mismatch(converted, model)
         if why is None:
             model.load_state_dict(converted, strict=True, assign=True)
             return variant, model

@@ -143,6 +143,15 @@ def _caption_table(tokenizer, w):
     return {c: i for i, c in enumerate(caps)}, ids
 
 
+def warmup_cosine(step: int, warmup: int, steps: int) -> float:
+    """The learning-rate factor of the ShapesWorld trainers: linear warm-up over ``warmup`` steps,
+    then a cosine decay to 5 % at ``steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    prog = (step - warmup) / max(1, steps - warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * prog))
+
+
 def train_unet(seed, data, scaling_factor, tokenizer, *, steps, batch=64, lr=6e-4, warmup=200, ema_decay=0.999, curve=None,
                world=1):
     from diffusers import DDPMScheduler
@@ -157,13 +166,7 @@ def train_unet(seed, data, scaling_factor, tokenizer, *, steps, batch=64, lr=6e-
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
 
-    def lr_at(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        prog = (step - warmup) / max(1, steps - warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * prog))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, warmup, steps))
     noise_sched = DDPMScheduler(**{k: v for k, v in nets.SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one", "steps_offset")})
     index, ids = _caption_table(tokenizer, w)
     n = len(data["shape"])

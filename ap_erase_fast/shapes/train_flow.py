@@ -37,7 +37,7 @@ import torch
 
 from . import flow_nets as fn
 from .nets import world_module
-from .train import _cpu_name, _log, drop_local_paths, encode_dataset, load_classifier
+from .train import _cpu_name, _log, drop_local_paths, encode_dataset, load_classifier, warmup_cosine
 
 WORLD = 2
 DEFAULTS = dict(steps=10000, batch=64, lr=3e-4, warmup=500, layers=6, heads=6, head_dim=32, patch=2, images=60000,
@@ -145,13 +145,7 @@ def train_flow(seed, data, scaling_factor, mods, tokenizers, *, steps, batch=64,
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
 
-    def lr_at(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        prog = (step - warmup) / max(1, steps - warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * prog))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, warmup, steps))
     caption_ids = CaptionIds(tokenizers)
     sampler = BatchSampler(data, scaling_factor, seed, batch, shift)
     for key in PIPELINE_KEYS:
