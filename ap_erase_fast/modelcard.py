@@ -98,6 +98,11 @@ def model_card(info: dict, eval_report: dict | None = None) -> str:
         lines += ["Not evaluated yet: run `ap-erase eval --run <this folder>` (it rewrites this "
                   "card with its summary)."]
     lines += ["", "## How to use", ""] + _how_to_use(info, pipeline, lora, family)
+    quantized = cfg.get("base_quantization") not in (None, "none")
+    if quantized:
+        lines += ["", f"The LoRA was trained on the base model's {cfg['base_quantization']} copy "
+                      "(bitsandbytes; the frozen base of the erasure). The code above applies it to "
+                      "the original weights; it was not tested on a quantized pipeline."]
     if lora:
         merged = " `unet/` holds the denoiser with the LoRA merged in." if cfg.get("merge") else ""
         if family in DENOISERS:

@@ -187,6 +187,7 @@ def test_cli_train_with_a_quantized_base(tmp_path, small_vocab, model, kind, lay
     names = {p.name for p in out.iterdir()}
     assert {"lora", "pytorch_lora_weights.safetensors", "trained.safetensors"} <= names
     assert "unet" not in names
+    assert f"base model's {kind} copy" in (out / "README.md").read_text()  # the model card says so
 
 
 def test_resume_with_a_quantized_base_is_bit_identical(tiny_cfg, tmp_path):
