@@ -564,14 +564,14 @@ def test_full_size_compvis_layout_converts_exactly_on_meta(variant):
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     from ap_erase_fast.models import shipped
-    from ap_erase_fast.models.single_file import _shape_mismatch
+    from ap_erase_fast.models.single_file import shape_mismatch
 
     ucfg, vcfg = shipped.load_config(variant, "unet"), shipped.load_config(variant, "vae")
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(ucfg)
         vae = AutoencoderKL.from_config(vcfg)
     ldm = {"model.diffusion_model." + _unet_to_ldm(k, unet.config): v for k, v in unet.state_dict().items()}
-    assert _shape_mismatch(convert_ldm_unet_checkpoint(ldm, ucfg), unet) is None
+    assert shape_mismatch(convert_ldm_unet_checkpoint(ldm, ucfg), unet) is None
     n = len(vcfg["block_out_channels"])
     vldm = {}
     for k, v in vae.state_dict().items():

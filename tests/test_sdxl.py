@@ -280,7 +280,7 @@ def test_full_size_sgm_layout_converts_exactly_on_meta():
     from ap_erase_fast.models import shipped
     from ap_erase_fast.models.single_file import (
         SDXL_OPENCLIP_PREFIX,
-        _shape_mismatch,
+        shape_mismatch,
         _text_encoder,
     )
 
@@ -294,7 +294,7 @@ def test_full_size_sgm_layout_converts_exactly_on_meta():
     assert len(sgm) == len(unet.state_dict()) == 1680
     assert "model.diffusion_model.label_emb.0.2.weight" in sgm
     assert "model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight" in sgm
-    assert _shape_mismatch(convert_ldm_unet_checkpoint(sgm, ucfg), unet) is None
+    assert shape_mismatch(convert_ldm_unet_checkpoint(sgm, ucfg), unet) is None
     state = {"conditioner.embedders.0.transformer.text_model." + k.removeprefix("text_model."): v
              for k, v in te1.state_dict().items()}
     assert te2.config.num_hidden_layers == 32  # all of bigG's layers: SDXL reads the penultimate
