@@ -76,6 +76,10 @@ def test_tiny_run_end_to_end_python_api(tiny_run, tmp_path):
     assert cost["unet_evals"] >= 24 * 4 + len(p["checks"]) * 4 and cost["seconds"] > 0
     inv = rep["attacks"]["inversion"]
     assert inv["prompt"] == "<v>" and math.isfinite(inv["loss"]["after"])
+    # the step batch (4) covers the whole pool (2 images x 2 probes): history[0] is the pool loss at
+    # the initial embedding, "after" the pool loss at the learned one. Mutation checked: the
+    # inversion's loss ascended instead of descended fails here.
+    assert inv["loss"]["after"] < inv["history"][0]["loss"], (inv["history"], inv["loss"])
     assert rep["judged"] is False and rep["rates"] == {"base": None, "erased": None} and p["rate"] is None
     assert "random weights" in rep["notice"] and rep["vocabulary"].startswith("whole-word tokens")
     assert json.loads((out / "attack.json").read_text())["attacks"]["prompt"]["prompt"] == p["prompt"]
