@@ -152,6 +152,19 @@ def warmup_cosine(step: int, warmup: int, steps: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * prog))
 
 
+def ema_step(loss, params, opt, sched, ema, ema_decay: float, step: int) -> None:
+    """One optimiser step of the ShapesWorld trainers: backward, gradient norm clipped at 1, the
+    step and the schedule, then the EMA weights (decay warmed up as min(decay, (1+s)/(10+s)))."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    d = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - d)
+
+
 def train_unet(seed, data, scaling_factor, tokenizer, *, steps, batch=64, lr=6e-4, warmup=200, ema_decay=0.999, curve=None,
                world=1):
     from diffusers import DDPMScheduler
@@ -184,14 +197,7 @@ def train_unet(seed, data, scaling_factor, tokenizer, *, steps, batch=64, lr=6e-
         zt = noise_sched.add_noise(z, noise, t)
         pred = unet(zt, t, text_encoder(tok)[0]).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        d = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - d)
+        ema_step(loss, params, opt, sched, ema, ema_decay, step)
         run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
         if curve is not None and (step % 50 == 0 or step == steps - 1):
             row = {"step": step, "loss": round(loss.item(), 5), "loss_ema": round(run_loss, 5),

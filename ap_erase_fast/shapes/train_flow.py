@@ -37,7 +37,7 @@ import torch
 
 from . import flow_nets as fn
 from .nets import world_module
-from .train import _cpu_name, _log, drop_local_paths, encode_dataset, load_classifier, warmup_cosine
+from .train import _cpu_name, _log, drop_local_paths, encode_dataset, load_classifier, ema_step, warmup_cosine
 
 WORLD = 2
 DEFAULTS = dict(steps=10000, batch=64, lr=3e-4, warmup=500, layers=6, heads=6, head_dim=32, patch=2, images=60000,
@@ -159,14 +159,7 @@ def train_flow(seed, data, scaling_factor, mods, tokenizers, *, steps, batch=64,
         z0, noise, sigma, captions = sampler.draw()
         states, pooled = fn.encode_ids(mods, caption_ids(captions))
         loss = fn.flow_matching_loss(mods["transformer"], z0, noise, sigma, states, pooled)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        d = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - d)
+        ema_step(loss, params, opt, sched, ema, ema_decay, step)
         value = loss.item()
         if on_step is not None:
             on_step(step, value)
