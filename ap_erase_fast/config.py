@@ -51,7 +51,7 @@ class EraseConfig:
     # --- model -----------------------------------------------------------------------------
     model: str = _opt(
         "The model to erase from: 'tiny', 'tiny-sdxl', 'tiny-sd3' or 'tiny-flux' (built-in SD1-, "
-        "SDXL-, SD3- and FLUX.1-dev-shaped demo models with random weights), 'shapes' / 'shapes2' (the built-in trained ShapesWorld models), a diffusers "
+        "SDXL-, SD3- and FLUX.1-dev-shaped demo models with random weights), 'shapes' / 'shapes2' / 'shapes2-flow' (the built-in trained ShapesWorld models; shapes2-flow is a flow-matching transformer), a diffusers "
         "pipeline folder (SD1.x, SD2.x, SDXL, SD3/SD3.5, FLUX.1), a Hugging Face hub id (needs network or a filled "
         "cache), or a single-file .safetensors/.ckpt checkpoint (CompVis layout for SD1/SD2, SGM "
         "layout for SDXL; an SD3.5 or FLUX.1 .safetensors file placed in its base model's diffusers "
@@ -116,7 +116,7 @@ class EraseConfig:
         "Word list the preservation set R is chosen from: a .txt (one word or phrase per line), a "
         ".csv with a 'word' column, or a built-in list by name: 'en' (3000 common English words) "
         "'shapes' (ShapesWorld captions and distractor words) or 'shapes2' (ShapesWorld 2 training "
-        "captions). Default: the model's own list for --model shapes / shapes2, else 'en'.", "search")
+        "captions). Default: the model's own list for --model shapes / shapes2 / shapes2-flow, else 'en'.", "search")
     k_closest: int = _opt("Keep the k vocabulary words closest (L2 in text-embedding space) to "
                           "each erased concept.", "search", default=1000)
     num_centers: int = _opt("1-D k-means centres over those k scores: |R| ≤ num_centers "

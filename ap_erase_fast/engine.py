@@ -245,7 +245,9 @@ class Eraser:
             sets = [fixed_preservation_set(c, e.flat()[0].cpu(), cfg.preserve_set, table)
                     for c, e in zip(cfg.erase, concepts)]
         else:
-            name = cfg.vocab or (cfg.model if cfg.model in ("shapes", "shapes2") else None)
+            from .shapes.loading import VOCABULARIES
+
+            name = cfg.vocab or VOCABULARIES.get(cfg.model)
             if name == "shapes":
                 from .shapes import world  # noqa: F401  (registers the "shapes" vocabulary)
             elif name == "shapes2":

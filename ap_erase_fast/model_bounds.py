@@ -72,9 +72,9 @@ def peek_model(model: str) -> ModelShape | None:
         model = os.fspath(model)
         if model in ("tiny", "tiny-sdxl"):
             return _shipped_shape(model)
-        if model in ("shapes", "shapes2"):
-            from .shapes.loading import shipped_dir
+        from .shapes.loading import SHIPPED_DIRS, shipped_dir
 
+        if model in SHIPPED_DIRS:
             return _folder_shape(shipped_dir(model))
         path = os.path.expanduser(model)
         if os.path.isdir(path):

@@ -31,8 +31,9 @@ esac
 
 # shellcheck source=benchmarks/_quality_shards.sh
 source benchmarks/_quality_shards.sh  # SHAPES and shards()
-FIRST=base,esd,preserve_random,ap_faithful,ap_shared
-METHODS=$FIRST,preserve_null,ap_normalised,ap_score
+MODEL=${MODEL:-shapes2}  # shapes2-flow: benchmarks/quality_shapes2_flow.sh
+FIRST=${FIRST:-base,esd,preserve_random,ap_faithful,ap_shared}
+METHODS=${METHODS:-$FIRST,preserve_null,ap_normalised,ap_score}
 LR=${LR:-1e-3}
 BUDGETS=${BUDGETS:-5,10,20,30}
 SWEEP_LRS=${SWEEP_LRS:-}
@@ -41,14 +42,14 @@ IMAGES=${IMAGES:-8}
 EVAL_STEPS=${EVAL_STEPS:-10}
 SHARDS=${SHARDS:-$(nproc)}
 OUT=${OUT:-benchmarks/results}
-TAG=${TAG:-shapes2_cpu}
+TAG=${TAG:-${MODEL//-/_}_cpu}
 STEPS=40
 if [ "$QUICK" = 1 ]; then
   SHAPES=circle; SEEDS=0; IMAGES=1; EVAL_STEPS=4; STEPS=2; BUDGETS=1; FIRST=base,esd,ap_shared; METHODS=$FIRST
-  OUT=${QUICK_OUT:-$(mktemp -d /tmp/quality_shapes2.XXXXXX)}; TAG=shapes2_quick
+  OUT=${QUICK_OUT:-$(mktemp -d /tmp/quality_shapes2.XXXXXX)}; TAG=${MODEL//-/_}_quick
 fi
 
-AP=("${PYTHON:-python}" -m ap_erase_fast bench quality --model shapes2 --targets "$SHAPES" --seeds "$SEEDS"
+AP=("${PYTHON:-python}" -m ap_erase_fast bench quality --model "$MODEL" --targets "$SHAPES" --seeds "$SEEDS"
     --steps "$STEPS" --budgets "$BUDGETS" --lr "$LR" --sweep-lrs "$SWEEP_LRS" --sweep-targets "$SHAPES"
     --sweep-seeds "$SEEDS"
     --images "$IMAGES" --eval-steps "$EVAL_STEPS" --out "$OUT" --tag "$TAG")

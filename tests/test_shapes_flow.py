@@ -207,3 +207,46 @@ def test_bad_input_is_one_error_line_and_writes_nothing(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
         assert not out.exists()
+
+
+def test_builtin_id_loads_the_folder_and_searches_shapes2s_vocabulary(shipped_run, monkeypatch):
+    """``--model shapes2-flow`` reads the folder in AP_ERASE_SHAPES2_FLOW_DIR, searches over
+    ShapesWorld 2's training captions by default (mutation checked: the vocabulary default left
+    at 'en' fails), and a missing folder is one ModelLoadError naming how to rebuild it."""
+    from ap_erase_fast.config import EraseConfig
+    from ap_erase_fast.engine import Eraser
+    from ap_erase_fast.models import load_components
+    from ap_erase_fast.models.errors import ModelLoadError
+
+    _, ship = shipped_run
+    monkeypatch.setenv("AP_ERASE_SHAPES2_FLOW_DIR", str(ship))
+    assert load_components("shapes2-flow").family == "sd3"
+    er = Eraser(EraseConfig(model="shapes2-flow", erase=["circle"], steps=1, ddim_steps=2, k_closest=20,
+                            num_centers=5, device="cpu", quiet=True, mixed_precision="no")).setup()
+    captions = set(world2.shapes2_vocabulary())
+    words = er.search.sets[0].words
+    assert len(words) == 5 and set(words) <= captions
+    monkeypatch.setenv("AP_ERASE_SHAPES2_FLOW_DIR", str(ship.parent / "missing"))
+    with pytest.raises(ModelLoadError, match="train_flow"):
+        load_components("shapes2-flow")
+
+
+def test_quality_world_samples_the_flow_model_with_its_pipeline_sampler(shipped_run, monkeypatch):
+    """The quality instrument's world generates shapes2-flow images with the SD3 pipeline's
+    sampler at the evaluation guidance (the script's sampler, itself tested against the pipeline
+    above; mutation checked: the UNet DDIM branch taken, guidance 1 fail), and the same (prompt,
+    seed) gives the same image whatever else is in the batch."""
+    from ap_erase_fast.quality.worlds import EVAL_GUIDANCE, World
+
+    _, ship = shipped_run
+    monkeypatch.setenv("AP_ERASE_SHAPES2_FLOW_DIR", str(ship))
+    world = World("shapes2-flow")
+    assert world.flow
+    prompts, seeds = ["an image of a star", "an image of a blue circle"], [3, 4]
+    got = world.generate(world.base_unet, prompts, seeds, steps=3)
+    mods, toks, vae, cfg = tf.load_pipeline_parts(str(ship))
+    want = fn.decode(vae, fn.denoise(mods, toks, cfg, prompts, seeds, steps=3, guidance=EVAL_GUIDANCE))
+    assert got.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(world.generate(world.base_unet, prompts[1:], seeds[1:], steps=3), got[1:],
+                               rtol=1e-5, atol=1e-5)

@@ -138,22 +138,24 @@ def load_components(
     if single_file_weights not in ("ema", "non-ema"):
         raise ModelLoadError(f"single_file_weights must be 'ema' or 'non-ema', got {single_file_weights!r}")
     if not isinstance(model, (str, os.PathLike)) or not str(model).strip():
-        raise ModelLoadError(f"model must be 'tiny', 'tiny-sdxl', 'tiny-sd3', 'tiny-flux', 'shapes', 'shapes2', a folder, a hub id or a .safetensors/.ckpt file, got {model!r}")
+        raise ModelLoadError(f"model must be 'tiny', 'tiny-sdxl', 'tiny-sd3', 'tiny-flux', 'shapes', 'shapes2', 'shapes2-flow', a folder, a hub id or a .safetensors/.ckpt file, got {model!r}")
     model = os.fspath(model)
     common = dict(torch_dtype=torch_dtype, device=device)
     if model_folder is not None and not os.path.isfile(os.path.expanduser(model)):
         raise ModelLoadError(f"model_folder applies to an SD3.5 or FLUX.1 single-file checkpoint, and {model!r} "
                              "is not a file")
 
-    if model in ("shapes", "shapes2"):
+    from ..shapes.loading import SHIPPED_DIRS
+
+    if model in SHIPPED_DIRS:
         from ..shapes.loading import WORLDS, shipped_dir
 
         folder = shipped_dir(model)
         if not os.path.isfile(os.path.join(folder, "model_index.json")):
-            world = WORLDS[model]
+            retrain = ("python -m ap_erase_fast.shapes.train_flow --out DIR --ship " + folder if model.endswith("-flow")
+                       else f"python -m ap_erase_fast.shapes.train --world {WORLDS[model]}")
             raise ModelLoadError(f"the built-in ShapesWorld model is missing from {folder} (--model {model}); "
-                                 f"reinstall the package or retrain it (python -m ap_erase_fast.shapes.train "
-                                 f"--world {world})")
+                                 f"reinstall the package or retrain it ({retrain})")
         comps = _load_diffusers_folder(folder, model_id=model, fmt="builtin", **common)
         comps.source["sd_version"] = model
     elif model in ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux"):
@@ -182,7 +184,7 @@ def load_components(
             comps = _load_diffusers_folder(folder, model_id=model, fmt="hub", **common)
         else:
             raise ModelLoadError(
-                f"model {model!r} does not exist; pass 'tiny', 'tiny-sdxl', 'tiny-sd3', 'tiny-flux', 'shapes', 'shapes2', a local diffusers folder, a hub id "
+                f"model {model!r} does not exist; pass 'tiny', 'tiny-sdxl', 'tiny-sd3', 'tiny-flux', 'shapes', 'shapes2', 'shapes2-flow', a local diffusers folder, a hub id "
                 "(org/name) or a .safetensors/.ckpt file"
             )
     if comps.family in ("sd3", "flux"):

@@ -97,7 +97,7 @@ def summarize(rows: list[dict], methods: list[str], targets: list[str], seeds: l
         entry["caption_draws"] = (f"{100 * sum(v for k, v in draws if k in captions) / total:.0f}"
                                   if total else "–")
         for key in ("drift_erased", "drift_kept"):
-            vals = [r[key] for r in main if r["method"] == m]
+            vals = [r[key] for r in main if r["method"] == m and key in r]  # none on a flow model
             entry[key] = f"{statistics.fmean(vals):.4f}" if vals else "–"
         table.append(entry)
     return table
@@ -126,7 +126,7 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
         for r in rows:
             out_csv.writerow([json.dumps(r[c]) if isinstance(r.get(c), dict) else r.get(c, "") for c in flat_cols])
     table = summarize(rows, methods, targets, seeds, args.lr, args.model, args.steps)
-    world_name = "ShapesWorld" if args.model == "shapes" else "ShapesWorld 2"
+    world_name = {"shapes": "ShapesWorld", "shapes2-flow": "ShapesWorld 2 flow (shapes2-flow)"}.get(args.model, "ShapesWorld 2")
     lines = [f"# Erasure quality on {world_name} ({tag})", ""]
     lines += [f"* {k}: `{v}`" if k == "command" else f"* {k}: {v}" for k, v in env.items()]
     lines += [
@@ -138,7 +138,7 @@ def write_outputs(rows, args, env, grid_images, out: Path, tag: str) -> None:
         + f"model={args.model}, {', '.join(f'{k}={v}' for k, v in COMMON.items() if k not in ('device', 'quiet'))}"
         + "".join(f", {k}={v} (ablation)" for k, v in _ablation(vars(args)).items()),
         f"* evaluation: {args.images} images per shape prompt (colour target: "
-        f"{max(1, args.images // len(shapes))} per colour-shape pair), DDIM {args.eval_steps} steps, CFG {EVAL_GUIDANCE}, "
+        f"{max(1, args.images // len(shapes))} per colour-shape pair), {'flow Euler' if args.model.endswith('-flow') else 'DDIM'} {args.eval_steps} steps, CFG {EVAL_GUIDANCE}, "
         f"seeds paired across methods; classifier top-1. Seeds: {seeds}."
         + (f" Prompts '{w.EVAL_PREFIX} <shape>' / '{w.EVAL_PREFIX} <colour> <shape>': trained, never members of R "
            f"(asserted for every run)." if hasattr(w, "EVAL_PREFIX") else ""),

@@ -109,7 +109,8 @@ def run_one(world: World, target: str, method: str, seed: int, args, lr: float,
         pred_s, pred_c, _, _ = world.classifier.predict(images)
         out = {**row, **extra}
         out.update(score(target, pred_s, pred_c, want_s, want_c, world.model))
-        if eps:  # the ε-space measures (a third of the judging) of the full-length erasure only
+        if eps and not world.flow:  # the ε-space measures (a third of the judging) of the
+            # full-length erasure only; DDIM ε measures: not defined for a velocity model
             out.update(eps_measures_for(world, unet, target, seed, args.eval_steps))
         out["wall_s"] = round(time.perf_counter() - t0, 2)
         return out, images

@@ -23,6 +23,8 @@ class World:
 
         self.model = model
         self.comps = load_components(model)
+        # shapes2-flow: comps.unet is an SD3 transformer (velocity), sampled by its Euler sampler
+        self.flow = self.comps.family in ("sd3", "flux")
         self.base_unet = self.comps.unet
         self.classifier = load_classifier(os.path.join(shipped_dir(model), "classifier.safetensors"))
 
@@ -31,9 +33,24 @@ class World:
         return dataclasses.replace(self.comps, unet=copy.deepcopy(self.base_unet))
 
     def generate(self, unet, prompts, seeds, steps: int = EVAL_STEPS):
+        """Images in [0, 1] of ``prompts`` by the denoiser ``unet`` (the base or an erased copy):
+        DDIM for the UNet worlds, the SD3 pipeline's flow sampler for shapes2-flow; the same
+        guidance and seeds either way."""
         from ..shapes.sample import generate
 
         c = self.comps
+        if self.flow:
+            import torch
+
+            from ..shapes.flow_nets import decode, denoise
+
+            mods = {"transformer": unet, "text_encoder": c.text_encoder, "text_encoder_2": c.text_encoder_2,
+                    "text_encoder_3": c.text_encoder_3}
+            tokenizers = {"tokenizer": c.tokenizer, "tokenizer_2": c.tokenizer_2, "tokenizer_3": c.tokenizer_3}
+            with torch.no_grad():
+                z = denoise(mods, tokenizers, dict(c.scheduler.config), prompts, seeds, steps=steps,
+                            guidance=EVAL_GUIDANCE)
+                return torch.cat([decode(c.vae, z[i:i + 256]) for i in range(0, len(z), 256)])
         return generate(unet, c.text_encoder, c.tokenizer, c.vae, c.scheduler.config, prompts, seeds,
                         steps=steps, guidance=EVAL_GUIDANCE)
 

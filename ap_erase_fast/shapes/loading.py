@@ -6,9 +6,15 @@ from types import SimpleNamespace
 
 _MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 SHIPPED_DIR = os.path.join(_MODELS, "shapes")
-SHIPPED_DIRS = {"shapes": SHIPPED_DIR, "shapes2": os.path.join(_MODELS, "shapes2")}
-ENV_VARS = {"shapes": "AP_ERASE_SHAPES_DIR", "shapes2": "AP_ERASE_SHAPES2_DIR"}
-WORLDS = {"shapes": 1, "shapes2": 2}
+# shapes2-flow: ShapesWorld 2 drawn by an SD3-shaped flow-matching transformer (train_flow.py),
+# with shapes2's VAE, text encoder, classifier and world
+SHIPPED_DIRS = {"shapes": SHIPPED_DIR, "shapes2": os.path.join(_MODELS, "shapes2"),
+                "shapes2-flow": os.path.join(_MODELS, "shapes2_flow")}
+ENV_VARS = {"shapes": "AP_ERASE_SHAPES_DIR", "shapes2": "AP_ERASE_SHAPES2_DIR",
+            "shapes2-flow": "AP_ERASE_SHAPES2_FLOW_DIR"}
+WORLDS = {"shapes": 1, "shapes2": 2, "shapes2-flow": 2}
+# the built-in models whose search runs over the world's own vocabulary (its training captions)
+VOCABULARIES = {"shapes": "shapes", "shapes2": "shapes2", "shapes2-flow": "shapes2"}
 
 
 def world_of(model: str):
@@ -19,9 +25,11 @@ def world_of(model: str):
 
 
 def shipped_dir(name: str = "shapes") -> str:
-    """Where ``--model shapes`` (ShapesWorld) or ``--model shapes2`` (ShapesWorld 2) and its
-    classifier are read from: the package's copy, or the folder in ``AP_ERASE_SHAPES_DIR`` /
-    ``AP_ERASE_SHAPES2_DIR`` (a retrained model written by ``train --ship``)."""
+    """Where ``--model shapes`` (ShapesWorld), ``--model shapes2`` (ShapesWorld 2) or
+    ``--model shapes2-flow`` (ShapesWorld 2, flow transformer) and its classifier are read from:
+    the package's copy, or the folder in ``AP_ERASE_SHAPES_DIR`` / ``AP_ERASE_SHAPES2_DIR`` /
+    ``AP_ERASE_SHAPES2_FLOW_DIR`` (a retrained model written by ``train --ship`` /
+    ``train_flow --ship``)."""
     if name not in SHIPPED_DIRS:
         raise ValueError(f"no built-in ShapesWorld model {name!r}; choose one of {sorted(SHIPPED_DIRS)}")
     return os.environ.get(ENV_VARS[name]) or SHIPPED_DIRS[name]
