@@ -13,14 +13,13 @@
 """
 from __future__ import annotations
 
-import csv
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from ..csvfile import read_csv
 from ..errors import UserError
 
 PAIRS = 32  # caption pairs drawn in a shapes world
@@ -74,23 +73,14 @@ def concept_pairs(model_id: str, concept: str, seed: int, count: int = PAIRS) ->
 
 def read_pairs(path: str) -> list[tuple[str, str]]:
     """(with, without) pairs of a CSV file with the header ``with,without``."""
-    src = Path(path)
-    if not src.is_file():
-        raise UserError(f"concept-pairs file {path} does not exist")
-    try:
-        with open(src, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            header = [h.strip().lower() for h in next(reader, [])]
-            records = [(reader.line_num, rec) for rec in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UserError(f"cannot read concept-pairs file {path}: {exc}") from None
+    f = read_csv(path, "concept-pairs file")
+    header = f.header or []
     if "with" not in header or "without" not in header:
         raise UserError(f"concept-pairs file {path}, line 1 (header): it needs the columns 'with' and "
                         f"'without' (found: {', '.join(header) or 'none'})")
-    iw, iwo = header.index("with"), header.index("without")
+    iw, iwo = f.column("with"), f.column("without")
     pairs = []
-    records = [(line, rec) for line, rec in records if any(c.strip() for c in rec)]  # no blank lines
-    for n, (line, rec) in enumerate(records, start=1):
+    for n, (line, rec) in enumerate(f.records, start=1):
         if max(iw, iwo) >= len(rec) or not rec[iw].strip():
             raise UserError(f"concept-pairs file {path}, row {n} (line {line}): the 'with' prompt is missing")
         pairs.append((rec[iw].strip(), rec[iwo].strip()))

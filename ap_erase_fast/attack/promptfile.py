@@ -17,10 +17,10 @@ before anything is written. Also the writers of the per-row outputs (``prompts.c
 from __future__ import annotations
 
 import csv
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..csvfile import read_csv
 from ..errors import UserError
 
 UNLEARNDIFFATK = "unlearndiffatk"
@@ -67,21 +67,11 @@ def read_prompt_file(path: str, erased: list[str], default_concept: str,
                      max_prompts: int | None = None) -> tuple[list[PromptRow], dict]:
     """The rows of ``path`` (every row checked, the first ``max_prompts`` returned) and what the
     file is (format, columns, sha256, rows)."""
-    src = Path(path)
-    if not src.is_file():
-        raise UserError(f"prompt file {path} does not exist")
-    try:
-        data = src.read_bytes()
-        text = data.decode("utf-8-sig")
-        reader = csv.reader(text.splitlines(keepends=True))
-        header = next(reader, None)
-        records = [(reader.line_num, rec) for rec in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UserError(f"cannot read prompt file {path}: {exc}") from None
-    if not header:
+    f = read_csv(path, "prompt file")
+    if not f.header:
         raise UserError(f"prompt file {path} is empty; it needs a header line (prompt,seed[,concept] or "
                         f"UnlearnDiffAtk's columns with prompt and evaluation_seed)")
-    names = [h.strip().lower() for h in header]
+    names = f.header
     if "prompt" not in names:
         raise UserError(f"prompt file {path}, line 1 (header): no 'prompt' column (columns: "
                         f"{', '.join(n for n in names if n) or 'none'})")
@@ -95,8 +85,7 @@ def read_prompt_file(path: str, erased: list[str], default_concept: str,
     col = {n: i for i, n in reversed(list(enumerate(names)))}  # the first column of a name
     known = {c.strip().lower(): c for c in erased}
     rows: list[PromptRow] = []
-    records = [(line, rec) for line, rec in records if any(c.strip() for c in rec)]  # no blank lines
-    for n, (line, rec) in enumerate(records, start=1):
+    for n, (line, rec) in enumerate(f.records, start=1):
         where = f"prompt file {path}, row {n} (line {line})"
 
         def cell(name, required=False):
@@ -136,7 +125,7 @@ def read_prompt_file(path: str, erased: list[str], default_concept: str,
     if not rows:
         raise UserError(f"prompt file {path} holds no prompt (only a header)")
     used = rows[:max_prompts] if max_prompts else rows
-    info = {"path": str(src.absolute()), "sha256": hashlib.sha256(data).hexdigest(), "format": kind,
+    info = {"path": str(f.path.absolute()), "sha256": f.sha256, "format": kind,
             "columns": names, "rows": len(rows), "attacked": len(used)}
     return used, info
 

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..csvfile import read_csv
 from ..errors import UserError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -137,16 +138,8 @@ def assign_group(row: PromptRow, erased: list[str]) -> None:
 
 
 def read_prompt_csv(path: str, erased: list[str]) -> tuple[list[PromptRow], dict]:
-    src = Path(path)
-    if not src.is_file():
-        raise UserError(f"prompt file {path} does not exist")
-    try:
-        with open(src, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            header = [h.strip().lower() for h in (reader.fieldnames or [])]
-            raw = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UserError(f"cannot read prompt file {path}: {exc}") from None
+    f = read_csv(path, "prompt file")
+    header = f.header or []
     if "prompt" not in header:
         raise UserError(f"prompt file {path} has no 'prompt' column (columns: "
                         f"{', '.join(header) or 'none'}); it needs 'prompt' and 'seed'")
@@ -156,15 +149,18 @@ def read_prompt_csv(path: str, erased: list[str]) -> tuple[list[PromptRow], dict
                         f"prompt needs its own seed")
     id_col = next((c for c in ID_COLUMNS if c in header), None)
     rows = []
-    for n, rec in enumerate(raw):
-        rec = {(k or "").strip().lower(): (v if v is None else str(v).strip()) for k, v in rec.items()}
+    for n, (line, cells) in enumerate(f.records):
+        # the first column of a name wins; a short row lacks its last columns
+        rec = {}
+        for k, v in zip(header, cells):
+            rec.setdefault(k, v.strip())
         prompt = rec.get("prompt")
         if prompt is None:
-            raise UserError(f"prompt file {path}, line {n + 2}: missing prompt")
+            raise UserError(f"prompt file {path}, line {line}: missing prompt")
         try:
             seed = int(float(rec.get(seed_col) or ""))
         except ValueError:
-            raise UserError(f"prompt file {path}, line {n + 2}: seed {rec.get(seed_col)!r} is not "
+            raise UserError(f"prompt file {path}, line {line}: seed {rec.get(seed_col)!r} is not "
                             f"an integer") from None
         row = PromptRow(index=n, prompt=prompt, seed=seed, id=rec.get(id_col) if id_col else None,
                         cls=rec.get("class") or None, concept=rec.get("concept") or None)
@@ -172,7 +168,7 @@ def read_prompt_csv(path: str, erased: list[str]) -> tuple[list[PromptRow], dict
         rows.append(row)
     if not rows:
         raise UserError(f"prompt file {path} holds no prompt")
-    return rows, {"path": str(src.absolute()), "sha256": file_sha256(src), "rows": len(rows),
+    return rows, {"path": str(f.path.absolute()), "sha256": f.sha256, "rows": len(rows),
                   "columns": header}
 
 
