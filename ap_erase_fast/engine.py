@@ -112,11 +112,17 @@ class Eraser:
 
         t0 = time.perf_counter()
         cfg = self.cfg
+        # the fast profile in bf16/fp16 loads on the CPU: the text encoders are held in the
+        # compute dtype and reach the device one at a time, the denoiser reaches it with its
+        # untrained autocast weights in the compute dtype (setup_memory.py; docs/memory_flow.md)
+        lowp = (None if cfg.profile == "reference" or cfg.deepspeed
+                else _compute_dtype(cfg.mixed_precision, self.device))
+        cast_on_move = lowp is not None and cfg.base_quantization == "none"
         comp = self.components or load_components(
             cfg.model, single_file_weights=cfg.single_file_weights, model_folder=cfg.model_folder,
             torch_dtype=torch.float32,
             # a base to quantize reaches the device layer by layer, quantized
-            device=self.device if cfg.base_quantization == "none" else "cpu")
+            device=self.device if cfg.base_quantization == "none" and lowp is None else "cpu")
         self.components = comp
         for concept in cfg.erase:
             check_concept_has_tokens(comp.tokenizer, concept)
@@ -125,6 +131,8 @@ class Eraser:
                                  distilled_guidance=cfg.distilled_guidance)
         if cfg.start_guidance is None:  # the model's default, recorded in run.json's config
             cfg.start_guidance = float(backbone.default_guidance)
+        if lowp is not None:
+            backbone.hold_text_encoders(lowp)
         self.backbone = backbone
         self.tables = backbone.tables
         self.latent_shape = backbone.latent_shape(cfg.resolution)
@@ -139,14 +147,21 @@ class Eraser:
 
             self.quantization = quantize_base(backbone.denoiser, cfg.base_quantization, self.device,
                                               _compute_dtype(cfg.mixed_precision, self.device))
-        self.unet = backbone.denoiser.to(self.device).train()
+        if not cast_on_move:
+            backbone.denoiser.to(self.device)
         if cfg.lora_rank:  # θ' = adapters on the selected layers (B = 0: θ'₀ = θ)
             from .lora import attach
 
-            self.trained = attach(self.unet, backbone.lora_targets(cfg.train_method),
+            self.trained = attach(backbone.denoiser, backbone.lora_targets(cfg.train_method),
                                   cfg.lora_rank, cfg.lora_alpha or float(cfg.lora_rank), cfg.seed)
         else:
             self.trained = select_trained(backbone, cfg.train_method)
+        if cast_on_move:  # the rule of the cast below, applied as the fp32 model moves (adapters: fp32)
+            from .setup_memory import move_denoiser
+
+            move_denoiser(backbone.denoiser, self.device, lowp,
+                          autocast_cast_parameters(backbone.denoiser) - {n for n, _ in self.trained})
+        self.unet = backbone.denoiser.train()
         self.trained_names = [n for n, _ in self.trained]
         params = [p for _, p in self.trained]
         if cfg.profile == "reference":

@@ -133,7 +133,7 @@ class SavedTensors:
         for name, mod in model.named_modules():
             if name.count(".") == 1 and name.split(".")[0] in ("transformer_blocks", "single_transformer_blocks"):
                 self.handles.append(mod.register_forward_pre_hook(self._enter(name), with_kwargs=True))
-                self.handles.append(mod.register_forward_hook(lambda *a: self._leave()))
+                self.handles.append(mod.register_forward_hook(lambda *a: setattr(self, "block", "outside")))
         for mod in self.keep:
             self.handles.append(mod.register_forward_pre_hook(self._keep))
 
@@ -151,9 +151,6 @@ class SavedTensors:
     def _keep(self, mod, args):
         for a in args:
             self.pack(a)
-
-    def _leave(self):
-        self.block = "outside"
 
     def pack(self, t):
         self.alive.append(t)  # no storage is freed and its address reused while counting
@@ -242,8 +239,7 @@ def activation_bytes(model, family, image_tokens, text_len, kind="none", rank=RA
     ctx = flash_attention_saves() if flash else contextlib.nullcontext()
     with ctx, torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t):
         out = model(**flow_inputs(family, dict(model.config), 1, image_tokens, text_len, device, dtype))[0]
-    for h in rec.handles:
-        h.remove()
+    [h.remove() for h in rec.handles]
     del out
     return rec.totals()
 
@@ -254,9 +250,8 @@ def text_encoder_bytes(family: str) -> dict:
 
     with torch.device("meta"):
         parts = {"CLIP-L": (CLIPTextModelWithProjection if family == "sd3" else CLIPTextModel)(CLIPTextConfig(**CLIP_L)),
-                 "T5-XXL": T5EncoderModel(T5Config(**T5_XXL))}
-        if family == "sd3":
-            parts["CLIP-G"] = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G))
+                 "T5-XXL": T5EncoderModel(T5Config(**T5_XXL)),
+                 **({"CLIP-G": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G))} if family == "sd3" else {})}
     return {k: 4 * sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
 
 
@@ -268,10 +263,8 @@ def row_floats(family: str, config: dict, text_len: int) -> int:
 
 def model_rows(variant: str) -> list[dict]:
     """Every component of the memory model of ``variant`` (bytes, how computed)."""
-    family = VARIANTS[variant]
-    model = meta_transformer(variant)
-    config = dict(model.config)
-    rows = []
+    family, model, rows = VARIANTS[variant], meta_transformer(variant), []
+    config, text_len = dict(model.config), DEFAULT_T5[family]
 
     def add(component, option, nbytes, how):
         rows.append({"variant": variant, "component": component, "option": option, "bytes": int(nbytes),
@@ -281,20 +274,27 @@ def model_rows(variant: str) -> list[dict]:
         "computed")
     for kind, label in (("none", "bf16"), ("int8", "int8 base"), ("nf4", "nf4 base")):
         add("transformer weights", label, weight_bytes(model, kind)["stored"], "computed")
-    sizes = lora_shapes(model)
-    n = sum(sizes)
+    n = sum(sizes := lora_shapes(model))
     add("LoRA adapters", f"rank {RANK} {METHOD}: {n:,} params, fp32", 4 * n, "computed")
     add("LoRA gradients", "fp32", 4 * n, "computed")
     add("Adam states", "fp32 (adam, adamw)", sum(adam_state_bytes(s, False) for s in sizes), "computed")
     add("Adam states", "8-bit (adamw8bit)", sum(adam_state_bytes(s, True) for s in sizes), "computed")
-    text_len = DEFAULT_T5[family]
     for kind, label in (("none", "bf16 / nf4 base"), ("int8", "int8 base")):
         act = activation_bytes(meta_transformer(variant), family, IMAGE_TOKENS, text_len, kind)
         for mode in ("no_checkpointing", "checkpointing"):
             add("activations, per grad row", f"{label}, {mode.replace('_', ' ')}, 1024 px, T5 {text_len}",
                 act[mode], "computed (saved tensors on meta)")
-    for name, b in text_encoder_bytes(family).items():
+    encoders = text_encoder_bytes(family)
+    for name, b in encoders.items():
         add("text encoders (encoding phase)", f"{name} fp32", b, "computed")
+        add("text encoders (encoding phase)", f"{name} bf16", b // 2, "computed")
+    add("set-up phase", "fp32 runs, reference profile: every text encoder fp32 on the device",
+        sum(encoders.values()), "the fp32 encoder rows")
+    add("set-up phase", "bf16/fp16 fast profile: one text encoder at a time, bf16", max(encoders.values()) // 2,
+        "the largest bf16 encoder row")
+    largest = 4 * max(p.numel() for p in model.parameters())  # moved to the device in fp32, then cast
+    add("set-up phase", "bf16/fp16 fast profile: the transformer moved from the CPU", weight_bytes(model, "none")
+        ["stored"] + largest, f"bf16 weights + the largest parameter in fp32 ({gib(largest)} GiB)")
     add("text encoders (training phase)", "released after encoding", 0, "by design")
     for length in sorted({text_len, 64}):
         floats = row_floats(family, config, length)
@@ -306,7 +306,7 @@ def model_rows(variant: str) -> list[dict]:
 
 def totals(rows: list[dict]) -> list[dict]:
     """The device's training-phase sum per option: weights + adapters + gradients + Adam states
-    + 2 grad rows of activations (an outer step at batch 1) + R at T5 64; and the encoding phase."""
+    + 2 grad rows of activations (an outer step at batch 1) + R at T5 64."""
     out = []
     for variant in dict.fromkeys(r["variant"] for r in rows):
         v = {(r["component"], r["option"]): r["bytes"] for r in rows if r["variant"] == variant}
@@ -323,9 +323,6 @@ def totals(rows: list[dict]) -> list[dict]:
                 out.append({"variant": variant, "component": "training phase total",
                             "option": f"{label} base, LoRA {RANK}, adamw8bit, {ckpt}", "bytes": int(total),
                             "gib": gib(total), "how": "sum of the rows above"})
-        enc = sum(b for (c, _), b in v.items() if c.startswith("text encoders (encoding"))
-        out.append({"variant": variant, "component": "encoding phase", "option": "every text encoder fp32 on the device",
-                    "bytes": enc, "gib": gib(enc), "how": "sum of the rows above"})
     return out
 
 
@@ -378,8 +375,7 @@ def random_components(variant: str):
                      tokenizer_2=build_clip_tokenizer("!"), text_encoder_3=t5, tokenizer_3=build_tiny_t5_tokenizer())
     vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, norm_num_groups=8)
-    for k in [k for k in ("text_encoder", "text_encoder_2", "text_encoder_3") if k in parts]:
-        parts[k].eval()
+    [parts[k].eval() for k in ("text_encoder", "text_encoder_2", "text_encoder_3") if k in parts]
     return SDComponents(unet=model, scheduler=FlowMatchEulerDiscreteScheduler.from_config(
         shipped.load_config(variant, "scheduler")), vae=vae, model_id=f"{variant}-architecture-random",
         content_hash="random", random_weights=True, source={"format": "benchmark"}, default_resolution=1024,
@@ -479,12 +475,9 @@ def proxy_prediction(row: dict) -> float:
     + 2 grad rows of activations (checkpointing; fp32 activations when the proxy ran fp32)."""
     import torch
 
-    variant = ROWS[row["row"]]["variant"]
-    kind = row["base_quantization"]
-    model = meta_transformer(variant)
+    variant, kind, tokens = ROWS[row["row"]]["variant"], row["base_quantization"], (row["resolution"] // 16) ** 2
+    model, dtype = meta_transformer(variant), torch.bfloat16 if row["mixed_precision"] == "bf16" else torch.float32
     sizes = lora_shapes(model)
-    tokens = (row["resolution"] // 16) ** 2
-    dtype = torch.bfloat16 if row["mixed_precision"] == "bf16" else torch.float32
     act = activation_bytes(meta_transformer(variant).to(dtype), VARIANTS[variant], tokens,
                            row["max_sequence_length"], kind, dtype=dtype)["checkpointing"]
     total = (weight_bytes(model, kind)["stored"] + 8 * sum(sizes) + sum(adam_state_bytes(s, True) for s in sizes)
@@ -533,6 +526,17 @@ def write(out_dir: str, env: dict, rows: list[dict], measured: list[dict]) -> st
     return stem
 
 
+def previous_measured(out_dir: str) -> list[dict]:
+    """The measured rows already in ``out_dir`` (a --no-proxy run keeps them), status naming their commit."""
+    import csv
+
+    path = os.path.join(out_dir, "memory_flow_model.csv")
+    env, fields, *rows = list(csv.reader(open(path).read().splitlines())) if os.path.isfile(path) else [[], []]
+    commit = next((c.split(": ", 1)[1] for c in env if c.startswith("# commit: ")), "?")
+    return [{**row, "status": f"{row['status']} (measured at commit {commit}, kept)"}
+            for row in (dict(zip(fields, r)) for r in rows) if row.get("kind") == "measured"]
+
+
 def run_child(row: str, args, extra: list[str]) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--measure", row, "--steps", str(args.steps), *extra]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -550,22 +554,19 @@ def run_child(row: str, args, extra: list[str]) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="results folder (default: a new bench-memory-flow-<date> folder)")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--no-proxy", action="store_true", help="skip the measured CPU proxy rows")
-    ap.add_argument("--proxy-rows", default="sd35m-bf16,sd35m-int8,sd35m-nf4")
+    ap.add_argument("--no-proxy", action="store_true", help="skip the measured CPU proxy rows (those already in --out stay)")
     ap.add_argument("--measure", choices=sorted(ROWS), help="run one training row and print it")
     ap.add_argument("--tiny", action="store_true", help="--measure on the built-in tiny model (plumbing)")
     for flag, kind, default in (("--device", str, None), ("--memory-cap-gib", float, None), ("--steps", int, 1),
                                 ("--resolution", int, None), ("--ddim-steps", int, 10),
-                                ("--max-sequence-length", int, 64), ("--num-centers", int, 8)):
+                                ("--max-sequence-length", int, 64), ("--num-centers", int, 8), ("--timeout", float, 3600),
+                                ("--variants", str, ",".join(VARIANTS)), ("--proxy-rows", str, "sd35m-bf16,sd35m-int8,sd35m-nf4")):
         ap.add_argument(flag, type=kind, default=default)
     ap.add_argument("--mixed-precision", default="bf16", choices=("no", "bf16", "fp16"))
-    ap.add_argument("--timeout", type=float, default=3600)
     args = ap.parse_args(argv)
     if args.measure:
         result = measure(args.measure, args)
-        cap = (f"{result['memory_cap_gib']} GiB cap" if result["memory_cap_gib"] and result["device"] != "cpu"
-               else "no cap")
+        cap = f"{result['memory_cap_gib']} GiB cap" if result["memory_cap_gib"] and result["device"] != "cpu" else "no cap"
         base = result["base_quantization"] if result["base_quantization"] != "none" else result["mixed_precision"]
         print(f"GPUCHECK {result['row']} ({result['model']}, {base} base, {result['options']}, {cap}): peak "
               f"{result['peak_gib']} GiB ({result['peak_kind']}), {result['outer_steps_per_s']} outer steps/s "
@@ -575,13 +576,12 @@ def main(argv=None) -> int:
     from _common import new_results_dir
 
     out = args.out or new_results_dir("memory-flow")
-    env = environment()
-    rows = []
+    env, rows = environment(), []
     for variant in args.variants.split(","):
         rows += model_rows(variant)
         print(f"{variant}: {len(rows)} rows", file=sys.stderr, flush=True)
     rows += totals(rows)
-    measured = []
+    measured = previous_measured(out) if args.no_proxy else []
     if not args.no_proxy:
         for name in args.proxy_rows.split(","):
             result = run_child(name, args, ["--device", "cpu", "--resolution", "128", "--ddim-steps", "2",

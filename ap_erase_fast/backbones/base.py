@@ -52,6 +52,15 @@ class Backbone:
         """Content hash of everything :meth:`encode` depends on (embedding-cache key)."""
         raise NotImplementedError
 
+    offload_text_encoders: bool = False  # one encoder on the device at a time, back to the CPU after
+
+    def hold_text_encoders(self, dtype: torch.dtype | None) -> None:
+        """The set-up phase of the fast profile in bf16/fp16 (``dtype``: the compute dtype): the
+        flow families (SD3, FLUX: T5-XXL is 17.7 GiB in fp32) hold their text encoders in that
+        dtype on the CPU and put one at a time on the device while prompts are encoded
+        (docs/memory_flow.md). The SD and SDXL encoders are small next to their UNets: they stay
+        as loaded (this default does nothing)."""
+
     # -- the denoiser -----------------------------------------------------------------------
     def predict(self, forward: Callable, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The raw output of ``forward`` (the denoiser module, or a functional call of it with

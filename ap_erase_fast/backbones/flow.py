@@ -16,6 +16,7 @@ backbone bridges the two without any change above it (docs/models.md, "SD3 and F
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -147,23 +148,75 @@ class FlowBackbone(Backbone):
     def _encoders(self) -> list:
         raise NotImplementedError
 
+    def _encoder_runs(self) -> list:
+        """[(components key of an encoder, run(encoder, prompts) -> tuple of its outputs)]."""
+        raise NotImplementedError
+
+    def _combine(self, outputs: list[tuple]) -> tuple:
+        """One batch's Cond parts from each encoder's outputs (in :meth:`_encoder_runs` order)."""
+        raise NotImplementedError
+
     # -- conditioning -------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, prompts: list[str], batch_size: int = 64) -> Cond:
+        """Each encoder in turn runs every batch (after :meth:`hold_text_encoders`, it alone is on
+        the device meanwhile, and the batches' outputs wait on the CPU); then each batch's parts
+        are combined, concatenated and made fp32 on the device."""
         if self.components.text_encoder is None:
             raise RuntimeError("the text encoders were released; encode every prompt before")
         prompts = list(prompts)
         if not prompts:
             return Cond(tuple(torch.empty(0, *s, device=self.device) for s in self.cond_shapes()))
-        batches = [self._encode_batch(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
-        return Cond(tuple(torch.cat(parts).float() for parts in zip(*batches)))
+        chunks = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+        stage = self.offload_text_encoders
+        outputs = []
+        for key, run in self._encoder_runs():
+            with self._encoder_on_device(key) as encoder:
+                outputs.append([tuple(t.cpu() for t in run(encoder, chunk)) if stage else run(encoder, chunk)
+                                for chunk in chunks])
+        batches = [self._combine([out[i] for out in outputs]) for i in range(len(chunks))]
+        return Cond(tuple(torch.cat(parts).float().to(self.device) for parts in zip(*batches)))
 
-    def t5_states(self, prompts: list[str]) -> torch.Tensor:
-        encoder = getattr(self.components, self.t5_key).to(self.device)
+    def t5_states(self, prompts: list[str], encoder=None) -> torch.Tensor:
+        if encoder is None:
+            encoder = getattr(self.components, self.t5_key).to(self.device)
         tokenizer = getattr(self.components, self.t5_key.replace("text_encoder", "tokenizer"))
         ids = tokenizer(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
                         add_special_tokens=True, return_tensors="pt").input_ids.to(self.device)
         return encoder(ids)[0]
+
+    def _t5_run(self, encoder, prompts):
+        return (self.t5_states(prompts, encoder),)
+
+    # -- the text encoders in the set-up phase ------------------------------------------------
+    def hold_text_encoders(self, dtype: torch.dtype | None) -> None:
+        """Hold every text encoder in ``dtype`` (None: as loaded) on the CPU; :meth:`encode` then
+        puts one at a time on the device (:attr:`offload_text_encoders`). The embedding-cache key
+        (:meth:`text_encoder_hash`) hashes the encoders as held: their dtype is part of it."""
+        from ..setup_memory import cast_text_encoder
+
+        self.offload_text_encoders = True
+        for key, _ in self._encoder_runs():
+            encoder = getattr(self.components, key)
+            if dtype is not None:
+                cast_text_encoder(encoder, dtype)
+            self._encoder_off_device(encoder)
+        self._te_hash = None
+
+    @contextlib.contextmanager
+    def _encoder_on_device(self, key: str):
+        encoder = self._encoder_to_device(getattr(self.components, key))
+        try:
+            yield encoder
+        finally:
+            if self.offload_text_encoders:
+                self._encoder_off_device(encoder)
+
+    def _encoder_to_device(self, encoder):  # every move of an encoder goes through these two
+        return encoder.to(self.device)
+
+    def _encoder_off_device(self, encoder):
+        return encoder.to("cpu")
 
     def release_text_encoders(self) -> None:
         self.text_encoder_hash()
@@ -248,18 +301,24 @@ class SD3Backbone(FlowBackbone):
         width = c.unet.config.joint_attention_dim
         return ((c.tokenizer.model_max_length + self.max_sequence_length, width), (c.unet.config.pooled_projection_dim,))
 
-    def _encode_batch(self, prompts):
+    def _encoder_runs(self):
         from ..concepts import tokenize
 
-        hidden, pooled = [], []
-        for encoder, tokenizer in self._encoders()[:2]:
-            out = encoder.to(self.device)(tokenize(tokenizer, prompts).to(self.device), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-            pooled.append(out[0])
-        t5 = self.t5_states(prompts)
-        clip = torch.cat(hidden, dim=-1)
+        def clip(tokenizer):
+            def run(encoder, prompts):  # penultimate states, projected pooled vector
+                out = encoder(tokenize(tokenizer, prompts).to(self.device), output_hidden_states=True)
+                return out.hidden_states[-2], out[0]
+            return run
+
+        c = self.components
+        return [("text_encoder", clip(c.tokenizer)), ("text_encoder_2", clip(c.tokenizer_2)),
+                (self.t5_key, self._t5_run)]
+
+    def _combine(self, outputs):
+        (hidden_l, pooled_l), (hidden_g, pooled_g), (t5,) = outputs
+        clip = torch.cat([hidden_l, hidden_g], dim=-1)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+        return torch.cat([clip, t5], dim=-2), torch.cat([pooled_l, pooled_g], dim=-1)
 
     def velocity(self, forward, x_t, sigma, cond: Cond):
         states, pooled = cond.parts
@@ -318,13 +377,18 @@ class FluxBackbone(FlowBackbone):
         c = self.components
         return ((self.max_sequence_length, c.unet.config.joint_attention_dim), (c.unet.config.pooled_projection_dim,))
 
-    def _encode_batch(self, prompts):
+    def _encoder_runs(self):
         from ..concepts import tokenize
 
-        clip = self.components.text_encoder.to(self.device)
-        pooled = clip(tokenize(self.components.tokenizer, prompts).to(self.device),
-                      output_hidden_states=False).pooler_output
-        return self.t5_states(prompts), pooled
+        def clip(encoder, prompts):  # CLIP-L's pooled output
+            return (encoder(tokenize(self.components.tokenizer, prompts).to(self.device),
+                            output_hidden_states=False).pooler_output,)
+
+        return [("text_encoder", clip), (self.t5_key, self._t5_run)]
+
+    def _combine(self, outputs):
+        (pooled,), (t5,) = outputs
+        return t5, pooled
 
     # packing, as FluxPipeline._pack_latents / _unpack_latents
     @staticmethod
