@@ -251,8 +251,10 @@ class Eraser:
 
         cfg = self.cfg
 
-        def rows(prompts):
-            return backbone.encode(prompts).flat().cpu()
+        def rows(prompts, chunk: int = 256):  # a chunk at a time on the device (docs/memory_flow.md)
+            prompts = list(prompts)
+            return torch.cat([backbone.encode(prompts[i:i + chunk]).flat().cpu()
+                              for i in range(0, len(prompts), chunk)]) if prompts else backbone.encode([]).flat().cpu()
 
         if cfg.preserve_set:  # R given by the user: no vocabulary search
             table = rows(cfg.preserve_set)

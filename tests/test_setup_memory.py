@@ -267,3 +267,19 @@ def test_move_denoiser_places_and_casts_every_tensor():
         assert p.device.type == "meta" and p.requires_grad == before[n][1]
         assert p.dtype == (torch.bfloat16 if n in cast else before[n][0]), n
     assert model.table.device.type == "meta" and model.table.dtype == torch.float32
+
+
+def test_vocabulary_reaches_the_device_256_prompts_at_a_time(small_vocab, monkeypatch):
+    """The vocabulary table (host RAM) is encoded in chunks of at most 256 prompts, so the device
+    holds at most 256 fp32 rows of it at once; the rows themselves are the ones test (a) checks
+    against the pipeline's encoding. Mutation checked: one chunk for the whole vocabulary fails."""
+    sizes, encode = [], FlowBackbone.encode
+
+    def spy(self, prompts, batch_size=64):
+        sizes.append(len(prompts))
+        return encode(self, prompts, batch_size)
+
+    monkeypatch.setattr(FlowBackbone, "encode", spy)
+    er = Eraser(_cfg(small_vocab, model="tiny-flux", embedding_cache="none")).setup()
+    assert max(sizes) <= 256 and sum(sizes) > 256  # the vocabulary came in more than one chunk
+    assert er.search.tables[0].shape[0] == len(er.search.sets[0].words)
