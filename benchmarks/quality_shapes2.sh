@@ -7,6 +7,7 @@
 #   bash benchmarks/quality_shapes2.sh --quick      # the same pipeline in about a minute: circle,
 #                                                   # seed 0, base / esd / ap_shared / oracle, tiny budgets
 #   SHARDS=4 bash benchmarks/quality_shapes2.sh     # more shards (one torch thread each)
+#   ORACLE=0 bash benchmarks/quality_shapes2.sh     # without the oracle (phase 2)
 #
 # Four phases, each resumable (run the script again and finished runs are kept):
 #   1. the methods the main question needs (FIRST: base, esd, preserve_random, ap_faithful,
@@ -59,10 +60,15 @@ mkdir -p "$OUT"
 start=$(date +%s)
 echo "phase 1/4: $FIRST over $SHARDS shards (logs: $OUT/.quality_${TAG}.shard*.log)"
 shards "$FIRST"
-echo "phase 2/4: oracle ($(( $(date +%s) - start )) s so far)"
-shards "$FIRST,oracle"
+ORACLE_M=,oracle
+if [ "${ORACLE:-1}" = 0 ]; then
+  ORACLE_M=; echo "phase 2/4: no oracle (ORACLE=0)"
+else
+  echo "phase 2/4: oracle ($(( $(date +%s) - start )) s so far)"
+  shards "$FIRST,oracle"
+fi
 echo "phase 3/4: $METHODS ($(( $(date +%s) - start )) s so far)"
-shards "$METHODS,oracle"
+shards "$METHODS$ORACLE_M"
 echo "phase 4/4: the report ($(( $(date +%s) - start )) s so far)"
-"${AP[@]}" --methods "$METHODS,oracle"
+"${AP[@]}" --methods "$METHODS$ORACLE_M"
 echo "done in $(( $(date +%s) - start )) s: $OUT/quality_${TAG}.md"
